@@ -1,0 +1,232 @@
+"""model.py against the reference peer: Hugging Face transformers' LlamaForCausalLM, plus checkpoint I/O errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+# Tiny random configs covering what real LLaMAs use: MHA and GQA, tied and untied embeddings,
+# llama3 and linear rope scaling, odd sizes.
+CONFIGS = {
+    "mha_tied": dict(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa_llama3": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "odd_sizes": dict(vocab_size=101, hidden_size=72, intermediate_size=200, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5),
+    "mqa_linear_rope": dict(vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=1,
+                            rope_scaling={"type": "linear", "factor": 2.0}),
+}
+
+
+def hf_model(kw, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(max_position_embeddings=128, attn_implementation="eager", **kw)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    # HF initialises norms to 1; randomise them so a swapped norm cannot hide.
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def hf_logits(m, idx):
+    with torch.no_grad():
+        return m(idx).logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers_both_ways(name, tmp_path):
+    ref = hf_model(CONFIGS[name])
+    ref.save_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, CONFIGS[name]["vocab_size"], (2, 40))
+    want = hf_logits(ref, idx)
+
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        got, _ = ours(idx)
+    assert (got - want).abs().max().item() < 1e-5
+
+    # And back: what we save, transformers loads with no missing or unexpected keys, same logits.
+    ours.save_pretrained(tmp_path / "ours")
+    back, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True,
+                                                               attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert (hf_logits(back.eval(), idx) - want).abs().max().item() < 1e-5
+
+
+def test_loss_matches_transformers(tmp_path):
+    ref = hf_model(CONFIGS["odd_sizes"])
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        want = ref(idx, labels=idx).loss  # HF shifts labels inside
+        _, got = ours(idx[:, :-1], targets=idx[:, 1:])
+    assert abs(got.item() - want.item()) < 1e-5
+
+
+def test_greedy_generation_with_cache_equals_without(tmp_path):
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(**CONFIGS["gqa_llama3"], max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 128, (2, 7))
+    a = model.generate(prompt, 20, temperature=0, use_cache=True)
+    b = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert a.shape == (2, 27)
+    assert torch.equal(a, b)
+    # And it agrees with transformers' own greedy decoding.
+    ref = hf_model(CONFIGS["gqa_llama3"])
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    ref.generation_config.eos_token_id = None  # never stop early: compare 12 greedy steps exactly
+    want = ref.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 12, temperature=0), want)
+
+
+def test_sampling_respects_top_k():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CONFIGS["mha_tied"], max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    logits, _ = model(prompt)
+    allowed = set(torch.topk(logits[0, -1], 3).indices.tolist())
+    for seed in range(10):
+        torch.manual_seed(seed)
+        out = model.generate(prompt, 1, temperature=1.0, top_k=3)
+        assert out[0, -1].item() in allowed
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    ref = hf_model(CONFIGS["odd_sizes"])
+    ref.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "sharded", max_shard_bytes=60_000)
+    files = sorted(os.listdir(tmp_path / "sharded"))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 3
+    idx = torch.randint(0, 101, (1, 12))
+    again = Transformer.from_pretrained(tmp_path / "sharded")
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], ours(idx)[0])
+    # transformers reads our shards too
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sharded", attn_implementation="eager")
+    assert (hf_logits(back.eval(), idx) - hf_logits(ref, idx)).abs().max().item() < 1e-5
+
+
+def test_bf16_checkpoint_keeps_bf16_unless_asked(tmp_path):
+    ref = hf_model(CONFIGS["mha_tied"]).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path)
+    assert Transformer.from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16
+    m32 = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in m32.parameters())
+    assert m32.lm_head.weight is m32.model.embed_tokens.weight  # still tied after loading
+
+
+def test_transformers_v4_style_config_is_read(tmp_path):
+    # Older checkpoints (and most on the hub) carry rope_theta + rope_scaling instead of rope_parameters.
+    ref = hf_model(CONFIGS["gqa_llama3"])
+    ref.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = Transformer.from_pretrained(tmp_path)
+    idx = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        assert (ours(idx)[0][:, -1] - hf_logits(ref, idx)[:, -1]).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input: each a clear error naming the file / key and what is wrong.
+
+@pytest.fixture
+def saved(tmp_path):
+    model = Transformer(ModelConfig(**CONFIGS["odd_sizes"], max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_weights_file(saved):
+    os.remove(saved / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(saved)
+
+
+def _rewrite(saved, edit):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(saved / "model.safetensors")
+    edit(sd)
+    save_file(sd, saved / "model.safetensors")
+
+
+def test_missing_tensor(saved):
+    _rewrite(saved, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        Transformer.from_pretrained(saved)
+
+
+def test_extra_tensor(saved):
+    _rewrite(saved, lambda sd: sd.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.9\.mlp\.up_proj\.weight'"):
+        Transformer.from_pretrained(saved)
+
+
+def test_wrong_shape(saved):
+    _rewrite(saved, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(71)))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(71,\).*\(72,\)"):
+        Transformer.from_pretrained(saved)
+
+
+def _edit_config(saved, **kw):
+    raw = json.loads((saved / "config.json").read_text())
+    raw.update(kw)
+    (saved / "config.json").write_text(json.dumps(raw))
+
+
+def test_unsupported_rope_scaling(saved):
+    _edit_config(saved, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        Transformer.from_pretrained(saved)
+
+
+def test_hidden_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        ModelConfig(hidden_size=72, num_attention_heads=5, num_key_value_heads=5)
+
+
+def test_heads_not_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        ModelConfig(hidden_size=72, num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_token_ids_out_of_range():
+    model = Transformer(ModelConfig(**CONFIGS["mha_tied"], max_position_embeddings=64))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\)"):
+        model(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[-1, 2]]))
+
+
+def test_unknown_model_type(saved):
+    _edit_config(saved, model_type="gpt2")
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        Transformer.from_pretrained(saved)
+
+
+def test_save_is_atomic_and_replaces(saved):
+    # A second save over the same folder replaces it whole, leaving no temporary folders behind.
+    model = Transformer.from_pretrained(saved)
+    model.save_pretrained(saved)
+    assert sorted(os.listdir(saved.parent)) == ["ck"]
