@@ -291,7 +291,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, start_pos=None):
         B, S = idx.shape
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        # (A host sync; skipped under torch.compile, where it would break the graph.)
+        if not torch.compiler.is_compiling() and idx.numel() and (
+                int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) but range over "
                              f"[{int(idx.min())}, {int(idx.max())}]: is the tokenizer the model's own?")
         offset = start_pos or 0
