@@ -520,7 +520,8 @@ def load_pretrained(path, dtype=None, device=None):
         loaded[name] = loaded.get(name, 0) + 1
     missing = []
     for name, p in expected.items():
-        want = config.num_experts if ".mlp.experts." in name else 1
+        # Mixtral and llama_moe store one tensor per expert; our native format stores the stack once.
+        want = config.num_experts if ".mlp.experts." in name and mtype in ("mixtral", "llama_moe") else 1
         if loaded.get(name, 0) == want:
             continue
         if name.endswith("gate.weight_noise.weight") and name not in loaded:
@@ -634,25 +635,30 @@ def save_pretrained(model, path, format="auto", max_shard_bytes=5 * 2**30):
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    # Greedy sharding in state-dict order, as transformers does: start a new shard when the next tensor
-    # would push the current one past the limit.
-    shards, current, size = [], {}, 0
+    # Greedy sharding in state-dict order, as transformers does: a new shard starts when the next tensor
+    # would push the current one past the limit. A first pass plans the shards from sizes alone, so that
+    # each shard is then written and freed before the next is gathered: peak memory = model + one shard.
+    plan, size = [[]], 0
     for name, t in export_tensors(model, format):
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.detach().to("cpu").clone()  # clone: no shared storage, which safetensors refuses
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
         size += nbytes
-    shards.append(current)
-    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-    if len(shards) > 1:
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    shard_of = {n: i for i, shard in enumerate(plan) for n in shard}
+    weight_map, total, current = {}, 0, {}
+    for name, t in export_tensors(model, format):
+        # clone: expert slices share storage, which safetensors refuses; the copy lives for one shard only
+        current[name] = t.detach().to("cpu").clone()
+        total += t.numel() * t.element_size()
+        weight_map[name] = names[shard_of[name]]
+        if len(current) == len(plan[shard_of[name]]):
+            save_file(current, os.path.join(tmp, names[shard_of[name]]), metadata={"format": "pt"})
+            current = {}
+    if len(plan) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -230,3 +230,20 @@ def test_save_is_atomic_and_replaces(saved):
     model = Transformer.from_pretrained(saved)
     model.save_pretrained(saved)
     assert sorted(os.listdir(saved.parent)) == ["ck"]
+
+
+def test_native_moe_round_trip(tmp_path):
+    # Our own MoE format (stacked experts, a shared block, per-layer scale) saves and loads back exactly.
+    cfg = ModelConfig(**CONFIGS["odd_sizes"], max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                      expert_intermediate_size=50, shared_intermediate_size=24, gate_type="mlp",
+                      score_scale=[2.0, 1.5, 1.0])
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    model.save_pretrained(tmp_path / "moe", max_shard_bytes=100_000)
+    back = Transformer.from_pretrained(tmp_path / "moe")
+    assert back.config == model.config
+    sd, sd2 = model.state_dict(), back.state_dict()
+    assert sorted(sd) == sorted(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    idx = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], back(idx)[0])
