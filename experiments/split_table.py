@@ -1,0 +1,120 @@
+"""
+How much does each way of cutting experts cost right after the split, before any continual pretraining?
+(SPEC.md section 2; issue 6's table.)
+
+A small dense LLaMA is trained for a few minutes on the embedded corpus (or given with --dense), then cut with
+every method of split.py for 8/2 and 16/4 experts, with the rescale factor s = E/k and without (s = 1), and each
+model's held-out loss is measured on the same validation windows (mean over domains of the per-domain mean
+next-token loss; eval mode: clean top-k routing, gates still at their random init).
+
+    python experiments/split_table.py                       # trains out/split_table/dense first (~4 min, CPU)
+    python experiments/split_table.py --dense out/split_table/dense
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelConfig, Transformer  # noqa: E402
+from sample import DomainSampler, eval_windows, load_meta  # noqa: E402
+from split import (SplitConfig, build_moe, check_config, choose_experts, importance_batches,  # noqa: E402
+                   taylor_importance)
+
+METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle")
+
+
+def train_dense(data, out, seconds, seed=0):
+    """A small dense LLaMA trained for `seconds` of wall time on uniform domain mixing; saved as HF LLaMA."""
+    meta = load_meta(data)
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=meta["vocab_size"], hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=meta["bos_id"], eos_token_id=meta["eos_id"])
+    model = Transformer(config).train()
+    sampler = DomainSampler(data, "train", batch_size=16, seq_len=128, weights="uniform", seed=seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=2e-3, betas=(0.9, 0.95))
+    start, step = time.time(), 0
+    while time.time() - start < seconds:
+        # warmup 20 steps, then cosine over the time budget down to 10% (SPEC section 5's shape)
+        frac = min(1.0, (time.time() - start) / seconds)
+        lr = 2e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y, _ = sampler.next_batch()
+        _, loss = model(x, targets=y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            print(f"  step {step:4d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
+        step += 1
+    model.eval().save_pretrained(out)
+    print(f"trained {step} steps ({step * 16 * 128 / 1e6:.1f}M tokens) -> {out}")
+
+
+@torch.no_grad()
+def held_out_loss(model, windows):
+    """Mean over domains of the mean next-token cross-entropy (the LM loss alone, no balance loss)."""
+    per_domain = []
+    for batches in windows.values():
+        losses = [F.cross_entropy(model(x)[0].float().flatten(0, 1), y.flatten()) for x, y in batches]
+        per_domain.append(torch.stack(losses).mean().item())
+    return sum(per_domain) / len(per_domain)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="data/embedded")
+    p.add_argument("--dense", default=None, help="a trained dense LLaMA folder; default: train one")
+    p.add_argument("--out", default="out/split_table/dense", help="where a freshly trained dense model goes")
+    p.add_argument("--train_seconds", type=float, default=240)
+    p.add_argument("--eval_windows", type=int, default=8, help="validation windows per domain")
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    t0 = time.time()
+    if a.dense is None:
+        train_dense(a.data, a.out, a.train_seconds, a.seed)
+        a.dense = a.out
+    dense = Transformer.from_pretrained(a.dense)
+    domains = list(load_meta(a.data)["domains"])
+    windows = {d: list(eval_windows(a.data, d, a.seq_len, batch_size=8, max_windows=a.eval_windows))
+               for d in domains}
+    rows = [("dense", "-", held_out_loss(dense, windows), None)]
+    for E, k in ((8, 2), (16, 4)):
+        cfg = SplitConfig(num_experts=E, top_k=k, seed=a.seed, importance_seqs=4, seq_len=a.seq_len)
+        # Importance depends on the clusters of sample text only (not on the method): compute it once per E.
+        importance = taylor_importance(dense, importance_batches(dense, cfg, a.data))
+        for method in METHODS:
+            mcfg = SplitConfig(**{**cfg.__dict__, "method": method})
+            width, shared, _ = check_config(mcfg, dense.config.intermediate_size)
+            experts, shared_ix = choose_experts(dense, mcfg, importance)
+            losses = []
+            for scale in (E / k, 1.0):
+                moe = build_moe(dense, experts, shared_ix, E, k, scale, seed=a.seed)
+                losses.append(held_out_loss(moe, windows))
+                del moe
+            rows.append((method, f"{k}/{E}", losses[0], losses[1]))
+            print(f"  {method:14s} {k}/{E}: s=E/k {losses[0]:.3f}  s=1 {losses[1]:.3f}  "
+                  f"(d_e {width}, shared {shared}; {time.time() - t0:.0f} s)", flush=True)
+    c = dense.config
+    print(f"\nDense: d {c.hidden_size}, d_h {c.intermediate_size}, {c.num_hidden_layers} layers, vocab {c.vocab_size}; "
+          f"held-out = {a.eval_windows} windows x {a.seq_len} tokens per domain, {len(domains)} domains, "
+          f"mean of per-domain losses; no training after the split.\n")
+    print("| method | k/E | loss, rescaled (s = E/k) | loss, s = 1 |")
+    print("|---|---|---|---|")
+    for method, ke, with_s, without_s in rows:
+        print(f"| {method} | {ke} | {with_s:.3f} | {'-' if without_s is None else f'{without_s:.3f}'} |")
+
+
+if __name__ == "__main__":
+    main()
