@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, fields, asdict
 
 import torch
 import torch.nn as nn
@@ -478,14 +478,19 @@ def from_hf_names(name, tensor, mtype, config):
     return name, tensor, None
 
 
-def load_pretrained(path, dtype=None, device=None):
+def read_config_json(path):
+    """The raw config.json dict of a checkpoint folder, with a clear error when there is none."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a checkpoint folder needs config.json + safetensors "
                                 f"(as written by save_pretrained or Hugging Face)")
     with open(cfg_path) as f:
-        raw = json.load(f)
-    config = config_from_hf(raw, cfg_path)
+        return json.load(f)
+
+
+def load_pretrained(path, dtype=None, device=None):
+    raw = read_config_json(path)
+    config = config_from_hf(raw, os.path.join(path, "config.json"))
     mtype = raw["model_type"]
     device = torch.device(device or "cpu")
     # Build on the meta device: shapes only, no memory. Real tensors are then assigned one by one, so the

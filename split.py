@@ -28,7 +28,6 @@ model.save_pretrained (temporary folder + rename), which adds what it needs to s
 The sharing methods also run forward + backward passes over sample text first (section 3 says how much).
 """
 import argparse
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import Transformer, config_from_hf, export_config, set_tensor
+from model import Transformer, config_from_hf, export_config, read_config_json, set_tensor
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle")
 INDEPENDENT = ("random", "clustering")      # disjoint experts covering all neurons: width d_h / E
@@ -510,12 +509,7 @@ def split_model(dense, cfg, data=None, tokenizer=None, free_dense=False):
 
 def check_source(src):
     """The source must be a dense LLaMA checkpoint folder; say what it is otherwise."""
-    path = os.path.join(src, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --src must be a Hugging Face LLaMA folder (config.json + "
-                                f"safetensors)")
-    with open(path) as f:
-        raw = json.load(f)
+    raw = read_config_json(src)
     if raw.get("model_type") != "llama":
         raise ValueError(f"{src} is a {raw.get('model_type')!r} checkpoint: split.py needs a dense LLaMA "
                          f"(model_type 'llama'); an MoE model is split already")
