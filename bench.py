@@ -1,0 +1,279 @@
+"""Speed of the MoE feed-forward kernels, every figure measured side by side in one run.
+
+    python bench.py                  # CPU fp32 (bf16 on a GPU when there is one)
+    python bench.py --json out.json  # also write the figures
+
+Two questions (issue 5, SPEC.md §7, PERF.md):
+ 1. permute + unpermute are pure memory movement: how close do they come to tensor.copy_ of the same bytes?
+ 2. the MoE layer (gate -> permute -> grouped_swiglu -> unpermute), forward + backward: how close to a
+    dense SwiGLU FFN of the same active width (it does the same multiply-adds), and how much faster than
+    the naive per-expert loop with boolean masks + index_add (transformers' Mixtral)?
+Timings are interleaved (A, B, C, A, B, C, ...) and the median is reported, so a neighbour stealing the
+CPU for a while hurts every row alike: compare the ratios, not the absolute numbers, across runs.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels import backend_name, grouped_swiglu, permute, unpermute
+from kernels.experts import use_grouped_mm
+from kernels.ops import cpu_extension
+
+
+@dataclass
+class BenchConfig:
+    tokens: int = 4096          # T
+    dim: int = 512              # d
+    experts: int = 16           # E
+    top_k: int = 4              # k
+    expert_width: int = 86      # d_e: a dense intermediate of 1376 split 16 ways; active width k*d_e = 344
+    repeats: int = 15           # timed rounds (median reported)
+    warmup: int = 3             # untimed rounds first (builds, allocator, caches)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"         # auto: float32 on CPU, bfloat16 on CUDA
+    threads: int = 0            # CPU threads for this run; 0 = torch's default (all cores)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(fns: dict, cfg: BenchConfig):
+    """Seconds per call for each fn, run round-robin so that noise hits all of them alike.
+    Returns (median, best) dicts: the median is the figure; the best shows what a quiet machine gives."""
+    for _ in range(cfg.warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(cfg.repeats):
+        for name, fn in fns.items():
+            sync(cfg.device)
+            start = time.perf_counter()
+            fn()
+            sync(cfg.device)
+            samples[name].append(time.perf_counter() - start)
+    return ({name: statistics.median(s) for name, s in samples.items()},
+            {name: min(s) for name, s in samples.items()})
+
+
+def with_backend(name, fn):
+    """Run fn with LLAMA_MOE_KERNELS forced to `name` (ops.py reads the variable on every call)."""
+    def run():
+        old = os.environ.get("LLAMA_MOE_KERNELS")
+        os.environ["LLAMA_MOE_KERNELS"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["LLAMA_MOE_KERNELS"]
+            else:
+                os.environ["LLAMA_MOE_KERNELS"] = old
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The layers compared
+# ----------------------------------------------------------------------------------------------
+
+def make_router(cfg, dtype):
+    """gate.TopKGate (noise off, the eval-mode routing) when gate.py is present, else a tiny linear top-k."""
+    try:
+        from gate import TopKGate
+        gate = TopKGate(cfg.dim, cfg.experts, cfg.top_k, noise=False).to(cfg.device, dtype)
+
+        def route(x):
+            g = gate(x)
+            return g.expert_ids, g.scores, g.balance_loss
+        return route, gate.parameters(), "gate.TopKGate(noise=False)"
+    except ImportError:
+        w = (torch.randn(cfg.experts, cfg.dim) / cfg.dim ** 0.5).to(cfg.device, dtype).requires_grad_()
+
+        def route(x):
+            top, ids = F.linear(x, w).float().topk(cfg.top_k, dim=-1)  # (T, k)
+            return ids, F.softmax(top, dim=-1), None
+        return route, [w], "linear top-k router"
+
+
+def moe_layer(route, w_gate, w_up, w_down, cfg):
+    """The MoE feed-forward as model.py builds it: gate -> permute -> grouped_swiglu -> unpermute."""
+    scale = cfg.experts / cfg.top_k  # SPEC §2 rescaling
+
+    def forward(x):
+        ids, scores, aux = route(x)
+        x_perm, row_map, counts = permute(x, ids, cfg.experts)                 # (T*k, d)
+        y_perm = grouped_swiglu(x_perm, counts, w_gate, w_up, w_down)          # (T*k, d)
+        return unpermute(y_perm, row_map, (scores * scale).to(x.dtype)), aux  # (T, d)
+    return forward
+
+
+def naive_moe_layer(route, w_gate, w_up, w_down, cfg):
+    """transformers' Mixtral loop: a boolean mask per expert, gather its tokens, index_add the outputs."""
+    scale = cfg.experts / cfg.top_k
+
+    def forward(x):
+        ids, scores, aux = route(x)
+        out = torch.zeros_like(x)
+        expert_mask = F.one_hot(ids, cfg.experts).permute(2, 1, 0)             # (E, k, T)
+        for e in range(cfg.experts):
+            slot, token = torch.where(expert_mask[e])                          # host sync per expert
+            if token.numel() == 0:
+                continue
+            h = x[token]                                                       # (n_e, d)
+            h = F.linear(F.silu(F.linear(h, w_gate[e])) * F.linear(h, w_up[e]), w_down[e])
+            out.index_add_(0, token, h * (scores[token, slot, None] * scale).to(x.dtype))
+        return out, aux
+    return forward
+
+
+def dense_swiglu(w_gate, w_up, w_down):
+    def forward(x):
+        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down), None
+    return forward
+
+
+def forward_backward(layer, x, grad, params):
+    def run():
+        for p in params:
+            p.grad = None
+        y, aux = layer(x)
+        outputs, grads = [y], [grad]
+        if aux is not None:  # the balance loss is part of the layer's training cost
+            outputs.append(aux), grads.append(torch.ones_like(aux))
+        torch.autograd.backward(outputs, grads)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field, value in asdict(BenchConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k != "json"})
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
+        torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:  # e.g. 1 when a neighbour keeps one of two cores busy (then every fork/join waits)
+        torch.set_num_threads(cfg.threads)
+    T, d, E, k, d_e = cfg.tokens, cfg.dim, cfg.experts, cfg.top_k, cfg.expert_width
+    P, elt = T * k, torch.empty((), dtype=dtype).element_size()
+    dev = cfg.device
+    results = {"config": asdict(cfg), "dtype": str(dtype)}
+
+    backend = backend_name(dev)  # builds the extension now, outside the timings
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if use_grouped_mm(torch.empty(1, d, device=dev, dtype=dtype), d_e):
+        experts_path = "torch._grouped_mm"
+    elif torch.device(dev).type == "cpu" and cpu_extension() is not None:
+        experts_path = "C++ row blocks (experts_cpu.cpp)"
+    else:
+        experts_path = "loop of torch.mm"
+    print(f"device {dev} ({threads} threads, load average {load:.1f}), {dtype}, T={T} d={d} E={E} k={k} "
+          f"d_e={d_e} (active {k * d_e}); permute backend: {backend}; expert matmuls: {experts_path}")
+
+    # ---- 1. permute + unpermute bandwidth ------------------------------------------------------
+    x = torch.randn(T, d, device=dev, dtype=dtype)
+    ids = torch.rand(T, E, device=dev).topk(k, dim=-1).indices            # (T, k) distinct experts per token
+    scores = torch.rand(T, k, device=dev).softmax(-1)
+    x_perm, row_map, counts = permute(x, ids, E)
+    src, dst = torch.randn(P, d, device=dev, dtype=dtype), torch.empty(P, d, device=dev, dtype=dtype)
+    # Ideal traffic: permute reads P rows and writes P rows; unpermute reads P rows and writes T rows.
+    moved = (2 * P * d + P * d + T * d) * elt
+    # copy_ on the same bytes: a copy reads and writes, so copy half of them each way.
+    copy_src = torch.randn(moved // (2 * elt), device=dev, dtype=dtype)
+    copy_dst = torch.empty_like(copy_src)
+    times, best = time_side_by_side({
+        "copy_": lambda: copy_dst.copy_(copy_src),
+        "permute": lambda: permute(x, ids, E),
+        "unpermute": lambda: unpermute(x_perm, row_map, scores),
+        "permute+unpermute": lambda: unpermute(permute(x, ids, E)[0], row_map, scores),
+        "reference permute+unpermute": with_backend("reference", lambda: unpermute(permute(x, ids, E)[0], row_map, scores)),
+        "x[idx] gather (torch)": lambda: torch.index_select(src, 0, row_map, out=dst),
+    }, cfg)
+    nbytes = {"copy_": moved, "permute": 2 * P * d * elt, "unpermute": (P * d + T * d) * elt,
+              "permute+unpermute": moved, "reference permute+unpermute": moved,
+              "x[idx] gather (torch)": 2 * P * d * elt}
+    bandwidth = {name: nbytes[name] / times[name] / 1e9 for name in times}       # GB/s at the median
+    best_bw = {name: nbytes[name] / best[name] / 1e9 for name in times}          # GB/s at the best
+    print(f"\n1. permute + unpermute, forward ({moved / 1e6:.1f} MB moved by the pair; GB/s = bytes read + written)")
+    print(f"   {'what':34s} {'median ms':>10s} {'GB/s':>7s} {'vs copy_':>9s} | {'best ms':>8s} {'GB/s':>7s} {'vs copy_':>9s}")
+    for name in times:
+        print(f"   {name:34s} {times[name] * 1e3:10.3f} {bandwidth[name]:7.1f} {bandwidth[name] / bandwidth['copy_']:8.2f}x"
+              f" | {best[name] * 1e3:8.3f} {best_bw[name]:7.1f} {best_bw[name] / best_bw['copy_']:8.2f}x")
+    ratio_copy = bandwidth["permute+unpermute"] / bandwidth["copy_"]
+    ratio_ref = times["reference permute+unpermute"] / times["permute+unpermute"]
+    goal = 0.8 if torch.device(dev).type == "cpu" else 0.85
+    print(f"   permute+unpermute at {ratio_copy:.2f}x copy_ bandwidth (best {best_bw['permute+unpermute'] / best_bw['copy_']:.2f}x;"
+          f" goal >= {goal}x: {'met' if ratio_copy >= goal else 'MISSED'}), {ratio_ref:.1f}x faster than the plain-torch reference")
+    results["bandwidth_GBps"] = bandwidth
+    results["bandwidth_ms"] = {n: t * 1e3 for n, t in times.items()}
+    results["bandwidth_best_ms"] = {n: t * 1e3 for n, t in best.items()}
+
+    # ---- 2. the MoE layer, forward + backward -------------------------------------------------
+    route, router_params, router_name = make_router(cfg, dtype)
+    router_params = list(router_params)
+    std = d ** -0.5
+    w_gate = (torch.randn(E, d_e, d, device=dev) * std).to(dtype).requires_grad_()   # (E, d_e, d)
+    w_up = (torch.randn(E, d_e, d, device=dev) * std).to(dtype).requires_grad_()
+    w_down = (torch.randn(E, d, d_e, device=dev) * (k * d_e) ** -0.5).to(dtype).requires_grad_()
+    # The dense FFN of equal active width: k experts' worth of neurons.
+    dense_w = [(torch.randn(k * d_e, d, device=dev) * std).to(dtype).requires_grad_(),
+               (torch.randn(k * d_e, d, device=dev) * std).to(dtype).requires_grad_(),
+               (torch.randn(d, k * d_e, device=dev) * (k * d_e) ** -0.5).to(dtype).requires_grad_()]
+    xl = torch.randn(T, d, device=dev, dtype=dtype, requires_grad=True)
+    grad = torch.randn(T, d, device=dev, dtype=dtype)
+    expert_params = [w_gate, w_up, w_down, xl] + router_params
+    moe = moe_layer(route, w_gate, w_up, w_down, cfg)
+    layers = {
+        f"dense SwiGLU FFN, width {k * d_e}": forward_backward(dense_swiglu(*dense_w), xl, grad, dense_w + [xl]),
+        "MoE layer (these kernels)": forward_backward(moe, xl, grad, expert_params),
+        "MoE layer, plain torch (=reference)": with_backend("reference", forward_backward(moe, xl, grad, expert_params)),
+        "naive loop, masks + index_add": forward_backward(naive_moe_layer(route, w_gate, w_up, w_down, cfg),
+                                                          xl, grad, expert_params),
+    }
+    times, best = time_side_by_side(layers, cfg)
+    dense_name = next(iter(layers))
+    print(f"\n2. MoE layer forward + backward (router: {router_name})")
+    print(f"   {'what':40s} {'median ms':>10s} {'vs dense':>9s} | {'best ms':>8s} {'vs dense':>9s}")
+    for name in times:
+        print(f"   {name:40s} {times[name] * 1e3:10.2f} {times[name] / times[dense_name]:8.2f}x"
+              f" | {best[name] * 1e3:8.2f} {best[name] / best[dense_name]:8.2f}x")
+    moe_name, naive_name = "MoE layer (these kernels)", "naive loop, masks + index_add"
+    vs_dense = times[moe_name] / times[dense_name]
+    vs_naive = times[naive_name] / times[moe_name]
+    naive_goal = 1.5 if torch.device(dev).type == "cpu" else 2.0
+    print(f"   MoE layer at {vs_dense:.2f}x dense (best {best[moe_name] / best[dense_name]:.2f}x; goal <= 1.3x: "
+          f"{'met' if vs_dense <= 1.3 else 'MISSED'}); {vs_naive:.2f}x faster than the naive loop (best "
+          f"{best[naive_name] / best[moe_name]:.2f}x; goal >= {naive_goal}x here: {'met' if vs_naive >= naive_goal else 'MISSED'})")
+    results["layer_ms"] = {n: t * 1e3 for n, t in times.items()}
+    results["layer_best_ms"] = {n: t * 1e3 for n, t in best.items()}
+    results["ratios"] = {"pair_vs_copy": ratio_copy, "pair_speedup_vs_reference": ratio_ref,
+                         "moe_vs_dense": vs_dense, "naive_vs_moe": vs_naive}
+    results["load_average"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")]
+    print(f"   (load average {results['load_average'][1]:.1f} at the end: with more runnable processes than cores,"
+          f" every figure above is inflated)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

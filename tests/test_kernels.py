@@ -1,0 +1,370 @@
+"""kernels/: permute, unpermute (C++ CPU extension, CUDA extension, plain-torch reference) and grouped_swiglu.
+
+The CPU extension is compiled once into the kernel cache (kernels/ops.py); the first test that needs it
+pays the build (about half a minute on 2 cores), every later one only loads it.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import grouped_swiglu, permute, reference, unpermute
+from kernels import ops
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def backend(request, monkeypatch):
+    """Run a test once with the C++ CPU extension and once with the plain-torch reference."""
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", request.param)
+    return request.param
+
+
+def routing(T, E, k, seed=0, distinct=True, dtype=torch.int64, device="cpu"):
+    """(T, k) expert ids: distinct experts per token (what top-k gives) unless distinct=False."""
+    gen = torch.Generator().manual_seed(seed)
+    if distinct:
+        ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
+    else:
+        ids = torch.randint(0, E, (T, k), generator=gen)
+    return ids.to(device=device, dtype=dtype)
+
+
+def check_permute_definition(x, ids, E, x_perm, row_map, counts):
+    """The contract, spelled out pair by pair."""
+    T, k = ids.shape
+    flat = ids.reshape(-1).long().cpu()
+    assert counts.tolist() == torch.bincount(flat, minlength=E).tolist()
+    rm = row_map.cpu()
+    assert sorted(rm.tolist()) == list(range(T * k)), "row_map must be a permutation"
+    # grouped by expert ascending, token order kept inside an expert (stable)
+    expected_order = sorted(range(T * k), key=lambda p: (flat[p].item(), p))
+    assert [int(rm[p]) for p in expected_order] == list(range(T * k))
+    for p in range(T * k):
+        assert torch.equal(x_perm[rm[p]], x[p // k])
+
+
+# ---------------------------------------------------------------------------------------------
+# permute / unpermute: meaning, backends, edge cases
+# ---------------------------------------------------------------------------------------------
+
+def test_cpu_extension_builds():
+    # If this fails the others still pass on the reference: the warning names the compiler error.
+    assert kernels.backend_name("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 4, 2), (13, 4, 1), (13, 4, 4), (13, 1, 1), (40, 6, 3)])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_permute_matches_definition(backend, T, E, k, id_dtype):
+    x = torch.randn(T, 5)
+    ids = routing(T, E, k, seed=T + E + k, dtype=id_dtype)
+    check_permute_definition(x, ids, E, *permute(x, ids, E))
+
+
+def test_permute_expert_without_tokens(backend):
+    x = torch.randn(20, 3)
+    ids = routing(20, 5, 2, distinct=False) % 4  # expert 4 never chosen
+    ids[ids == 2] = 0                            # expert 2 neither: a hole in the middle
+    x_perm, row_map, counts = permute(x, ids, 5)
+    assert counts[2] == 0 and counts[4] == 0
+    check_permute_definition(x, ids, 5, x_perm, row_map, counts)
+
+
+def test_non_contiguous_inputs(backend):
+    big = torch.randn(9, 16)
+    x = big[:, ::2]                               # (9, 8), stride 2
+    ids = routing(9, 4, 2).t().contiguous().t()  # (9, 2) column-major
+    assert not x.is_contiguous() and not ids.is_contiguous()
+    x_perm, row_map, counts = permute(x, ids, 4)
+    check_permute_definition(x, ids, 4, x_perm, row_map, counts)
+    scores = torch.rand(2, 9).t()                 # non-contiguous scores
+    y = unpermute(x_perm, row_map, scores)
+    torch.testing.assert_close(y, x * scores.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_unpermute_is_weighted_sum(backend, dtype):
+    T, E, k, d = 11, 5, 3, 7
+    ids = routing(T, E, k)
+    y_perm = torch.randn(T * k, d).to(dtype)
+    _, row_map, _ = permute(torch.zeros(T, d, dtype=dtype), ids, E)
+    scores = torch.rand(T, k)
+    out = unpermute(y_perm, row_map, scores)
+    expected = torch.stack([sum(scores[t, j] * y_perm[row_map[t * k + j]].double() for j in range(k))
+                            for t in range(T)])
+    assert out.dtype == dtype
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_extension_equals_reference_bit_for_bit(monkeypatch, dtype):
+    """Same operations in the same order (products rounded, then summed j = 0..k-1, fp32 accumulation)."""
+    T, E, k, d = 300, 8, 4, 67  # odd width: the vector loops' tails count too
+    x = torch.randn(T, d).to(dtype)
+    ids = routing(T, E, k, distinct=False)
+    scores = torch.rand(T, k)
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "cpu")
+    ext = [permute(x, ids, E), None]
+    ext[1] = unpermute(ext[0][0], ext[0][1], scores)
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "reference")
+    ref = [permute(x, ids, E), None]
+    ref[1] = unpermute(ref[0][0], ref[0][1], scores)
+    for a, b in zip(ext[0], ref[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(ext[1], ref[1])
+
+
+def test_backward_extension_matches_reference(monkeypatch):
+    T, E, k, d = 50, 6, 2, 9
+    ids = routing(T, E, k)
+    grads = {}
+    for name in ("cpu", "reference"):
+        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
+        torch.manual_seed(0)
+        x = torch.randn(T, d, requires_grad=True)
+        scores = torch.rand(T, k, requires_grad=True)
+        x_perm, row_map, _ = permute(x, ids, E)
+        out = unpermute(x_perm.sin(), row_map, scores)
+        out.backward(torch.randn(T, d))
+        grads[name] = (x.grad, scores.grad)
+    for a, b in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 3, 2), (7, 4, 1), (6, 3, 3), (5, 1, 1)])
+def test_gradcheck_permute_unpermute(backend, T, E, k):
+    """float64 gradcheck of the registered backward formulas (x, y_perm and scores), every edge shape."""
+    ids = routing(T, E, k, seed=1)
+    x = torch.randn(T, 4, dtype=torch.float64, requires_grad=True)
+    scores = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: permute(x, ids, E)[0], (x,))
+    _, row_map, _ = permute(x.detach(), ids, E)
+    y_perm = torch.randn(T * k, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, s: unpermute(y, row_map, s), (y_perm, scores))
+    # the composition, with a nonlinearity between so the row map matters
+    assert torch.autograd.gradcheck(lambda x, s: unpermute(permute(x, ids, E)[0].tanh(), row_map, s), (x, scores))
+
+
+def test_reference_autograd_agrees_with_registered_backward():
+    """The reference is plain torch, so autograd can differentiate it directly: an independent check of
+    the hand-written backward (SPEC §7: permute' = unweighted unpermute, unpermute' = permute + dots)."""
+    T, E, k, d = 9, 4, 2, 5
+    ids = routing(T, E, k)
+    x = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(T, d, dtype=torch.float64)
+    x_perm, row_map, _ = reference.permute_fwd(x, ids, E)
+    reference.unpermute_fwd(x_perm.exp(), row_map, s, k).backward(g)
+    direct = (x.grad.clone(), s.grad.clone())
+    x.grad = s.grad = None
+    x_perm, row_map, _ = permute(x, ids, E)
+    unpermute(x_perm.exp(), row_map, s).backward(g)
+    torch.testing.assert_close(x.grad, direct[0])
+    torch.testing.assert_close(s.grad, direct[1])
+
+
+def test_torch_compile_fullgraph():
+    ids = routing(16, 4, 2)
+
+    def f(x, scores):
+        x_perm, row_map, counts = permute(x, ids, 4)
+        return unpermute(x_perm * 2.0 + 1.0, row_map, scores), counts
+
+    x = torch.randn(16, 8, requires_grad=True)
+    scores = torch.rand(16, 2, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, counts = compiled(x, scores)
+    out_ref, counts_ref = f(x, scores)
+    torch.testing.assert_close(out, out_ref)
+    assert torch.equal(counts, counts_ref)
+    grads = torch.autograd.grad(out.sum(), (x, scores))
+    grads_ref = torch.autograd.grad(out_ref.sum(), (x, scores))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a Python ValueError naming the problem, never a crash
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_out_of_range_expert_id(backend, bad):
+    ids = routing(6, 4, 2)
+    ids[3, 1] = bad
+    with pytest.raises(ValueError, match="expert_ids must lie in"):
+        permute(torch.randn(6, 3), ids, 4)
+
+
+def test_bad_dtypes_and_shapes(backend):
+    x, ids = torch.randn(6, 3), routing(6, 4, 2)
+    with pytest.raises(ValueError, match="int32/int64"):
+        permute(x, ids.float(), 4)
+    with pytest.raises(ValueError, match="float tensor"):
+        permute(x.long(), ids, 4)
+    with pytest.raises(ValueError, match="tokens"):
+        permute(x[:5], ids, 4)
+    with pytest.raises(ValueError, match=r"\(T, d\)"):
+        permute(x[None], ids, 4)
+    with pytest.raises(ValueError, match="num_experts"):
+        permute(x, ids, 0)
+    x_perm, row_map, _ = permute(x, ids, 4)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        unpermute(x_perm, row_map, torch.rand(6, 3))
+    with pytest.raises(ValueError, match="row_map"):
+        unpermute(x_perm, row_map.int(), torch.rand(6, 2))
+    with pytest.raises(ValueError, match="row_map must lie in"):
+        unpermute(x_perm, row_map + 1, torch.rand(6, 2))
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="LLAMA_MOE_KERNELS"):
+        permute(torch.randn(2, 3), routing(2, 2, 1), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_swiglu
+# ---------------------------------------------------------------------------------------------
+
+def naive_experts(x, counts, w_gate, w_up, w_down):
+    """Per-expert SwiGLU on slices, differentiated by autograd: the definition."""
+    outs, start = [], 0
+    for j, n in enumerate(counts.tolist()):
+        xs = x[start:start + n]
+        outs.append(F.linear(F.silu(F.linear(xs, w_gate[j])) * F.linear(xs, w_up[j]), w_down[j]))
+        start += n
+    return torch.cat(outs)
+
+
+def expert_weights(E, d_e, d, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = [torch.randn(E, d_e, d, generator=gen) / d ** 0.5, torch.randn(E, d_e, d, generator=gen) / d ** 0.5,
+         torch.randn(E, d, d_e, generator=gen) / d_e ** 0.5]
+    return [t.to(dtype).requires_grad_() for t in w]
+
+
+@pytest.mark.parametrize("grouped_mm", ["0", "1"])
+@pytest.mark.parametrize("counts,d_e", [([7, 0, 12, 5], 12), ([24, 0, 0, 0], 6), ([1, 1, 1, 1], 5)])
+def test_grouped_swiglu_matches_naive(backend, monkeypatch, grouped_mm, counts, d_e):
+    """Values and all gradients, fp32. Odd widths exercise the zero padding of the C++ and grouped_mm
+    paths. grouped_mm=1 also tries torch._grouped_mm on the CPU; the probe keeps the loop if it cannot."""
+    monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", grouped_mm)
+    counts = torch.tensor(counts)
+    E, d, N = 4, 16, int(counts.sum())
+    x = torch.randn(N, d, requires_grad=True)
+    w = expert_weights(E, d_e, d)
+    g = torch.randn(N, d)
+    y = grouped_swiglu(x, counts, *w)
+    grads = torch.autograd.grad(y, [x, *w], g)
+    y0 = naive_experts(x, counts, *w)
+    grads0 = torch.autograd.grad(y0, [x, *w], g)
+    torch.testing.assert_close(y, y0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, grads0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for gw in grads[1:]:  # experts without tokens: exactly zero weight gradient
+        assert torch.all(gw[counts == 0] == 0)
+
+
+def test_grouped_swiglu_gradcheck(backend):
+    counts = torch.tensor([3, 0, 4])
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = expert_weights(3, 4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, a, b, c: grouped_swiglu(x, counts, a, b, c), (x, *w))
+
+
+def test_grouped_swiglu_bad_input():
+    x = torch.randn(7, 5)
+    w = [t.detach() for t in expert_weights(3, 4, 5)]
+    with pytest.raises(ValueError, match="counts sum to"):
+        grouped_swiglu(x, torch.tensor([3, 0, 3]), *w)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        grouped_swiglu(x, torch.tensor([3, 4]), *w)
+    with pytest.raises(ValueError, match="share a dtype"):
+        grouped_swiglu(x.double(), torch.tensor([3, 0, 4]), *w)
+
+
+def test_moe_pipeline_with_all_experts_equals_dense_ffn(backend):
+    """k = E and every score 1: gate-free MoE == the dense SwiGLU FFN of the concatenated experts (SPEC §2)."""
+    T, E, d_e, d = 10, 3, 4, 8
+    x = torch.randn(T, d)
+    w_gate, w_up, w_down = [t.detach() for t in expert_weights(E, d_e, d)]
+    ids = torch.stack([torch.randperm(E) for _ in range(T)])  # every expert, in a scrambled slot order
+    x_perm, row_map, counts = permute(x, ids, E)
+    y = unpermute(grouped_swiglu(x_perm, counts, w_gate, w_up, w_down), row_map, torch.ones(T, E))
+    dense = F.linear(F.silu(F.linear(x, w_gate.reshape(E * d_e, d))) * F.linear(x, w_up.reshape(E * d_e, d)),
+                     w_down.permute(1, 0, 2).reshape(d, E * d_e))
+    torch.testing.assert_close(y, dense, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [512, 67])  # 16-byte vector path and the scalar fallback
+def test_cuda_extension_equals_reference(monkeypatch, dtype, d):
+    T, E, k = 700, 16, 4
+    x = torch.randn(T, d, device="cuda").to(dtype)
+    ids = routing(T, E, k, device="cuda", dtype=torch.int32)
+    scores = torch.rand(T, k, device="cuda")
+    results = {}
+    for name in ("cuda", "reference"):
+        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
+        x_perm, row_map, counts = permute(x, ids, E)
+        results[name] = (x_perm, row_map, counts, unpermute(x_perm, row_map, scores))
+    for a, b in zip(results["cuda"], results["reference"]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_gradcheck(monkeypatch):
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "cuda")
+    ids = routing(9, 4, 2, device="cuda")
+    x = torch.randn(9, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    s = torch.rand(9, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    _, row_map, _ = permute(x.detach(), ids, 4)
+    assert torch.autograd.gradcheck(lambda x, s: unpermute(permute(x, ids, 4)[0].tanh(), row_map, s), (x, s))
+
+
+@needs_cuda
+def test_cuda_grouped_swiglu_bf16_close_to_naive():
+    counts = torch.tensor([300, 0, 500, 224], device="cuda")
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = [t.detach().cuda().requires_grad_() for t in expert_weights(4, 128, 256, dtype=torch.bfloat16)]
+    y = grouped_swiglu(x, counts, *w)
+    y0 = naive_experts(x, counts, *w)
+    torch.testing.assert_close(y.float(), y0.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_never_built_without_cuda(monkeypatch):
+    if CUDA:
+        pytest.skip("CUDA present")
+    built = []
+    monkeypatch.setattr(ops, "_build_extension", lambda name: built.append(name))
+    monkeypatch.setattr(ops, "_built", {})
+    assert ops.backend_name("cuda") == "reference"
+    assert built == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A failing build: one clear warning and the reference takes over (an error when forced)
+# ---------------------------------------------------------------------------------------------
+
+def test_failed_build_falls_back_to_reference(monkeypatch):
+    def broken(name):
+        raise RuntimeError("Error building extension\npermute_cpu.cpp:1:1: error: no compiler today")
+    monkeypatch.setattr(ops, "_build_extension", broken)
+    monkeypatch.setattr(ops, "_built", {})
+    monkeypatch.delenv("LLAMA_MOE_KERNELS", raising=False)
+    with pytest.warns(RuntimeWarning, match="no compiler today.*Falling back to the plain-torch reference"):
+        assert ops.backend_name("cpu") == "reference"
+    x, ids = torch.randn(5, 3), routing(5, 3, 2)
+    check_permute_definition(x, ids, 3, *permute(x, ids, 3))  # still correct, through the reference
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "cpu")
+    for _ in range(2):  # forced: an error every time, not only on the first call
+        with pytest.raises(RuntimeError, match="LLAMA_MOE_KERNELS=cpu"):
+            permute(x, ids, 3)
