@@ -94,6 +94,7 @@ class TrainConfig:
     log_interval: int = 5
     checkpoint_interval: int = 30         # steps; 0 = only at the end and on SIGTERM/SIGINT
     export: bool = True                   # at the end: out_dir/final (HF) and out_dir/final_mixtral when possible
+    overwrite: bool = False               # a fresh run may replace an earlier run's checkpoints in out_dir
     # --- system ---
     parallel: str = "ddp"                 # "ddp" | "fsdp" (FSDP2, fully_shard per block, then the root)
     device: str = "auto"                  # "auto" (cuda if present) | "cpu" | "cuda"
@@ -641,6 +642,21 @@ def run(cfg, d):
             raise ValueError(f"{resume_from} was written with {run_state['n_streams']} micro-batches of "
                              f"{run_state['seq_len']} tokens per step; this run has {n_streams} of {cfg.seq_len}: "
                              f"keep global_batch_tokens, micro_batch and seq_len as they were to continue exactly")
+    elif latest_checkpoint(cfg.out_dir):
+        # A fresh run must not mix its checkpoints with an earlier run's: --resume would pick the wrong one.
+        if not cfg.overwrite:
+            raise FileExistsError(f"{cfg.out_dir!r} holds checkpoints of an earlier run "
+                                  f"({os.path.basename(latest_checkpoint(cfg.out_dir))}): --resume continues it, "
+                                  f"--overwrite=True starts over (deleting them), or pick another --out_dir")
+        if d.world > 1:
+            dist.barrier()  # every rank has looked at out_dir before rank 0 empties it
+        if d.master:
+            for name in os.listdir(cfg.out_dir):
+                if CKPT_RE.match(name) or name in ("final", "final_mixtral", "log.jsonl"):
+                    path = os.path.join(cfg.out_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if d.world > 1:
+            dist.barrier()
     if init_from == "scratch":
         mc = scratch_config(cfg, meta)
     elif resume_from and not os.path.isdir(init_from):

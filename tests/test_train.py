@@ -349,3 +349,14 @@ def test_activation_checkpointing_changes_nothing_but_memory(single, data, tmp_p
                                  "--max_steps=2", f"--lr_decay_steps={STEPS}"])
     ref = losses(single)
     assert losses(out) == {1: ref[1], 2: ref[2]}
+
+
+def test_fresh_run_refuses_an_earlier_runs_checkpoints(data, tmp_path):
+    # Mixing two runs' checkpoints in one out_dir would let --resume pick the wrong one.
+    out = tmp_path / "run"
+    os.makedirs(out / "ckpt_0000010")
+    with pytest.raises(FileExistsError, match="--overwrite=True"):
+        train.main(TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=1"])
+    assert os.path.isdir(out / "ckpt_0000010")  # nothing lost
+    result = train.main(TINY + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=1", "--overwrite=True"])
+    assert result["exit_code"] == 0 and not os.path.exists(out / "ckpt_0000010")
