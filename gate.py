@@ -162,6 +162,7 @@ class TopKGate(nn.Module):
         # and training learns where more or less exploration pays (Shazeer et al. 2017, §2.1).
         self.weight_noise = nn.Linear(dim, num_experts, bias=False)
         nn.init.zeros_(self.weight_noise.weight)
+        self.weight_noise.weight.requires_grad_(noise)  # unused without noise (DDP refuses unused parameters)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
@@ -203,7 +204,7 @@ class TopKGate(nn.Module):
         # over tokens keeps it differentiable and, unlike atomic index_add on a GPU, bit-for-bit repeatable.
         routed = clean.new_zeros(T, E).scatter(1, expert_ids, scores)  # (T, E), 0 where not chosen
         importance = routed.sum(0)                                     # (E,)
-        counts = torch.bincount(expert_ids.reshape(-1), minlength=E)   # (E,) int64
+        counts = top_k_mask(expert_ids, E).sum(0)                    # (E,) int64 (static shape: no graph break)
         if noisy_routing:
             load = load_estimate(clean, logits, std, top_k_mask(expert_ids, E), k)     # (E,)
         else:

@@ -235,7 +235,7 @@ class MoEFeedForward(nn.Module):
         e = self.experts
         y_perm = grouped_swiglu(x_perm, counts, e.gate_proj, e.up_proj, e.down_proj)  # (T*k, d)
         # Rescaling (SPEC.md section 2): only k of E experts fire, so their weighted sum is scaled by s (= E/k).
-        y = unpermute(y_perm, row_map, (g.scores * self.score_scale).to(x.dtype))  # (T, d)
+        y = unpermute(y_perm, row_map, (g.scores * self.score_scale).to(y_perm.dtype))  # (T, d)
         if self.shared is not None:  # SharingInter: the shared block is always on and unscaled
             y = y + self.shared(x)
         return y.view(shape)
@@ -275,6 +275,14 @@ class Transformer(nn.Module):
         self.aux_loss = None  # summed MoE balance loss of the latest forward
         if not self.lm_head.weight.is_meta:
             self.init_weights()
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) would round the RoPE frequencies to bf16 (an angle error of radians at
+        # position 4096); recompute them in fp32 on whatever device the model moved to.
+        super()._apply(fn, *args, **kwargs)
+        if not self.inv_freq.is_meta:
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def init_weights(self):
         std = self.config.initializer_range
@@ -321,6 +329,8 @@ class Transformer(nn.Module):
         if total > self.config.max_position_embeddings:
             raise ValueError(f"prompt + new tokens = {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        was_training = self.training
+        self.eval()  # no gate noise, no dropout-like randomness: greedy decoding must be reproducible
         if use_cache:
             w = self.lm_head.weight
             for block in self.model.layers:
@@ -348,6 +358,7 @@ class Transformer(nn.Module):
         finally:
             for block in self.model.layers:
                 block.self_attn.kv_cache = None
+            self.train(was_training)
         return idx
 
     # ------------------------------------------------------------------------------------------------------
@@ -531,7 +542,8 @@ def load_pretrained(path, dtype=None, device=None):
             continue
         if name.endswith("gate.weight_noise.weight") and name not in loaded:
             # Mixtral has no noise projection; SPEC.md section 3 starts it at zero anyway.
-            set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.lm_head.weight.dtype, device=device))
+            set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.model.embed_tokens.weight.dtype,
+                                                device=device))
             continue
         missing.append(name if want == 1 else f"{name} ({loaded.get(name, 0)} of {want} experts)")
     if missing:
@@ -539,6 +551,8 @@ def load_pretrained(path, dtype=None, device=None):
                          f"({len(missing)} in all): the checkpoint is incomplete or does not match config.json")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for moe in model.moe_layers():  # a gate without noise never uses its noise projection: DDP must not wait for it
+        moe.gate.weight_noise.weight.requires_grad_(moe.gate.noise)
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 

@@ -24,6 +24,7 @@ Read top to bottom:
   8. checkpoints      - atomic folders ckpt_NNNNNNN/ (HF model + optimizer + sampler + RNG + step)
   9. train(), run()   - the loop: accumulate, clip, step, log, evaluate, checkpoint, stop cleanly; export
 """
+import datetime
 import difflib
 import json
 import math
@@ -218,7 +219,8 @@ def setup_distributed(cfg):
         device = torch.device("cpu")
     if distributed and not dist.is_initialized():
         # nccl moves GPU tensors between GPUs; gloo is the CPU backend (tests, and this 2-core demo).
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # A long timeout: rank 0 alone writes a full checkpoint while the others wait at a barrier.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     return Dist(rank, world, local_rank, device, distributed)
 
 

@@ -268,6 +268,12 @@ def _backward(ctx, grad_y, _grad_gu):
 
 _grouped_swiglu_op.register_autograd(_backward, setup_context=_setup)
 
+# Autocast does not reach inside custom ops: without this, under torch.autocast(bf16) the expert matmuls
+# (most of an MoE model's FLOPs) would run in fp32, and the C++ kernel would see autocast half-enabled.
+# Registered, the op's float inputs are cast to bf16 and it runs with autocast off, like a matmul would.
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("llama_moe::grouped_swiglu", _device, torch.bfloat16)
+
 
 def grouped_swiglu(x_perm: Tensor, counts: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """Each expert's SwiGLU on its own contiguous rows.

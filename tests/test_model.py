@@ -247,3 +247,47 @@ def test_native_moe_round_trip(tmp_path):
     idx = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], back(idx)[0])
+
+
+def tiny_moe(**kw):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**CONFIGS["gqa_llama3"], max_position_embeddings=64, num_experts=4,
+                                   num_experts_per_tok=2, expert_intermediate_size=32, **kw))
+
+
+def test_moe_under_bf16_autocast_runs_experts_in_bf16():
+    # Autocast must reach the custom expert op (it holds most of the FLOPs), with one thread as under torchrun.
+    model = tiny_moe()
+    seen = []
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16)))
+        loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [torch.bfloat16] and torch.isfinite(loss)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_bf16_model_keeps_fp32_rope_frequencies():
+    model = tiny_moe().to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_generate_is_greedy_and_restores_training_mode():
+    model = tiny_moe().train()  # training mode would add gate noise: generate must not
+    prompt = torch.randint(0, 128, (1, 5))
+    a, b = model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0)
+    assert torch.equal(a, b) and model.training
+
+
+def test_gate_without_noise_has_no_trainable_noise_projection(tmp_path):
+    model = tiny_moe(gate_noise=False)
+    assert not model.model.layers[0].mlp.gate.weight_noise.weight.requires_grad
+    model.save_pretrained(tmp_path / "mx", format="mixtral")
+    back = Transformer.from_pretrained(tmp_path / "mx")  # Mixtral: no noise projection on disk
+    assert all(not m.gate.weight_noise.weight.requires_grad for m in back.moe_layers())
