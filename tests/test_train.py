@@ -190,17 +190,9 @@ def test_resume_is_bit_identical_one_process(single, data, tmp_path):
 # Two processes (torchrun, gloo): same global batch -> same losses; exact resumption under FSDP2
 
 @pytest.mark.slow
-def test_ddp_matches_one_process(single, two_ranks):
-    ref, got = losses(single), losses(two_ranks["ddp"])
-    assert sorted(got) == sorted(ref)
-    for step in ref:
-        assert got[step][0] == pytest.approx(ref[step][0], rel=1e-5), step
-        assert got[step][1] == pytest.approx(ref[step][1], rel=1e-4, abs=1e-7), step
-
-
-@pytest.mark.slow
-def test_fsdp_matches_one_process(single, two_ranks):
-    ref, got = losses(single), losses(two_ranks["fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(parallel, single, two_ranks):
+    ref, got = losses(single), losses(two_ranks[parallel])
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step][0] == pytest.approx(ref[step][0], rel=1e-5), step
