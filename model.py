@@ -468,8 +468,8 @@ def read_safetensors(path):
                 yield name, f.get_tensor(name), fpath
 
 
-def from_hf_names(name, tensor, mtype, config):
-    """Map one stored tensor to (our name, tensor, expert index or None). Returns None for tensors to skip."""
+def from_hf_names(name, mtype):
+    """Map one stored tensor name to (our name, expert index or None); None for tensors to skip."""
     if name.endswith("rotary_emb.inv_freq"):  # a buffer some exporters store; it carries no learned state
         return None
     if mtype == "mixtral":
@@ -479,14 +479,14 @@ def from_hf_names(name, tensor, mtype, config):
             head, rest = name.split(".block_sparse_moe.experts.")
             j, w = rest.split(".")[:2]
             which = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[w]
-            return f"{head}.mlp.experts.{which}", tensor, int(j)
+            return f"{head}.mlp.experts.{which}", int(j)
     elif mtype == "llama_moe":
         # model.layers.L.mlp.calculator.experts.weight_{gate,up,down}.J
         if ".mlp.calculator.experts.weight_" in name:
             head, rest = name.split(".mlp.calculator.experts.weight_")
             which, j = rest.split(".")
-            return f"{head}.mlp.experts.{which}_proj", tensor, int(j)
-    return name, tensor, None
+            return f"{head}.mlp.experts.{which}_proj", int(j)
+    return name, None
 
 
 def read_config_json(path):
@@ -511,10 +511,10 @@ def load_pretrained(path, dtype=None, device=None):
     expected = dict(model.named_parameters())  # a tied lm_head is the embedding and is listed once
     loaded = {}  # our name -> how many tensors (experts) arrived for it
     for stored_name, tensor, fpath in read_safetensors(path):
-        mapped = from_hf_names(stored_name, tensor, mtype, config)
+        mapped = from_hf_names(stored_name, mtype)
         if mapped is None:
             continue
-        name, tensor, expert = mapped
+        name, expert = mapped
         if name not in expected:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some exporters write the tied head anyway
@@ -551,16 +551,16 @@ def load_pretrained(path, dtype=None, device=None):
                          f"({len(missing)} in all): the checkpoint is incomplete or does not match config.json")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for moe in model.moe_layers():  # a gate without noise never uses its noise projection: DDP must not wait for it
-        moe.gate.weight_noise.weight.requires_grad_(moe.gate.noise)
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
 
 
 def set_tensor(model, name, tensor):
+    """Replace a (meta) parameter by a real tensor, keeping whether it trains (a gate without noise has a
+    frozen noise projection, which DDP would otherwise wait for)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    param = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    param = nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad and tensor.is_floating_point())
     setattr(module, attr, param)
     return param
 
