@@ -48,6 +48,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     initializer_range: float = 0.02
+    tokenizer_sha256: str | None = None       # Tokenizer.fingerprint of the vocabulary the model was trained on
     # --- Mixture of Experts (SPEC.md sections 2-3); num_experts == 0 means a dense model ---
     num_experts: int = 0
     num_experts_per_tok: int = 2              # k
@@ -319,7 +320,7 @@ class Transformer(nn.Module):
             return self.lm_head(x[:, -1:] if start_pos is not None else x), None
         logits = self.lm_head(x)                                         # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss + self.aux_loss  # SPEC.md section 3: the balance loss joins the LM loss
+        return logits, loss  # the LM loss alone; training adds self.aux_loss (SPEC.md section 3) itself
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
@@ -394,6 +395,8 @@ def config_from_hf(raw, path="config.json"):
     if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ValueError(f"{path}: only LLaMA's silu activation without attention/MLP biases is supported")
     kw = {k: raw[k] for k in LLAMA_KEYS if k in raw}
+    if raw.get("tokenizer_sha256"):
+        kw["tokenizer_sha256"] = raw["tokenizer_sha256"]
     rope = raw.get("rope_parameters")  # transformers >= 5 nests rope_theta inside rope_parameters
     if rope:
         rope = dict(rope)
@@ -602,6 +605,8 @@ def export_config(model, format):
     dense = {k: getattr(c, k) for k in LLAMA_KEYS}
     base = dict(dense, hidden_act="silu", attention_bias=False, mlp_bias=False,
                 torch_dtype=str(model.lm_head.weight.dtype).replace("torch.", ""))
+    if c.tokenizer_sha256:  # extra key, ignored by transformers: which tokenizer's ids the model expects
+        base["tokenizer_sha256"] = c.tokenizer_sha256
     if format == "llama":
         return dict(base, architectures=["LlamaForCausalLM"], model_type="llama")
     if format == "native":

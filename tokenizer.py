@@ -232,6 +232,16 @@ class Tokenizer:
             return self._tt.decode(ids)
         return self._sp.decode(ids)
 
+    @property
+    def fingerprint(self):
+        """sha256 (hex) that identifies this vocabulary: recorded in a dataset's meta.json and in every
+        checkpoint trained on it, so a model is never fed token ids from another tokenizer."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+            with open(self.path, "rb") as f:
+                self._fingerprint = hashlib.sha256(f.read()).hexdigest()
+        return self._fingerprint
+
     def __repr__(self):
         return (f"Tokenizer({self.path!r}, kind={self.kind}, vocab_size={self.vocab_size}, "
                 f"bos_id={self.bos_id}, eos_id={self.eos_id})")

@@ -764,7 +764,8 @@ def run(cfg, d):
                 sync = model.no_sync() if d.distributed and not fsdp and not last else nullcontext()
                 with sync:
                     with autocast:
-                        _, loss = model(x, y)  # CE + the MoE balance loss (SPEC.md section 3)
+                        _, loss = model(x, y)
+                        loss = loss + raw.aux_loss  # LM loss + the MoE balance loss (SPEC.md section 3)
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
                 stats[0] += loss.detach().double()
                 stats[1] += raw.aux_loss.detach().double()

@@ -16,7 +16,6 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import filter as flt  # noqa: E402
 
 ADS = [

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gate import (  # noqa: E402
     GateOutput, TopKGate, cv_squared, keep_probability, load_estimate, normal_cdf, top_k_mask,

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import prepare as P  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

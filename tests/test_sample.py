@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sample  # noqa: E402
 from sample import DomainSampler, eval_windows, load_shards  # noqa: E402
 

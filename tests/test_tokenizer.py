@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tokenizer import (LLAMA3_NUM_SPECIAL, Tokenizer, _tiktoken_chunks, llama3_special_tokens,
                        train_sentencepiece)
 

@@ -1,0 +1,121 @@
+"""
+Chapter: settings and the command line, shared by every script (train.py, eval.py, split.py, ...).
+
+nanoGPT's convention, one for every CLI: a script's settings are one dataclass; config files (plain Python
+assignments, e.g. config/demo_moe.py) and then `--key=value` arguments override its defaults, left to right.
+
+    python train.py config/demo_dense.py --max_steps=100 --weights=sheared
+
+A value is read as a Python literal when it is one (`100`, `2e-4`, `True`, `{'code': 0.5}`), else kept as
+text (a path). Each value is checked against the field's type: `--max_steps=2.5` is refused, not rounded,
+and a mistyped key gets "did you mean".
+
+User errors (bad input, not bugs) are raised as `UserError` anywhere in a script; `run_cli` prints them as
+ONE line `script.py: error: ...` and exits with code 2. Anything else is a bug and keeps its traceback.
+"""
+import difflib
+import os
+import sys
+import types
+import typing
+from ast import literal_eval
+from dataclasses import fields
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """Bad input from the user: a wrong path, a value out of range, a file that is not what it claims.
+    The message names the input, what is wrong and the fix; `run_cli` prints it as one line, exit code 2."""
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    prog = os.path.basename(sys.argv[0]) or "python"
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def parse_value(text):
+    try:
+        return literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a path, a domain-weight string like 'a=0.5,b=0.5', ...
+
+
+def _allowed_types(field):
+    """The field's annotation as a tuple of plain types: `int | None` -> (int, NoneType)."""
+    t = field.type
+    if isinstance(t, str):  # postponed annotations: fall back to the default's type
+        return None
+    args = typing.get_args(t) if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else (t,)
+    return tuple(typing.get_origin(a) or a for a in args)
+
+
+def set_key(cfg, key, value, where):
+    """Set one setting after checking its name and type; the error names where the value came from."""
+    by_name = {f.name: f for f in fields(cfg)}
+    if key not in by_name:
+        close = difflib.get_close_matches(key, list(by_name), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else \
+            f"valid keys: {', '.join(by_name)}"
+        raise UserError(f"unknown setting {key!r} ({where}): {hint}")
+    allowed = _allowed_types(by_name[key]) or (type(getattr(cfg, key)),)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # --learning_rate=1 means 1.0
+    if str in allowed and not isinstance(value, str) and not any(isinstance(value, a) for a in allowed):
+        value = str(value)  # --out=123 is a path named "123"
+    ok = any((a is type(None) and value is None) or
+             (a is not type(None) and isinstance(value, a) and not (a is int and isinstance(value, bool)))
+             for a in allowed)
+    if not ok:
+        names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+        raise UserError(f"--{key} ({where}) must be {names}, got {value!r}")
+    setattr(cfg, key, value)
+
+
+def find_config_file(arg):
+    """A config file as given, else relative to the project's folder (so scripts run from anywhere)."""
+    for path in (arg, os.path.join(HERE, arg), os.path.join(HERE, "config", arg),
+                 os.path.join(HERE, "config", arg + ".py")):
+        if os.path.isfile(path):
+            return path
+    have = sorted(os.listdir(os.path.join(HERE, "config")))
+    raise UserError(f"config file {arg!r} not found (configs in {os.path.join(HERE, 'config')}: {have}); "
+                    f"settings are passed as --key=value")
+
+
+def load_config(cfg, argv, doc="", aliases=None):
+    """Apply config files and --key=value arguments to the dataclass instance `cfg`, left to right.
+    `aliases` maps a bare flag to a setting, e.g. {"resume": ("init_from", "resume")}; a bare --flag
+    otherwise switches a boolean on. -h / --help prints the doc and every key with its default."""
+    aliases = aliases or {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(doc)
+            print("settings (--key=value) and defaults:\n" +
+                  "\n".join(f"  --{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)))
+            raise SystemExit(0)
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq and key in aliases:
+                key, value = aliases[key]
+            else:
+                value = parse_value(text) if eq else True
+            set_key(cfg, key, value, f"from {arg}")
+        else:
+            path = find_config_file(arg)
+            namespace = {"__file__": path}
+            with open(path) as f:
+                exec(compile(f.read(), path, "exec"), namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
+                    continue  # helpers and imports inside a config file are not settings
+                set_key(cfg, key, value, f"in {path}")
+    return cfg
