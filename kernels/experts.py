@@ -1,26 +1,39 @@
 """The routed experts as one grouped SwiGLU over contiguous row slices (SPEC.md §2 and §7).
 
 After kernels.permute the (T*k, d) rows are grouped by expert: expert j owns rows
-bounds[j]:bounds[j+1], bounds = [0, cumsum(counts)]. Expert j is a SwiGLU FFN of width d_e:
+bounds[j]:bounds[j+1], bounds = [0, cumsum(tokens_per_expert)]. Expert j is a SwiGLU FFN of width d_e;
+with W_gu[j] = [W_gate[j]; W_up[j]] (2 d_e, d), the gate and up projections stacked:
 
-    G = X_j W_gate[j]^T,  U = X_j W_up[j]^T,  H = silu(G) * U,  Y_j = H W_down[j]^T
+    [G | U] = X_j W_gu[j]^T,  H = silu(G) * U,  Y_j = H W_down[j]^T
 
-Why a hand-written backward (PERF.md): slicing the grouped buffer and letting autograd differentiate
-each slice builds a full-size zero gradient per slice and concatenates them, 4.7x slower than a dense FFN
-of the same FLOPs on the CPU. Here forward and backward each write into one preallocated buffer per
+kernels/reference.py has the same thing as a plain loop (naive_experts) that the tests compare against.
+
+Why a hand-written backward: slicing the grouped buffer and letting autograd differentiate each slice
+builds a full-size zero gradient per slice and concatenates them, measured 4.7x slower than a dense FFN of
+the same FLOPs on the 2-core CPU. Here forward and backward each write into one preallocated buffer per
 tensor, the elementwise SwiGLU math runs once over all rows, and only the matmuls go per expert.
 
-Matmuls per expert run one of two ways:
-  * torch._grouped_mm (one kernel for all experts, offsets stay on the device, no host sync): used on
-    CUDA, where per-expert launches and a host sync would dominate. A one-time probe per (dtype, d, d_e)
-    checks it against the loop, since its rules vary by version, dtype and shape (its 16-byte stride rule
-    is met by padding the expert width with zero weights).
-  * one matmul per expert on its slice, written into preallocated buffers: on the CPU in the C++
-    extension (experts_cpu.cpp: the forward is one parallel region and the backward two, each thread
-    taking whole row blocks of one expert), elsewhere the Python loop below, which is also the readable
-    version of the C++. The counts -> bounds host sync happens once in the forward and once in the
-    backward. On the CPU torch._grouped_mm is itself a loop over experts and measured no faster.
-LLAMA_MOE_GROUPED_MM=1 / 0 forces the choice (=1 still goes through the probe).
+Which path runs the matmuls (`expert_path(device, dtype)` says, `last_expert_path()` says what ran):
+  * "grouped_mm": torch._grouped_mm, one kernel for all experts, offsets stay on the device, no host
+    sync. Taken only where it is a native kernel: bf16 tensors on a CUDA GPU of compute capability 9.x
+    or 10.x (H100/H200, B200) with torch >= 2.9. Elsewhere torch runs it as a fallback that copies the
+    offsets to the host on every call (5 host syncs per layer per step), and on older builds an expert
+    without tokens can be a device-side assert, which kills the CUDA context: so no probing, no trying.
+  * "cpu_extension": experts_cpu.cpp, for CPU tensors: the forward is one parallel region and the
+    backward two, each thread taking whole row blocks of one expert.
+  * "loop": one torch.mm per expert on its slice, written into preallocated buffers (the readable
+    version of the C++; fp32/fp16 on a GPU, other GPUs, the reference backend). The tokens_per_expert ->
+    bounds host sync happens once in the forward and once in the backward.
+LLAMA_MOE_GROUPED_MM=0 forces the loop; =1 forces torch._grouped_mm wherever torch has it (also on the
+CPU, where the tests use it to run this file's grouped code).
+
+Weights: the custom op takes W_gu as one (E, 2 d_e, d) tensor, so that neither path concatenates weights
+in forward or backward. grouped_swiglu(w_gate, w_up, ...) builds W_gu with one torch.cat per forward (its
+backward is a free split of the gradient); grouped_swiglu_fused takes a stored W_gu and copies nothing.
+torch._grouped_mm needs every row stride to be a multiple of 16 bytes: for bf16 d_e % 8 == 0 (true for
+common widths such as 688 or 1376). Other widths are padded with zero weights on every call (d_e = 86 ->
+88), a copy of the weights that choosing such a width costs. Padding changes nothing: zero weights give
+g = u = 0, silu(0) * 0 = 0, and zero columns of W_down add exact zeros.
 
 Like permute/unpermute this is a torch.library custom op, so torch.compile can trace through it.
 """
@@ -30,27 +43,69 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.ops import cpu_extension
+from kernels.ops import _check_in_range, checking_values, cpu_extension, made_by_permute
 
 # ----------------------------------------------------------------------------------------------
-# Path 1: one plain matmul per expert over its contiguous slice
+# Which path
+# ----------------------------------------------------------------------------------------------
+
+GROUPED_MM_MIN_TORCH = (2, 9)
+GROUPED_MM_CAPABILITIES = (9, 10)  # compute capability majors with a native kernel: sm90, sm100
+
+
+def _torch_version() -> tuple:
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def grouped_mm_native(device, dtype) -> bool:
+    """Whether torch._grouped_mm is a native kernel for these tensors (see the module docstring)."""
+    device = torch.device(device)
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16 or device.type != "cuda":
+        return False
+    if _torch_version() < GROUPED_MM_MIN_TORCH:
+        return False
+    return torch.cuda.get_device_capability(device)[0] in GROUPED_MM_CAPABILITIES
+
+
+def expert_path(device, dtype) -> str:
+    """The path grouped_swiglu takes for tensors of this device and dtype: "grouped_mm", "cpu_extension"
+    or "loop". Decided from the device, dtype and torch version alone: nothing is run to find out."""
+    forced = os.environ.get("LLAMA_MOE_GROUPED_MM", "").strip()
+    if forced == "1" and hasattr(torch, "_grouped_mm"):
+        return "grouped_mm"
+    if forced != "0" and grouped_mm_native(device, dtype):
+        return "grouped_mm"
+    if torch.device(device).type == "cpu" and cpu_extension() is not None:
+        return "cpu_extension"
+    return "loop"
+
+
+_last_path = {"forward": None, "backward": None}
+
+
+def last_expert_path() -> dict:
+    """The paths the latest grouped_swiglu forward and backward took, e.g. {"forward": "grouped_mm", ...}."""
+    return dict(_last_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Path "loop": one plain matmul per expert over its contiguous slice
 # (experts_cpu.cpp does the same on the CPU, in two parallel regions instead of dozens of ops)
 # ----------------------------------------------------------------------------------------------
 
-def expert_bounds(counts: Tensor) -> list:
+def expert_bounds(tokens_per_expert: Tensor) -> list:
     """(E,) token counts -> [0, c0, c0+c1, ..., N]: the one host sync of the loop path."""
-    return [0] + torch.cumsum(counts, 0).tolist()
+    return [0] + torch.cumsum(tokens_per_expert, 0).tolist()
 
 
-def _forward_loop(x, bounds, w_gate, w_up, w_down):
-    """x (N, d), w_gate / w_up (E, d_e, d), w_down (E, d, d_e) -> y (N, d), gu (N, 2 d_e) = [G | U]."""
+def _forward_loop(x, bounds, w_gu, w_down):
+    """x (N, d), w_gu (E, 2 d_e, d), w_down (E, d, d_e) -> y (N, d), gu (N, 2 d_e) = [G | U]."""
     d_e = w_down.shape[2]
-    w_gu = torch.cat([w_gate, w_up], dim=1)                         # (E, 2 d_e, d): one matmul for G and U
     gu = x.new_empty(x.shape[0], 2 * d_e)                           # (N, 2 d_e), kept for backward
     y = x.new_empty(x.shape[0], w_down.shape[1])                    # (N, d)
     for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b > a:
-            torch.mm(x[a:b], w_gu[j].t(), out=gu[a:b])              # (n_j, d) @ (d, 2 d_e)
+            torch.mm(x[a:b], w_gu[j].t(), out=gu[a:b])              # (n_j, d) @ (d, 2 d_e): G and U at once
     h = F.silu(gu[:, :d_e]) * gu[:, d_e:]                           # (N, d_e): all experts in one op
     for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b > a:
@@ -73,9 +128,8 @@ def _swiglu_grads(grad_h, gu):
     return silu * u, grad_gu
 
 
-def _backward_loop(grad_y, x, bounds, gu, w_gate, w_up, w_down, need_x, need_w):
-    E, d, d_e = w_down.shape
-    w_gu = torch.cat([w_gate, w_up], dim=1)                         # (E, 2 d_e, d)
+def _backward_loop(grad_y, x, bounds, gu, w_gu, w_down, need_x, need_w):
+    d_e = w_down.shape[2]
     rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     grad_h = x.new_empty(x.shape[0], d_e)                           # (N, d_e)
     for j, r in enumerate(rows):
@@ -83,9 +137,9 @@ def _backward_loop(grad_y, x, bounds, gu, w_gate, w_up, w_down, need_x, need_w):
             torch.mm(grad_y[r], w_down[j], out=grad_h[r])           # (n_j, d) @ (d, d_e)
     h, grad_gu = _swiglu_grads(grad_h, gu)
     grad_x = torch.empty_like(x) if need_x else None
-    grad_wg = grad_wu = grad_wd = None
+    grad_wgu = grad_wd = None
     if need_w:  # one preallocated buffer per weight; an expert without tokens gets exactly zero
-        grad_wg, grad_wu, grad_wd = torch.zeros_like(w_gate), torch.zeros_like(w_up), torch.zeros_like(w_down)
+        grad_wgu, grad_wd = torch.zeros_like(w_gu), torch.zeros_like(w_down)
     for j, r in enumerate(rows):
         if r.stop == r.start:
             continue
@@ -93,102 +147,63 @@ def _backward_loop(grad_y, x, bounds, gu, w_gate, w_up, w_down, need_x, need_w):
             torch.mm(grad_gu[r], w_gu[j], out=grad_x[r])            # [dG | dU] @ [W_gate; W_up]: (n_j, d)
         if need_w:
             torch.mm(grad_y[r].t(), h[r], out=grad_wd[j])           # (d, n_j) @ (n_j, d_e)
-            torch.mm(grad_gu[r, :d_e].t(), x[r], out=grad_wg[j])    # (d_e, n_j) @ (n_j, d)
-            torch.mm(grad_gu[r, d_e:].t(), x[r], out=grad_wu[j])
-    return grad_x, grad_wg, grad_wu, grad_wd
+            torch.mm(grad_gu[r].t(), x[r], out=grad_wgu[j])         # (2 d_e, n_j) @ (n_j, d)
+    return grad_x, grad_wgu, grad_wd
 
 
 # ----------------------------------------------------------------------------------------------
-# Path 2: torch._grouped_mm (CUDA). offs = ends of the expert slices, int32, on the device: no sync
-# (and so no check that the counts sum to N either: that would be the sync this path avoids).
-# _grouped_mm wants every row stride to be a multiple of 16 bytes, so the expert width is padded with
-# zero weights to dp (d_e = 86 -> 88 in bf16). Padding changes nothing: zero weights give g = u = 0,
-# silu(0) * 0 = 0, and zero columns of W_down add exact zeros.
+# Path "grouped_mm": offs = ends of the expert slices, int32, on the device: no sync (and so no
+# check that the counts sum to N here either: grouped_swiglu checks that once, at the boundary).
 # ----------------------------------------------------------------------------------------------
 
-def _padded_width(d_e, dtype):
+def _aligned_width(d_e, dtype):
+    """d_e rounded up so that a row of d_e elements is a multiple of 16 bytes."""
     multiple = max(1, 16 // torch.empty((), dtype=dtype).element_size())
     return -(-d_e // multiple) * multiple
 
 
-def _padded_gate_up(w_gate, w_up, dp):
-    """[W_gate; W_up], each padded to dp rows: (E, 2 dp, d)."""
-    extra = dp - w_gate.shape[1]
-    return torch.cat([F.pad(w_gate, (0, 0, 0, extra)), F.pad(w_up, (0, 0, 0, extra))], dim=1)
+def _pad_halves(t, d_e, dp, dim):
+    """[A | B] with halves of d_e along `dim` -> [A 0 | B 0] with halves of dp (zeros appended)."""
+    a, b = t.narrow(dim, 0, d_e), t.narrow(dim, d_e, d_e)
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, dp - d_e]
+    return torch.cat([F.pad(a, pad), F.pad(b, pad)], dim=dim)
 
 
-def _forward_grouped(x, offs, w_gate, w_up, w_down):
+def _unpad_halves(t, d_e, dp, dim):
+    return torch.cat([t.narrow(dim, 0, d_e), t.narrow(dim, dp, d_e)], dim=dim)
+
+
+def _forward_grouped(x, offs, w_gu, w_down):
     d_e = w_down.shape[2]
-    dp = _padded_width(d_e, x.dtype)
-    w_gu = _padded_gate_up(w_gate, w_up, dp)                                      # (E, 2 dp, d)
-    w_dn = F.pad(w_down, (0, dp - d_e))                                           # (E, d, dp)
+    dp = _aligned_width(d_e, x.dtype)
+    if dp != d_e:  # odd widths only (see the module docstring): a padded copy of the weights
+        w_gu, w_down = _pad_halves(w_gu, d_e, dp, 1), F.pad(w_down, (0, dp - d_e))
     gu = torch._grouped_mm(x, w_gu.transpose(1, 2), offs=offs)                    # (N, 2 dp)
     h = F.silu(gu[:, :dp]) * gu[:, dp:]                                           # (N, dp)
-    y = torch._grouped_mm(h, w_dn.transpose(1, 2), offs=offs)                     # (N, d)
-    return y, torch.cat([gu[:, :d_e], gu[:, dp:dp + d_e]], dim=1)                 # gu unpadded: (N, 2 d_e)
+    y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs)                   # (N, d)
+    return y, (gu if dp == d_e else _unpad_halves(gu, d_e, dp, 1))                # gu: (N, 2 d_e)
 
 
-def _backward_grouped(grad_y, x, offs, counts, gu, w_gate, w_up, w_down, need_x, need_w):
+def _backward_grouped(grad_y, x, offs, tokens_per_expert, gu, w_gu, w_down, need_x, need_w):
     d_e = w_down.shape[2]
-    dp = _padded_width(d_e, x.dtype)
-    w_gu = _padded_gate_up(w_gate, w_up, dp)                                      # (E, 2 dp, d)
-    w_dn = F.pad(w_down, (0, dp - d_e))                                           # (E, d, dp)
-    gu = torch.cat([F.pad(gu[:, :d_e], (0, dp - d_e)), F.pad(gu[:, d_e:], (0, dp - d_e))], dim=1)
-    grad_h = torch._grouped_mm(grad_y, w_dn, offs=offs)                           # (N, dp)
+    dp = _aligned_width(d_e, x.dtype)
+    if dp != d_e:
+        w_gu, w_down = _pad_halves(w_gu, d_e, dp, 1), F.pad(w_down, (0, dp - d_e))
+        gu = _pad_halves(gu, d_e, dp, 1)
+    grad_h = torch._grouped_mm(grad_y, w_down, offs=offs)                         # (N, dp)
     h, grad_gu = _swiglu_grads(grad_h, gu)                                        # (N, dp), (N, 2 dp)
     grad_x = torch._grouped_mm(grad_gu, w_gu, offs=offs) if need_x else None      # (N, d)
-    grad_wg = grad_wu = grad_wd = None
+    grad_wgu = grad_wd = None
     if need_w:
         # 2D x 2D with offsets: the groups split the shared N dimension -> one (rows, cols) block per expert.
         grad_wd = torch._grouped_mm(grad_y.t(), h, offs=offs)                     # (E, d, dp)
         grad_wgu = torch._grouped_mm(grad_gu.t(), x, offs=offs)                   # (E, 2 dp, d)
-        empty = (counts == 0).view(-1, 1, 1)  # an expert without rows must get exactly zero, on the device
-        grad_wd = grad_wd.masked_fill(empty, 0)[:, :, :d_e].contiguous()
-        grad_wgu = grad_wgu.masked_fill(empty, 0)
-        grad_wg, grad_wu = grad_wgu[:, :d_e].contiguous(), grad_wgu[:, dp:dp + d_e].contiguous()
-    return grad_x, grad_wg, grad_wu, grad_wd
-
-
-_grouped_ok = {}  # (device type, dtype, d, d_e) -> bool, filled by _probe_grouped_mm
-
-
-def _probe_grouped_mm(device, dtype, d, d_e) -> bool:
-    """Run both paths once on a small uneven routing (with an empty expert) and compare."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    counts = torch.tensor([5, 0, 16, 11], device=device)
-    E, N = counts.numel(), int(counts.sum())
-    x = torch.randn(N, d, generator=gen).to(device, dtype)
-    w_gu = (torch.randn(E, 2 * d_e, d, generator=gen) / d ** 0.5).to(device, dtype)
-    w_down = (torch.randn(E, d, d_e, generator=gen) / d_e ** 0.5).to(device, dtype)
-    grad_y = torch.randn(N, d, generator=gen).to(device, dtype)
-    try:
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        y1, gu1 = _forward_grouped(x, offs, w_gu[:, :d_e], w_gu[:, d_e:], w_down)
-        g1 = _backward_grouped(grad_y, x, offs, counts, gu1, w_gu[:, :d_e], w_gu[:, d_e:], w_down, True, True)
-    except (RuntimeError, NotImplementedError):
-        return False
-    bounds = expert_bounds(counts)
-    y0, gu0 = _forward_loop(x, bounds, w_gu[:, :d_e], w_gu[:, d_e:], w_down)
-    g0 = _backward_loop(grad_y, x, bounds, gu0, w_gu[:, :d_e], w_gu[:, d_e:], w_down, True, True)
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
-    return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol) for a, b in zip((y1, *g1), (y0, *g0)))
-
-
-def _key(x, d_e):
-    return (x.device.type, x.dtype, x.shape[1], d_e)
-
-
-def use_grouped_mm(x: Tensor, d_e: int) -> bool:
-    """Whether this call goes through torch._grouped_mm (see the module docstring)."""
-    forced = os.environ.get("LLAMA_MOE_GROUPED_MM", "").strip()
-    if forced == "0" or not hasattr(torch, "_grouped_mm"):
-        return False
-    if forced != "1" and x.device.type != "cuda":
-        return False
-    key = _key(x, d_e)
-    if key not in _grouped_ok:
-        _grouped_ok[key] = _probe_grouped_mm(x.device, x.dtype, x.shape[1], d_e)
-    return _grouped_ok[key]
+        empty = (tokens_per_expert == 0).view(-1, 1, 1)  # an expert without rows gets exactly zero, on the device
+        grad_wd.masked_fill_(empty, 0)
+        grad_wgu.masked_fill_(empty, 0)
+        if dp != d_e:
+            grad_wd, grad_wgu = grad_wd[:, :, :d_e].contiguous(), _unpad_halves(grad_wgu, d_e, dp, 1)
+    return grad_x, grad_wgu, grad_wd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,59 +211,50 @@ def use_grouped_mm(x: Tensor, d_e: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("llama_moe::grouped_swiglu", mutates_args=())
-def _grouped_swiglu_op(x: Tensor, counts: Tensor, w_gate: Tensor, w_up: Tensor,
-                       w_down: Tensor) -> tuple[Tensor, Tensor]:
-    if use_grouped_mm(x, w_down.shape[2]):
-        try:
-            return _forward_grouped(x, torch.cumsum(counts, 0, dtype=torch.int32), w_gate, w_up, w_down)
-        except RuntimeError:
-            _grouped_ok[_key(x, w_down.shape[2])] = False  # a shape the probe did not cover: loop from now on
-    bounds = expert_bounds(counts)
-    if bounds[-1] != x.shape[0]:
-        raise ValueError(f"grouped_swiglu: counts sum to {bounds[-1]} but x_perm has {x.shape[0]} rows.")
-    ext = cpu_extension() if x.device.type == "cpu" else None
-    if ext is not None:
-        return ext.experts_forward(x, bounds, w_gate, w_up, w_down)
-    return _forward_loop(x, bounds, w_gate, w_up, w_down)
+def _grouped_swiglu_op(x: Tensor, tokens_per_expert: Tensor, w_gu: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor]:
+    path = _last_path["forward"] = expert_path(x.device, x.dtype)
+    if path == "grouped_mm":
+        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        return _forward_grouped(x, offs, w_gu, w_down)
+    bounds = expert_bounds(tokens_per_expert)
+    if bounds[-1] != x.shape[0]:  # the loop paths have the bounds on the host anyway: a free check
+        raise ValueError(f"grouped_swiglu: tokens_per_expert sum to {bounds[-1]} but x_perm has {x.shape[0]} rows.")
+    if path == "cpu_extension":
+        return cpu_extension().experts_forward(x, bounds, w_gu, w_down)
+    return _forward_loop(x, bounds, w_gu, w_down)
 
 
 @_grouped_swiglu_op.register_fake
-def _(x, counts, w_gate, w_up, w_down):
+def _(x, tokens_per_expert, w_gu, w_down):
     return x.new_empty(x.shape[0], w_down.shape[1]), x.new_empty(x.shape[0], 2 * w_down.shape[2])
 
 
 @torch.library.custom_op("llama_moe::grouped_swiglu_backward", mutates_args=())
-def _grouped_swiglu_backward_op(grad_y: Tensor, x: Tensor, counts: Tensor, gu: Tensor, w_gate: Tensor,
-                                w_up: Tensor, w_down: Tensor, need_x: bool,
-                                need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = None
-    if use_grouped_mm(x, w_down.shape[2]):
-        try:
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            grads = _backward_grouped(grad_y, x, offs, counts, gu, w_gate, w_up, w_down, need_x, need_w)
-        except RuntimeError:
-            _grouped_ok[_key(x, w_down.shape[2])] = False
-    if grads is None:
-        bounds = expert_bounds(counts)
-        ext = cpu_extension() if x.device.type == "cpu" else None
-        if ext is not None:
-            grads = ext.experts_backward(grad_y, x, bounds, gu.contiguous(), w_gate, w_up, w_down, need_x, need_w)
-        else:
-            grads = _backward_loop(grad_y, x, bounds, gu, w_gate, w_up, w_down, need_x, need_w)
+def _grouped_swiglu_backward_op(grad_y: Tensor, x: Tensor, tokens_per_expert: Tensor, gu: Tensor, w_gu: Tensor,
+                                w_down: Tensor, need_x: bool, need_w: bool) -> tuple[Tensor, Tensor, Tensor]:
+    path = _last_path["backward"] = expert_path(x.device, x.dtype)
+    if path == "grouped_mm":
+        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        grads = _backward_grouped(grad_y, x, offs, tokens_per_expert, gu, w_gu, w_down, need_x, need_w)
+    elif path == "cpu_extension":
+        grads = cpu_extension().experts_backward(grad_y, x, expert_bounds(tokens_per_expert), gu.contiguous(),
+                                                 w_gu, w_down, need_x, need_w)
+    else:
+        grads = _backward_loop(grad_y, x, expert_bounds(tokens_per_expert), gu, w_gu, w_down, need_x, need_w)
     # custom ops return tensors, never None: an empty tensor stands for "not needed"
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_grouped_swiglu_backward_op.register_fake
-def _(grad_y, x, counts, gu, w_gate, w_up, w_down, need_x, need_w):
+def _(grad_y, x, tokens_per_expert, gu, w_gu, w_down, need_x, need_w):
     empty = x.new_empty(0)
     return ((torch.empty_like(x) if need_x else empty),
-            *((torch.empty_like(w) if need_w else empty) for w in (w_gate, w_up, w_down)))
+            *((torch.empty_like(w) if need_w else empty) for w in (w_gu, w_down)))
 
 
 def _setup(ctx, inputs, output):
-    x, counts, w_gate, w_up, w_down = inputs
-    ctx.save_for_backward(x, counts, output[1], w_gate, w_up, w_down)
+    x, tokens_per_expert, w_gu, w_down = inputs
+    ctx.save_for_backward(x, tokens_per_expert, output[1], w_gu, w_down)
     # gu is returned only to be saved: no gradient flows into it, and autograd must not fill a zero
     # (N, 2 d_e) gradient for it on every backward (it did, measurably, before these two lines).
     ctx.mark_non_differentiable(output[1])
@@ -257,13 +263,13 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_gu):
     if grad_y is None:  # y did not reach the loss
-        return None, None, None, None, None
-    x, counts, gu, w_gate, w_up, w_down = ctx.saved_tensors
+        return None, None, None, None
+    x, tokens_per_expert, gu, w_gu, w_down = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     need_w = any(ctx.needs_input_grad[2:])
-    gx, gwg, gwu, gwd = _grouped_swiglu_backward_op(grad_y.contiguous(), x, counts, gu, w_gate, w_up, w_down,
-                                                    need_x, need_w)
-    return (gx if need_x else None), None, *((g if need_w else None) for g in (gwg, gwu, gwd))
+    gx, gwgu, gwd = _grouped_swiglu_backward_op(grad_y.contiguous(), x, tokens_per_expert, gu, w_gu, w_down,
+                                                need_x, need_w)
+    return (gx if need_x else None), None, (gwgu if need_w else None), (gwd if need_w else None)
 
 
 _grouped_swiglu_op.register_autograd(_backward, setup_context=_setup)
@@ -275,23 +281,56 @@ for _device in ("cpu", "cuda"):
     torch.library.register_autocast("llama_moe::grouped_swiglu", _device, torch.bfloat16)
 
 
-def grouped_swiglu(x_perm: Tensor, counts: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+# ----------------------------------------------------------------------------------------------
+# Public functions: the one place inputs are validated
+# ----------------------------------------------------------------------------------------------
+
+def grouped_swiglu_fused(x_perm: Tensor, tokens_per_expert: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """Each expert's SwiGLU on its own contiguous rows, with the gate and up weights stored as one tensor.
+
+    x_perm (N, d) grouped by expert (from permute), tokens_per_expert (E,) (sum N),
+    w_gate_up (E, 2 d_e, d) = [W_gate; W_up] along dim 1, w_down (E, d, d_e) -> (N, d).
+    Differentiable in x and the weights.
+    """
+    if x_perm.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[1] % 2:
+        raise ValueError(f"grouped_swiglu: need x (N, d), w_gate_up (E, 2 d_e, d), w_down (E, d, d_e); got "
+                         f"{tuple(x_perm.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}.")
+    E, d_e, d = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
+    if x_perm.shape[1] != d or tuple(w_down.shape) != (E, d, d_e) or tokens_per_expert.shape != (E,):
+        raise ValueError(f"grouped_swiglu: shapes disagree: x {tuple(x_perm.shape)}, w_gate_up "
+                         f"{tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)} (want ({E}, {d}, {d_e})), "
+                         f"tokens_per_expert {tuple(tokens_per_expert.shape)} (want ({E},)).")
+    if not (x_perm.dtype == w_gate_up.dtype == w_down.dtype):
+        raise ValueError(f"grouped_swiglu: x and weights must share a dtype; got {x_perm.dtype}, "
+                         f"{w_gate_up.dtype}, {w_down.dtype}.")
+    if not (x_perm.device == w_gate_up.device == w_down.device == tokens_per_expert.device):
+        raise ValueError(f"grouped_swiglu: x ({x_perm.device}), the weights ({w_gate_up.device}, {w_down.device}) "
+                         f"and tokens_per_expert ({tokens_per_expert.device}) must be on one device.")
+    if tokens_per_expert.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"grouped_swiglu: tokens_per_expert must be int32/int64, got {tokens_per_expert.dtype}.")
+    if checking_values() and not made_by_permute(tokens_per_expert):
+        # counts from elsewhere: read them once here (a host sync), so the grouped path need not
+        _check_in_range(tokens_per_expert, x_perm.shape[0] + 1, "grouped_swiglu: tokens_per_expert")
+        total = int(tokens_per_expert.sum())
+        if total != x_perm.shape[0]:
+            raise ValueError(f"grouped_swiglu: tokens_per_expert sum to {total} but x_perm has "
+                             f"{x_perm.shape[0]} rows.")
+    y, _gu = _grouped_swiglu_op(x_perm.contiguous(), tokens_per_expert, w_gate_up.contiguous(), w_down.contiguous())
+    return y
+
+
+def grouped_swiglu(x_perm: Tensor, tokens_per_expert: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """Each expert's SwiGLU on its own contiguous rows.
 
-    x_perm (N, d) grouped by expert (from permute), counts (E,) rows per expert (sum N),
+    x_perm (N, d) grouped by expert (from permute), tokens_per_expert (E,) rows per expert (sum N),
     w_gate (E, d_e, d), w_up (E, d_e, d), w_down (E, d, d_e) -> (N, d). Differentiable in x and weights.
+    Stacks w_gate and w_up into one (E, 2 d_e, d) tensor (one copy per forward); models that store that
+    tensor call grouped_swiglu_fused and copy nothing.
     """
-    if x_perm.dim() != 2 or w_gate.dim() != 3 or w_up.shape != w_gate.shape or w_down.dim() != 3:
-        raise ValueError(f"grouped_swiglu: need x (N, d), w_gate/w_up (E, d_e, d), w_down (E, d, d_e); got "
-                         f"{tuple(x_perm.shape)}, {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}.")
-    E, d_e, d = w_gate.shape
-    if x_perm.shape[1] != d or tuple(w_down.shape) != (E, d, d_e) or counts.shape != (E,):
-        raise ValueError(f"grouped_swiglu: shapes disagree: x {tuple(x_perm.shape)}, w_gate {tuple(w_gate.shape)}, "
-                         f"w_down {tuple(w_down.shape)} (want ({E}, {d}, {d_e})), counts {tuple(counts.shape)} "
-                         f"(want ({E},)).")
-    if not (x_perm.dtype == w_gate.dtype == w_up.dtype == w_down.dtype):
+    if w_gate.dim() != 3 or w_up.shape != w_gate.shape:
+        raise ValueError(f"grouped_swiglu: need w_gate and w_up of one shape (E, d_e, d); got "
+                         f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}.")
+    if w_gate.dtype != w_up.dtype:
         raise ValueError(f"grouped_swiglu: x and weights must share a dtype; got {x_perm.dtype}, {w_gate.dtype}, "
                          f"{w_up.dtype}, {w_down.dtype}.")
-    y, _gu = _grouped_swiglu_op(x_perm.contiguous(), counts, w_gate.contiguous(), w_up.contiguous(),
-                                w_down.contiguous())
-    return y
+    return grouped_swiglu_fused(x_perm, tokens_per_expert, torch.cat([w_gate, w_up], dim=1), w_down)

@@ -1,9 +1,10 @@
 // CPU kernels for kernels/experts.py: the expert SwiGLU over contiguous row slices, forward and backward.
 //
-// The math is the one in experts.py (its Python loop path is the readable version of this file):
-//   forward   GU = [X W_gate^T | X W_up^T],  H = silu(G) * U,  Y = H W_down^T          (per expert)
-//   backward  dH = dY W_down,  dU = dH silu(G),  dG = dH U silu'(G),  dX = dG W_gate + dU W_up,
-//             dW_down = dY^T H,  dW_gate = dG^T X,  dW_up = dU^T X
+// The math is the one in experts.py (its Python loop path is the readable version of this file), with
+// W_gu = [W_gate; W_up] (E, 2 d_e, d), the gate and up projections stacked along the output rows:
+//   forward   GU = X W_gu^T = [G | U],  H = silu(G) * U,  Y = H W_down^T              (per expert)
+//   backward  dH = dY W_down,  dU = dH silu(G),  dG = dH U silu'(G),  dX = [dG | dU] W_gu,
+//             dW_down = dY^T H,  dW_gu = [dG | dU]^T X
 // Why C++ for what is mostly matmuls: how the work meets the threads. A Python loop runs each expert's
 // small matmul on all threads in turn, and every matmul and every elementwise op is one fork/join of
 // the thread pool. On the 2-core box shared with busy neighbours each join can wait a whole scheduler
@@ -80,14 +81,36 @@ int64_t padded_width(int64_t d_e, const at::Tensor& like) {
   return (d_e + m - 1) / m * m;
 }
 
-// [W_gate; W_up] with each half padded to dp rows: (E, 2 dp, d)
-at::Tensor padded_gate_up(const at::Tensor& w_gate, const at::Tensor& w_up, int64_t dp) {
-  const int64_t E = w_gate.size(0), d_e = w_gate.size(1), d = w_gate.size(2);
-  auto w = at::empty({E, 2 * dp, d}, w_gate.options());
-  w.narrow(1, 0, d_e).copy_(w_gate);
-  w.narrow(1, dp, d_e).copy_(w_up);
-  if (dp > d_e) w.narrow(1, d_e, dp - d_e).zero_(), w.narrow(1, dp + d_e, dp - d_e).zero_();
+// W_gu = [W_gate; W_up] (E, 2 d_e, d) with each half padded to dp rows: (E, 2 dp, d). No copy when
+// d_e is already a multiple (then this is W_gu itself).
+at::Tensor padded_gate_up(const at::Tensor& w_gu, int64_t dp) {
+  const int64_t E = w_gu.size(0), d_e = w_gu.size(1) / 2, d = w_gu.size(2);
+  if (dp == d_e) return w_gu;
+  auto w = at::empty({E, 2 * dp, d}, w_gu.options());
+  w.narrow(1, 0, d_e).copy_(w_gu.narrow(1, 0, d_e));
+  w.narrow(1, dp, d_e).copy_(w_gu.narrow(1, d_e, d_e));
+  w.narrow(1, d_e, dp - d_e).zero_(), w.narrow(1, dp + d_e, dp - d_e).zero_();
   return w;
+}
+
+// experts_forward / experts_backward: CPU tensors of one float dtype, x (N, d), w_gu (E, 2 d_e, d),
+// w_down (E, d, d_e), bounds [0, ..., N] (E + 1 entries, non-decreasing).
+void check_args(const char* op, const at::Tensor& x, at::IntArrayRef bounds, const at::Tensor& w_gu,
+                const at::Tensor& w_down) {
+  for (const auto* t : {&x, &w_gu, &w_down}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ", t->device());
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type(), op,
+                ": x and the weights must be contiguous and share a dtype");
+  }
+  TORCH_CHECK(x.dim() == 2 && w_gu.dim() == 3 && w_down.dim() == 3 && w_gu.size(1) % 2 == 0, op,
+              ": need x (N, d), w_gate_up (E, 2 d_e, d), w_down (E, d, d_e)");
+  const int64_t E = w_gu.size(0), d_e = w_gu.size(1) / 2, d = x.size(1);
+  TORCH_CHECK(w_gu.size(2) == d && w_down.size(0) == E && w_down.size(1) == d && w_down.size(2) == d_e, op,
+              ": shapes disagree: x ", x.sizes(), ", w_gate_up ", w_gu.sizes(), ", w_down ", w_down.sizes());
+  TORCH_CHECK(static_cast<int64_t>(bounds.size()) == E + 1 && bounds.front() == 0 && bounds.back() == x.size(0),
+              op, ": bounds must be [0, ..., N] with E + 1 entries");
+  for (size_t e = 0; e + 1 < bounds.size(); ++e)
+    TORCH_CHECK(bounds[e] <= bounds[e + 1], op, ": bounds must be non-decreasing (token counts >= 0)");
 }
 
 // W_down padded to dp columns: (E, d, dp)
@@ -104,17 +127,13 @@ at::Tensor padded_down(const at::Tensor& w_down, int64_t dp) {
 // parallel region they run on the calling thread): a plain C++ loop calls a scalar exp per element, which
 // measured slower than the matmul it sits between.
 
-// x (N, d) grouped by expert, bounds [0, ..., N] (E + 1), w_gate / w_up (E, d_e, d), w_down (E, d, d_e)
+// x (N, d) grouped by expert, bounds [0, ..., N] (E + 1), w_gate_up (E, 2 d_e, d), w_down (E, d, d_e)
 // -> y (N, d), gu (N, 2 d_e) (kept by experts.py for the backward)
 std::tuple<at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, at::IntArrayRef bounds,
-                                                   const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                   const at::Tensor& w_down) {
-  TORCH_CHECK(x.is_contiguous() && w_gate.is_contiguous() && w_up.is_contiguous() && w_down.is_contiguous(),
-              "experts_forward: inputs must be contiguous");
-  TORCH_CHECK(static_cast<int64_t>(bounds.size()) == w_gate.size(0) + 1 && bounds.back() == x.size(0),
-              "experts_forward: bounds must be [0, ..., N] with E + 1 entries");
-  const int64_t N = x.size(0), d = x.size(1), d_e = w_gate.size(1), dp = padded_width(d_e, x);
-  const auto w_gu = padded_gate_up(w_gate, w_up, dp);               // (E, 2 dp, d)
+                                                   const at::Tensor& w_gate_up, const at::Tensor& w_down) {
+  check_args("experts_forward", x, bounds, w_gate_up, w_down);
+  const int64_t N = x.size(0), d = x.size(1), d_e = w_down.size(2), dp = padded_width(d_e, x);
+  const auto w_gu = padded_gate_up(w_gate_up, dp);                  // (E, 2 dp, d)
   const auto w_dn = padded_down(w_down, dp);                        // (E, d, dp)
   auto gu = empty_cached({N, 2 * d_e}, x.scalar_type());            // saved for the backward, unpadded
   auto y = empty_cached({N, d}, x.scalar_type());
@@ -134,13 +153,16 @@ std::tuple<at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, at::IntA
   return {y, gu};
 }
 
-// Backward. Returns (grad_x, grad_w_gate, grad_w_up, grad_w_down); unneeded ones are empty tensors.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
+// Backward. Returns (grad_x, grad_w_gate_up, grad_w_down); unneeded ones are empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef bounds, const at::Tensor& gu,
-    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, bool need_x, bool need_w) {
-  TORCH_CHECK(grad_y.is_contiguous() && x.is_contiguous() && gu.is_contiguous(),
-              "experts_backward: inputs must be contiguous");
-  const int64_t N = x.size(0), d = x.size(1), E = w_gate.size(0), d_e = w_gate.size(1);
+    const at::Tensor& w_gate_up, const at::Tensor& w_down, bool need_x, bool need_w) {
+  check_args("experts_backward", x, bounds, w_gate_up, w_down);
+  const int64_t N = x.size(0), d = x.size(1), E = w_down.size(0), d_e = w_down.size(2);
+  for (const auto* t : {&grad_y, &gu})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->dim() == 2 &&
+                t->size(0) == N, "experts_backward: grad_y (N, d) and gu (N, 2 d_e) must be contiguous CPU tensors of x's dtype");
+  TORCH_CHECK(grad_y.size(1) == d && gu.size(1) == 2 * d_e, "experts_backward: grad_y must be (N, d) and gu (N, 2 d_e)");
   const int64_t dp = padded_width(d_e, x);
   const auto opts = x.options();
   const auto w_dn = padded_down(w_down, dp);                        // (E, d, dp)
@@ -167,28 +189,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     if (dp > d_e) hb.narrow(1, d_e, dp - d_e).zero_();
     if (need_x) {
       auto dx = grad_x.narrow(0, blk.row0, n);
-      at::mm_out(dx, dg, w_gate[j]);                                      // dG @ W_gate: (n, d_e) @ (d_e, d)
-      dx.addmm_(du, w_up[j]);                                             //  + dU @ W_up
+      at::mm_out(dx, dgu, w_gate_up[j]);                                  // [dG | dU] @ W_gu: (n, 2 d_e) @ (2 d_e, d)
     }
   });
-  if (!need_w) return {grad_x, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+  if (!need_w) return {grad_x, at::empty({0}, opts), at::empty({0}, opts)};
 
   // Phase 2, the weight gradients: each sums over all rows of its expert, so the work is cut by output
   // rows instead (rows of dW depend on the matching rows of the left factor only).
-  auto grad_wg = at::empty({E, d_e, d}, opts), grad_wu = at::empty({E, d_e, d}, opts);
+  auto grad_wgu = at::empty({E, 2 * d_e, d}, opts);
   auto grad_wd = at::empty({E, d, dp}, opts);  // dp wide like h; the padding is cut off at the end
   struct Product { at::Tensor out, left, right; };
   std::vector<Product> products;
   for (int64_t j = 0; j < E; ++j) {
     const int64_t r0 = bounds[j], n = bounds[j + 1] - bounds[j];
     if (n == 0) {  // an expert without tokens: exactly zero gradient
-      grad_wg[j].zero_(), grad_wu[j].zero_(), grad_wd[j].zero_();
+      grad_wgu[j].zero_(), grad_wd[j].zero_();
       continue;
     }
     const auto dgu = grad_gu.narrow(0, r0, n), xj = x.narrow(0, r0, n);
     products.push_back({grad_wd[j], grad_y.narrow(0, r0, n).t(), h.narrow(0, r0, n)});  // (d, n) @ (n, dp)
-    products.push_back({grad_wg[j], dgu.narrow(1, 0, d_e).t(), xj});                    // (d_e, n) @ (n, d)
-    products.push_back({grad_wu[j], dgu.narrow(1, d_e, d_e).t(), xj});
+    products.push_back({grad_wgu[j], dgu.t(), xj});                                     // (2 d_e, n) @ (n, d)
   }
   // Cut each product into pieces of about 1/4 thread's share of the work (at least 32 output rows).
   double total = 0;
@@ -214,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     at::mm_out(out, p.left.narrow(0, piece.row0, piece.row1 - piece.row0), p.right);
   });
   if (dp > d_e) grad_wd = grad_wd.narrow(2, 0, d_e).contiguous();
-  return {grad_x, grad_wg, grad_wu, grad_wd};
+  return {grad_x, grad_wgu, grad_wd};
 }
 
 }  // namespace

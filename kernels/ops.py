@@ -4,18 +4,23 @@ Three backends implement the same three functions (see kernels/reference.py for 
     "cuda"       kernels/permute_cuda.cu  (CUDA tensors; built only when torch.cuda.is_available())
     "cpu"        kernels/permute_cpu.cpp  (CPU tensors; with experts_cpu.cpp for grouped_swiglu)
     "reference"  kernels/reference.py     (plain torch, any device; also the fallback)
-Extensions are compiled on first use with torch.utils.cpp_extension.load into a cache folder
-($LLAMA_MOE_KERNEL_CACHE, default ~/.cache/llama_moe_kernels/torch-<version>), so later runs only load
-the .so. A build that fails prints one warning and the reference takes over.
-LLAMA_MOE_KERNELS=cuda|cpu|reference forces a backend (and then a failing build is an error).
+LLAMA_MOE_KERNELS=cuda|cpu|reference forces a backend. How the extensions are built and cached is in the
+performance appendix at the end of this file.
 
 Why custom ops (torch.library.custom_op) rather than plain Python functions: torch.compile can then
 trace a model through them as single opaque nodes (register_fake tells it the output shapes), and
 autograd uses the formulas of SPEC §7 below instead of differentiating through index ops.
+
+Validation happens once, in the public functions at the bottom: shapes, dtypes and devices always (free),
+values (expert ids in range, a row_map that really indexes y_perm) only where they come from outside.
+A row_map or tokens_per_expert that permute itself returned is known to be valid and is not read again:
+reading values of a GPU tensor is a host sync, which stalls the GPU's queue and breaks CUDA-graph capture.
+Under torch.compile and during CUDA-graph capture the value checks are skipped altogether.
 """
 import hashlib
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -24,15 +29,205 @@ from torch import Tensor
 
 from kernels import reference
 
-HERE = Path(__file__).resolve().parent
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_permute_args(x, expert_ids, num_experts):
+    if not isinstance(x, Tensor) or not isinstance(expert_ids, Tensor):
+        raise ValueError("permute(x, expert_ids, num_experts): x and expert_ids must be tensors.")
+    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"permute: x must be a (T, d) float tensor (fp32/fp64/bf16/fp16); got shape "
+                         f"{tuple(x.shape)} dtype {x.dtype}. Flatten (B, S, d) to (B*S, d) first.")
+    if expert_ids.dim() != 2 or expert_ids.dtype not in ID_DTYPES:
+        raise ValueError(f"permute: expert_ids must be a (T, k) int32/int64 tensor (the gate's top-k indices); "
+                         f"got shape {tuple(expert_ids.shape)} dtype {expert_ids.dtype}.")
+    if expert_ids.shape[1] < 1:
+        raise ValueError(f"permute: expert_ids has shape {tuple(expert_ids.shape)}: every token needs k >= 1 "
+                         "experts (top_k = 0 would route nothing).")
+    if expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"permute: x has {x.shape[0]} tokens but expert_ids has {expert_ids.shape[0]} rows.")
+    if expert_ids.device != x.device:
+        raise ValueError(f"permute: x is on {x.device} but expert_ids on {expert_ids.device}; move both to one device.")
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"permute: num_experts must be a positive int, got {num_experts!r}.")
+
+
+def _check_unpermute_args(y_perm, row_map, scores):
+    if not isinstance(y_perm, Tensor) or y_perm.dim() != 2 or y_perm.dtype not in FLOAT_DTYPES:
+        raise ValueError("unpermute: y_perm must be a (T*k, d) float tensor (fp32/fp64/bf16/fp16).")
+    if not isinstance(row_map, Tensor) or row_map.dim() != 1 or row_map.dtype != torch.int64:
+        raise ValueError("unpermute: row_map must be the (T*k,) int64 tensor returned by permute.")
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.dtype not in FLOAT_DTYPES:
+        raise ValueError("unpermute: scores must be a (T, k) float tensor (the gate's scores).")
+    if scores.shape[1] < 1:
+        raise ValueError(f"unpermute: scores has shape {tuple(scores.shape)}: k must be >= 1 (with k = 0 the "
+                         "number of tokens T cannot be recovered from row_map, and no expert output exists).")
+    if not (y_perm.shape[0] == row_map.shape[0] == scores.shape[0] * scores.shape[1]):
+        raise ValueError(f"unpermute: shapes disagree: y_perm {tuple(y_perm.shape)}, row_map {tuple(row_map.shape)}, "
+                         f"scores {tuple(scores.shape)}; need y_perm rows == row_map length == T*k.")
+    if not (y_perm.device == row_map.device == scores.device):
+        raise ValueError(f"unpermute: y_perm ({y_perm.device}), row_map ({row_map.device}) and scores "
+                         f"({scores.device}) must be on the same device.")
+
+
+def checking_values() -> bool:
+    """Whether the public functions read tensor values to validate them: not while torch.compile traces
+    (there are no values then) and not while a CUDA graph is captured (a host sync would break it)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_in_range(ids: Tensor, upper: int, what: str):
+    """Raise ValueError unless 0 <= ids < upper. An out-of-range id would make the kernels read or write
+    outside their buffers (a crash, or on a GPU a dead CUDA context), so it is caught here first."""
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)  # one pass; on a GPU, one host sync
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{what} must lie in [0, {upper}); found values from {lo} to {hi}.")
+
+
+# Tensors permute returned (row_map, tokens_per_expert), remembered by identity while they live: their
+# values are valid by construction, so unpermute and grouped_swiglu need not read them again.
+_made_by_permute = {}  # id(tensor) -> weakref to it
+
+
+def _remember(t: Tensor):
+    key = id(t)
+    _made_by_permute[key] = weakref.ref(t, lambda _ref, key=key: _made_by_permute.pop(key, None))
+
+
+def made_by_permute(t: Tensor) -> bool:
+    ref = _made_by_permute.get(id(t))
+    return ref is not None and ref() is t
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops (arguments checked and contiguous by now)
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("llama_moe::permute", mutates_args=())
+def _permute_op(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _impl(x.device).permute_fwd(x, expert_ids, num_experts)
+
+
+@_permute_op.register_fake
+def _(x, expert_ids, num_experts):
+    P = expert_ids.shape[0] * expert_ids.shape[1]
+    return (x.new_empty(P, x.shape[1]), x.new_empty(P, dtype=torch.int64),
+            x.new_empty(num_experts, dtype=torch.int64))
+
+
+@torch.library.custom_op("llama_moe::unpermute", mutates_args=())
+def _unpermute_op(y_perm: Tensor, row_map: Tensor, scores: Optional[Tensor], top_k: int) -> Tensor:
+    return _impl(y_perm.device).unpermute_fwd(y_perm, row_map, scores, top_k)
+
+
+@_unpermute_op.register_fake
+def _(y_perm, row_map, scores, top_k):
+    return y_perm.new_empty(row_map.shape[0] // top_k, y_perm.shape[1])
+
+
+@torch.library.custom_op("llama_moe::unpermute_backward", mutates_args=())
+def _unpermute_backward_op(grad_out: Tensor, y_perm: Tensor, row_map: Tensor, scores: Optional[Tensor],
+                           top_k: int, need_y: bool, need_scores: bool) -> tuple[Tensor, Tensor]:
+    return _impl(y_perm.device).unpermute_bwd(grad_out, y_perm, row_map, scores, top_k, need_y, need_scores)
+
+
+@_unpermute_backward_op.register_fake
+def _(grad_out, y_perm, row_map, scores, top_k, need_y, need_scores):
+    grad_y = torch.empty_like(y_perm) if need_y else y_perm.new_empty(0)
+    ref = y_perm if scores is None else scores
+    grad_scores = torch.empty_like(scores) if (need_scores and scores is not None) else ref.new_empty(0)
+    return grad_y, grad_scores
+
+
+# Autograd (SPEC §7). permute: x_perm[row_map[p]] = x[p // k], so dL/dx[t] = sum_j dL/dx_perm[row_map[t*k+j]],
+# which is unpermute with all scores 1. unpermute: see reference.unpermute_bwd.
+
+def _permute_setup(ctx, inputs, output):
+    _, expert_ids, _ = inputs
+    _, row_map, _ = output
+    ctx.save_for_backward(row_map)
+    ctx.top_k = expert_ids.shape[1]
+
+
+def _permute_backward(ctx, grad_x_perm, _grad_row_map, _grad_counts):
+    (row_map,) = ctx.saved_tensors
+    grad_x = _unpermute_op(grad_x_perm.contiguous(), row_map, None, ctx.top_k)  # (P, d) -> (T, d)
+    return grad_x, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y_perm, row_map, scores, top_k = inputs
+    ctx.save_for_backward(y_perm, row_map, scores)
+    ctx.top_k = top_k
+
+
+def _unpermute_backward(ctx, grad_out):
+    y_perm, row_map, scores = ctx.saved_tensors
+    need_y, _, need_scores, _ = ctx.needs_input_grad
+    grad_y, grad_scores = _unpermute_backward_op(grad_out.contiguous(), y_perm, row_map, scores, ctx.top_k,
+                                                 need_y, need_scores and scores is not None)
+    return (grad_y if need_y else None), None, (grad_scores if need_scores else None), None
+
+
+_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions (`from kernels import permute, unpermute`): the one place inputs are validated
+# ----------------------------------------------------------------------------------------------
+
+def permute(x: Tensor, expert_ids: Tensor, num_experts: int):
+    """Group token rows by expert.
+
+    x (T, d), expert_ids (T, k) int32|int64, k >= 1
+      -> x_perm (T*k, d), row_map (T*k,) int64, tokens_per_expert (E,) int64.
+    Pair p = t*k + j. Rows of x_perm are grouped by expert ascending, token order kept inside an expert;
+    x_perm[row_map[p]] = x[p // k]; expert e owns rows tokens_per_expert[:e].sum() ... [:e+1].sum() - 1.
+    """
+    _check_permute_args(x, expert_ids, num_experts)
+    checking = checking_values()
+    if checking:
+        _check_in_range(expert_ids, num_experts, "permute: expert_ids")
+    x_perm, row_map, tokens_per_expert = _permute_op(x.contiguous(), expert_ids.contiguous(), num_experts)
+    if checking:
+        _remember(row_map), _remember(tokens_per_expert)
+    return x_perm, row_map, tokens_per_expert
+
+
+def unpermute(y_perm: Tensor, row_map: Tensor, scores: Tensor) -> Tensor:
+    """Scatter expert outputs back to tokens: out[t] = sum_j scores[t, j] * y_perm[row_map[t*k + j]].
+
+    y_perm (T*k, d), row_map (T*k,) from permute, scores (T, k), k >= 1 -> (T, d) in y_perm's dtype.
+    """
+    _check_unpermute_args(y_perm, row_map, scores)
+    if checking_values() and not made_by_permute(row_map):
+        _check_in_range(row_map, y_perm.shape[0], "unpermute: row_map")
+    return _unpermute_op(y_perm.contiguous(), row_map.contiguous(), scores.contiguous(), scores.shape[1])
+
+
+# ==============================================================================================
+# Performance appendix: building the C++/CUDA extensions and choosing a backend
+#
+# Extensions are compiled on first use with torch.utils.cpp_extension.load into a cache folder
+# ($LLAMA_MOE_KERNEL_CACHE, default ~/.cache/llama_moe_kernels/torch-<version>), so later runs only load
+# the .so. A build that fails prints one warning and the reference takes over; when LLAMA_MOE_KERNELS
+# names the backend, a failing build is an error instead.
+# ==============================================================================================
+
+HERE = Path(__file__).resolve().parent
 BACKENDS = ("cuda", "cpu", "reference")
-
-# ----------------------------------------------------------------------------------------------
-# Building and choosing a backend
-# ----------------------------------------------------------------------------------------------
-
 _built = {}         # backend name -> torch.ops namespace of the loaded extension; None = cannot be had
 _build_errors = {}  # backend name -> why not
 
@@ -131,151 +326,3 @@ def cpu_extension():
         return None
     return _get_backend("cpu", forced=forced == "cpu")
 
-
-# ----------------------------------------------------------------------------------------------
-# Input checks: shapes and dtypes here (cheap, and fine under torch.compile's fake tensors);
-# values (ids in range) inside the ops, where the real numbers are known.
-# ----------------------------------------------------------------------------------------------
-
-def _check_permute_args(x, expert_ids, num_experts):
-    if not isinstance(x, Tensor) or not isinstance(expert_ids, Tensor):
-        raise ValueError("permute(x, expert_ids, num_experts): x and expert_ids must be tensors.")
-    if x.dim() != 2 or x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"permute: x must be a (T, d) float tensor (fp32/fp64/bf16/fp16); got shape "
-                         f"{tuple(x.shape)} dtype {x.dtype}. Flatten (B, S, d) to (B*S, d) first.")
-    if expert_ids.dim() != 2 or expert_ids.dtype not in ID_DTYPES:
-        raise ValueError(f"permute: expert_ids must be a (T, k) int32/int64 tensor (the gate's top-k indices); "
-                         f"got shape {tuple(expert_ids.shape)} dtype {expert_ids.dtype}.")
-    if expert_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"permute: x has {x.shape[0]} tokens but expert_ids has {expert_ids.shape[0]} rows.")
-    if expert_ids.device != x.device:
-        raise ValueError(f"permute: x is on {x.device} but expert_ids on {expert_ids.device}.")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"permute: num_experts must be a positive int, got {num_experts!r}.")
-
-
-def _check_unpermute_args(y_perm, row_map, scores):
-    if not isinstance(y_perm, Tensor) or y_perm.dim() != 2 or y_perm.dtype not in FLOAT_DTYPES:
-        raise ValueError("unpermute: y_perm must be a (T*k, d) float tensor (fp32/fp64/bf16/fp16).")
-    if not isinstance(row_map, Tensor) or row_map.dim() != 1 or row_map.dtype != torch.int64:
-        raise ValueError("unpermute: row_map must be the (T*k,) int64 tensor returned by permute.")
-    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.dtype not in FLOAT_DTYPES:
-        raise ValueError("unpermute: scores must be a (T, k) float tensor (the gate's scores).")
-    if not (y_perm.shape[0] == row_map.shape[0] == scores.shape[0] * scores.shape[1]):
-        raise ValueError(f"unpermute: shapes disagree: y_perm {tuple(y_perm.shape)}, row_map {tuple(row_map.shape)}, "
-                         f"scores {tuple(scores.shape)}; need y_perm rows == row_map length == T*k.")
-    if not (y_perm.device == row_map.device == scores.device):
-        raise ValueError("unpermute: y_perm, row_map and scores must be on the same device.")
-
-
-def _check_in_range(ids: Tensor, upper: int, what: str):
-    """Raise ValueError unless 0 <= ids < upper. An out-of-range id would make the kernels read or write
-    outside their buffers (a crash, or on a GPU a dead CUDA context), so it is caught here first."""
-    if ids.numel() == 0:
-        return
-    lo, hi = torch.aminmax(ids)  # one pass; on a GPU this is the op's single host sync
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"{what} must lie in [0, {upper}); found values from {lo} to {hi}.")
-
-
-# ----------------------------------------------------------------------------------------------
-# The custom ops
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("llama_moe::permute", mutates_args=())
-def _permute_op(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    _check_in_range(expert_ids, num_experts, "permute: expert_ids")
-    return _impl(x.device).permute_fwd(x, expert_ids, num_experts)
-
-
-@_permute_op.register_fake
-def _(x, expert_ids, num_experts):
-    P = expert_ids.shape[0] * expert_ids.shape[1]
-    return (x.new_empty(P, x.shape[1]), x.new_empty(P, dtype=torch.int64),
-            x.new_empty(num_experts, dtype=torch.int64))
-
-
-@torch.library.custom_op("llama_moe::unpermute", mutates_args=())
-def _unpermute_op(y_perm: Tensor, row_map: Tensor, scores: Optional[Tensor], top_k: int) -> Tensor:
-    _check_in_range(row_map, y_perm.shape[0], "unpermute: row_map")
-    return _impl(y_perm.device).unpermute_fwd(y_perm, row_map, scores, top_k)
-
-
-@_unpermute_op.register_fake
-def _(y_perm, row_map, scores, top_k):
-    return y_perm.new_empty(row_map.shape[0] // top_k, y_perm.shape[1])
-
-
-@torch.library.custom_op("llama_moe::unpermute_backward", mutates_args=())
-def _unpermute_backward_op(grad_out: Tensor, y_perm: Tensor, row_map: Tensor, scores: Optional[Tensor],
-                           top_k: int, need_y: bool, need_scores: bool) -> tuple[Tensor, Tensor]:
-    return _impl(y_perm.device).unpermute_bwd(grad_out, y_perm, row_map, scores, top_k, need_y, need_scores)
-
-
-@_unpermute_backward_op.register_fake
-def _(grad_out, y_perm, row_map, scores, top_k, need_y, need_scores):
-    grad_y = torch.empty_like(y_perm) if need_y else y_perm.new_empty(0)
-    ref = y_perm if scores is None else scores
-    grad_scores = torch.empty_like(scores) if (need_scores and scores is not None) else ref.new_empty(0)
-    return grad_y, grad_scores
-
-
-# Autograd (SPEC §7). permute: x_perm[row_map[p]] = x[p // k], so dL/dx[t] = sum_j dL/dx_perm[row_map[t*k+j]],
-# which is unpermute with all scores 1. unpermute: see reference.unpermute_bwd.
-
-def _permute_setup(ctx, inputs, output):
-    _, expert_ids, _ = inputs
-    _, row_map, _ = output
-    ctx.save_for_backward(row_map)
-    ctx.top_k = expert_ids.shape[1]
-
-
-def _permute_backward(ctx, grad_x_perm, _grad_row_map, _grad_counts):
-    (row_map,) = ctx.saved_tensors
-    grad_x = _unpermute_op(grad_x_perm.contiguous(), row_map, None, ctx.top_k)  # (P, d) -> (T, d)
-    return grad_x, None, None
-
-
-_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
-
-
-def _unpermute_setup(ctx, inputs, output):
-    y_perm, row_map, scores, top_k = inputs
-    ctx.save_for_backward(y_perm, row_map, scores)
-    ctx.top_k = top_k
-
-
-def _unpermute_backward(ctx, grad_out):
-    y_perm, row_map, scores = ctx.saved_tensors
-    need_y, _, need_scores, _ = ctx.needs_input_grad
-    grad_y, grad_scores = _unpermute_backward_op(grad_out.contiguous(), y_perm, row_map, scores, ctx.top_k,
-                                                 need_y, need_scores and scores is not None)
-    return (grad_y if need_y else None), None, (grad_scores if need_scores else None), None
-
-
-_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
-
-
-# ----------------------------------------------------------------------------------------------
-# Public functions (the contract: `from kernels import permute, unpermute`)
-# ----------------------------------------------------------------------------------------------
-
-def permute(x: Tensor, expert_ids: Tensor, num_experts: int):
-    """Group token rows by expert.
-
-    x (T, d), expert_ids (T, k) int32|int64 -> x_perm (T*k, d), row_map (T*k,) int64, counts (E,) int64.
-    Pair p = t*k + j. Rows of x_perm are grouped by expert ascending, token order kept inside an expert;
-    x_perm[row_map[p]] = x[p // k]; expert e owns rows counts[:e].sum() ... counts[:e+1].sum() - 1.
-    """
-    _check_permute_args(x, expert_ids, num_experts)
-    return _permute_op(x.contiguous(), expert_ids.contiguous(), num_experts)
-
-
-def unpermute(y_perm: Tensor, row_map: Tensor, scores: Tensor) -> Tensor:
-    """Scatter expert outputs back to tokens: out[t] = sum_j scores[t, j] * y_perm[row_map[t*k + j]].
-
-    y_perm (T*k, d), row_map (T*k,) from permute, scores (T, k) -> (T, d) in y_perm's dtype.
-    """
-    _check_unpermute_args(y_perm, row_map, scores)
-    return _unpermute_op(y_perm.contiguous(), row_map.contiguous(), scores.contiguous(), scores.shape[1])

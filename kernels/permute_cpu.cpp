@@ -5,12 +5,15 @@
 //               row copy straight into its grouped position.
 //   unpermute : one pass per token that reads its k rows and writes the weighted sum once.
 // Parallelism is at::parallel_for (torch's own OpenMP pool, so it obeys torch.set_num_threads).
-// It also holds a cache of big buffers (empty_cached) that kernels/experts_cpu.cpp uses as well.
+// Big output buffers come from empty_cached, a small cache of blocks that stay mapped (performance
+// appendix at the end of this file); kernels/experts_cpu.cpp uses it as well.
 //
-// Built just in time by kernels/ops.py; arguments arrive already validated and contiguous there,
-// so the TORCH_CHECKs below are only a last line of defence.
-// Registered with TORCH_LIBRARY (no pybind11: the build is much faster), called from Python as
-// torch.ops.llama_moe_cpu.<name>.
+// Built just in time by kernels/ops.py, which validates arguments with friendly messages; the ops are
+// also reachable directly as torch.ops.llama_moe_cpu.<name>, so every assumption the loops make (CPU
+// tensors, shapes, k >= 1, ids and rows in range) is checked again here with TORCH_CHECK: a bad
+// argument is an error, never a read or write outside a buffer. The value checks are serial passes over
+// the P ids (8 bytes each), small next to the row copies (d * element size bytes each).
+// Registered with TORCH_LIBRARY (no pybind11: the build is much faster).
 
 // Only the headers used (not ATen/ATen.h, which pulls in every operator): halves the build time.
 #include <ATen/Dispatch.h>
@@ -36,81 +39,46 @@
 #endif
 
 namespace llama_moe {
-
-// ---------------------------------------------------------------------------------------------
-// Buffers that stay mapped (also used by experts_cpu.cpp, hence the named namespace).
-// A fresh multi-megabyte CPU tensor is not free: glibc serves it with mmap, and the first write to every
-// 4 KiB page traps into the kernel, which zeroes the page. glibc keeps freed blocks for reuse only below its
-// mmap threshold, which tops out at 32 MiB, and the (T*k, d) row buffers of the MoE layer sit right there
-// (4096 * 4 * 512 fp32 = 32 MiB exactly, plus a header). Measured on the 2-core box: clone() of such a
-// buffer took 3-4x as long as copy_ into an existing one. So the big row buffers (permute's output, the
-// expert activations and the row gradients) come from this small cache of blocks that stay mapped: the CPU
-// counterpart of the CUDA caching allocator. A block returns here when its last tensor dies.
-// ---------------------------------------------------------------------------------------------
-constexpr size_t kMinCachedBytes = size_t(1) << 20;  // smaller: glibc's own free lists already reuse them
-constexpr size_t kBlockRound = size_t(2) << 20;      // sizes rounded up to 2 MiB (one huge page), so near
-                                                     // sizes share a block
-constexpr size_t kMaxIdleBytes = size_t(2) << 30;    // idle blocks beyond 2 GiB go back to the system
-
-struct BlockCache {
-  std::mutex mutex;
-  std::unordered_multimap<size_t, void*> idle;  // bytes -> block
-  size_t idle_bytes = 0;
-};
-
-BlockCache& block_cache() {
-  static auto* cache = new BlockCache();  // never destroyed: tensors may die after static destructors ran
-  return *cache;
-}
-
-void release_block(void* ptr, size_t bytes) {
-  auto& cache = block_cache();
-  {
-    std::lock_guard<std::mutex> lock(cache.mutex);
-    if (cache.idle_bytes + bytes <= kMaxIdleBytes) {
-      cache.idle.emplace(bytes, ptr);
-      cache.idle_bytes += bytes;
-      return;
-    }
-  }
-  std::free(ptr);
-}
-
-// Uninitialised CPU tensor of `sizes`; blocks of 1 MiB and more are recycled through the cache.
-at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
-  const auto options = at::TensorOptions().dtype(dtype);
-  size_t bytes = c10::elementSize(dtype);
-  for (const int64_t s : sizes) bytes *= static_cast<size_t>(s);
-  if (bytes < kMinCachedBytes) return at::empty(sizes, options);
-  bytes = (bytes + kBlockRound - 1) / kBlockRound * kBlockRound;
-  void* ptr = nullptr;
-  {
-    auto& cache = block_cache();
-    std::lock_guard<std::mutex> lock(cache.mutex);
-    const auto it = cache.idle.find(bytes);
-    if (it != cache.idle.end()) {
-      ptr = it->second;
-      cache.idle.erase(it);
-      cache.idle_bytes -= bytes;
-    }
-  }
-  if (ptr == nullptr) {
-    ptr = std::aligned_alloc(kBlockRound, bytes);
-    TORCH_CHECK(ptr != nullptr, "empty_cached: out of memory allocating ", bytes, " bytes");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    // Ask for 2 MiB pages: rows are gathered from all over these buffers, and with 4 KiB pages nearly
-    // every 2 KiB row would be a TLB miss. Only a hint; it is ignored where huge pages are off.
-    madvise(ptr, bytes, MADV_HUGEPAGE);
-#endif
-  }
-  return at::from_blob(ptr, sizes, [bytes](void* p) { release_block(p, bytes); }, options);
-}
-
+// Uninitialised CPU tensor; big blocks are recycled (see the performance appendix at the end of this file).
+at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype);
 }  // namespace llama_moe
 
 namespace {
 
 using llama_moe::empty_cached;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device(),
+              " (kernels/ops.py sends CUDA tensors to the CUDA backend)");
+}
+
+// unpermute_fwd / unpermute_bwd: y_perm (P, d), row_map (P,) int64 with rows in [0, P), scores (T, k) or
+// absent, P = T * top_k.
+void check_unpermute_args(const char* op, const at::Tensor& y_perm, const at::Tensor& row_map,
+                          const std::optional<at::Tensor>& scores, int64_t top_k) {
+  check_cpu(y_perm, op, "y_perm");
+  check_cpu(row_map, op, "row_map");
+  TORCH_CHECK(top_k >= 1, op, ": top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(row_map.dim() == 1 && row_map.scalar_type() == at::kLong && row_map.is_contiguous(), op,
+              ": row_map must be a contiguous (P,) int64 tensor");
+  const int64_t P = row_map.numel();
+  TORCH_CHECK(P % top_k == 0, op, ": row_map has ", P, " entries, not a multiple of top_k = ", top_k);
+  TORCH_CHECK(y_perm.dim() == 2 && y_perm.is_contiguous() && y_perm.size(0) == P, op,
+              ": y_perm must be a contiguous (P, d) tensor with P = row_map.numel() = ", P, ", got ",
+              y_perm.sizes());
+  if (scores.has_value()) {
+    check_cpu(*scores, op, "scores");
+    TORCH_CHECK(scores->dim() == 2 && scores->size(0) * scores->size(1) == P && scores->size(1) == top_k, op,
+                ": scores must be (T, top_k) = (", P / top_k, ", ", top_k, "), got ", scores->sizes());
+    TORCH_CHECK(at::isFloatingType(scores->scalar_type()), op, ": scores must be a float tensor");
+  }
+  const int64_t* rm = row_map.const_data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(rm[p] >= 0 && rm[p] < P, op, ": row_map[", p, "] = ", rm[p], " lies outside [0, ", P, ")");
+}
 
 // fp32 sums for bf16/fp16 rows, fp64 for fp64: same rule as reference.accumulation_dtype.
 template <typename T> struct Acc { using type = float; };
@@ -165,7 +133,11 @@ void counting_sort_rows(const id_t* ids, int64_t P, int64_t E, int64_t* row_map,
   const int64_t chunk = (P + C - 1) / std::max<int64_t>(C, 1);
   std::vector<int64_t> start(C * E, 0);  // (C, E): pass 1 counts, after the scan first rows
 
-  for (int64_t p = 0; p < P; ++p) start[(p / chunk) * E + ids[p]] += 1;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = static_cast<int64_t>(ids[p]);
+    TORCH_CHECK(e >= 0 && e < E, "permute_fwd: expert_ids[", p, "] = ", e, " lies outside [0, ", E, ")");
+    start[(p / chunk) * E + e] += 1;
+  }
 
   int64_t running = 0;  // exclusive scan, expert-major: (e=0,c=0), (e=0,c=1), ..., (e=1,c=0), ...
   for (int64_t e = 0; e < E; ++e) {
@@ -195,10 +167,14 @@ void counting_sort_rows(const id_t* ids, int64_t P, int64_t E, int64_t* row_map,
 // permute: x (T, d), expert_ids (T, k) -> x_perm (T*k, d), row_map (T*k,) int64, counts (E,) int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_fwd(const at::Tensor& x, const at::Tensor& expert_ids,
                                                            int64_t num_experts) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "permute_fwd: x must be contiguous (T, d)");
-  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.is_contiguous(), "permute_fwd: expert_ids must be (T, k)");
+  check_cpu(x, "permute_fwd", "x");
+  check_cpu(expert_ids, "permute_fwd", "expert_ids");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "permute_fwd: x must be a contiguous (T, d) tensor");
+  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.is_contiguous(), "permute_fwd: expert_ids must be a contiguous (T, k) tensor");
   const int64_t T = expert_ids.size(0), k = expert_ids.size(1), P = T * k, d = x.size(1);
-  TORCH_CHECK(x.size(0) == T, "permute_fwd: x and expert_ids disagree on T");
+  TORCH_CHECK(k >= 1, "permute_fwd: expert_ids must have k >= 1 columns, got ", k);
+  TORCH_CHECK(num_experts >= 1, "permute_fwd: num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(x.size(0) == T, "permute_fwd: x has ", x.size(0), " rows but expert_ids has ", T);
 
   auto x_perm = empty_cached({P, d}, x.scalar_type());
   auto row_map = at::empty({P}, x.options().dtype(at::kLong));
@@ -268,8 +244,7 @@ void unpermute_rows(const scalar_t* y, const int64_t* row_map, const typename Ac
 
 at::Tensor unpermute_fwd(const at::Tensor& y_perm, const at::Tensor& row_map, const std::optional<at::Tensor>& scores,
                          int64_t top_k) {
-  TORCH_CHECK(y_perm.dim() == 2 && y_perm.is_contiguous(), "unpermute_fwd: y_perm must be contiguous (P, d)");
-  TORCH_CHECK(row_map.scalar_type() == at::kLong && row_map.is_contiguous(), "unpermute_fwd: row_map must be int64");
+  check_unpermute_args("unpermute_fwd", y_perm, row_map, scores, top_k);
   const int64_t P = row_map.numel(), T = P / top_k, d = y_perm.size(1);
   auto out = empty_cached({T, d}, y_perm.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y_perm.scalar_type(), "unpermute_fwd", [&] {
@@ -300,9 +275,13 @@ acc_t dot(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t d)
 std::tuple<at::Tensor, at::Tensor> unpermute_bwd(const at::Tensor& grad_out, const at::Tensor& y_perm,
                                                  const at::Tensor& row_map, const std::optional<at::Tensor>& scores,
                                                  int64_t top_k, bool need_y, bool need_scores) {
-  TORCH_CHECK(grad_out.is_contiguous() && y_perm.is_contiguous() && row_map.is_contiguous(),
-              "unpermute_bwd: inputs must be contiguous");
+  check_unpermute_args("unpermute_bwd", y_perm, row_map, scores, top_k);
+  check_cpu(grad_out, "unpermute_bwd", "grad_out");
   const int64_t P = row_map.numel(), k = top_k, d = y_perm.size(1);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.dim() == 2 && grad_out.size(0) == P / k && grad_out.size(1) == d &&
+              grad_out.scalar_type() == y_perm.scalar_type(),
+              "unpermute_bwd: grad_out must be a contiguous (T, d) = (", P / k, ", ", d, ") tensor of y_perm's dtype, got ",
+              grad_out.sizes(), " ", grad_out.scalar_type());
   need_scores = need_scores && scores.has_value();
   auto grad_y = need_y ? empty_cached(y_perm.sizes(), y_perm.scalar_type()) : at::empty({0}, y_perm.options());
   const auto score_opts = scores.has_value() ? scores->options() : y_perm.options();
@@ -354,3 +333,78 @@ TORCH_LIBRARY(llama_moe_cpu, m) {
   m.def("unpermute_bwd", &unpermute_bwd);
   m.def("empty_cached", &llama_moe::empty_cached);
 }
+
+namespace llama_moe {
+
+// =============================================================================================
+// Performance appendix: buffers that stay mapped (empty_cached, also used by experts_cpu.cpp, hence the
+// named namespace). Correctness does not depend on it: at::empty would give the same results, slower.
+//
+// A fresh multi-megabyte CPU tensor is not free: glibc serves it with mmap, and the first write to every
+// 4 KiB page traps into the kernel, which zeroes the page. glibc keeps freed blocks for reuse only below its
+// mmap threshold, which tops out at 32 MiB, and the (T*k, d) row buffers of the MoE layer sit right there
+// (4096 * 4 * 512 fp32 = 32 MiB exactly, plus a header). Measured on the 2-core box: clone() of such a
+// buffer took 3-4x as long as copy_ into an existing one. So the big row buffers (permute's output, the
+// expert activations and the row gradients) come from this small cache of blocks that stay mapped: the CPU
+// counterpart of the CUDA caching allocator. A block returns here when its last tensor dies.
+// ---------------------------------------------------------------------------------------------
+constexpr size_t kMinCachedBytes = size_t(1) << 20;  // smaller: glibc's own free lists already reuse them
+constexpr size_t kBlockRound = size_t(2) << 20;      // sizes rounded up to 2 MiB (one huge page), so near
+                                                     // sizes share a block
+constexpr size_t kMaxIdleBytes = size_t(2) << 30;    // idle blocks beyond 2 GiB go back to the system
+
+struct BlockCache {
+  std::mutex mutex;
+  std::unordered_multimap<size_t, void*> idle;  // bytes -> block
+  size_t idle_bytes = 0;
+};
+
+BlockCache& block_cache() {
+  static auto* cache = new BlockCache();  // never destroyed: tensors may die after static destructors ran
+  return *cache;
+}
+
+void release_block(void* ptr, size_t bytes) {
+  auto& cache = block_cache();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    if (cache.idle_bytes + bytes <= kMaxIdleBytes) {
+      cache.idle.emplace(bytes, ptr);
+      cache.idle_bytes += bytes;
+      return;
+    }
+  }
+  std::free(ptr);
+}
+
+// Uninitialised CPU tensor of `sizes`; blocks of 1 MiB and more are recycled through the cache.
+at::Tensor empty_cached(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = at::TensorOptions().dtype(dtype);
+  size_t bytes = c10::elementSize(dtype);
+  for (const int64_t s : sizes) bytes *= static_cast<size_t>(s);
+  if (bytes < kMinCachedBytes) return at::empty(sizes, options);
+  bytes = (bytes + kBlockRound - 1) / kBlockRound * kBlockRound;
+  void* ptr = nullptr;
+  {
+    auto& cache = block_cache();
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const auto it = cache.idle.find(bytes);
+    if (it != cache.idle.end()) {
+      ptr = it->second;
+      cache.idle.erase(it);
+      cache.idle_bytes -= bytes;
+    }
+  }
+  if (ptr == nullptr) {
+    ptr = std::aligned_alloc(kBlockRound, bytes);
+    TORCH_CHECK(ptr != nullptr, "empty_cached: out of memory allocating ", bytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    // Ask for 2 MiB pages: rows are gathered from all over these buffers, and with 4 KiB pages nearly
+    // every 2 KiB row would be a TLB miss. Only a hint; it is ignored where huge pages are off.
+    madvise(ptr, bytes, MADV_HUGEPAGE);
+#endif
+  }
+  return at::from_blob(ptr, sizes, [bytes](void* p) { release_block(p, bytes); }, options);
+}
+
+}  // namespace llama_moe

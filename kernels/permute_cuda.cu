@@ -1,7 +1,7 @@
 // CUDA kernels for permute / unpermute (SPEC.md §7), same meaning as kernels/reference.py.
 //
-// Grouping without a sort. On an H100 a stable torch.sort of 16k expert ids takes about as long as the
-// whole row gather (GPU.md), so the pairs are grouped by a counting sort instead:
+// Grouping without a sort. On an H100 a stable torch.sort of 16k expert ids was measured to take about as
+// long as the whole row gather it prepares, so the pairs are grouped by a counting sort instead:
 //   1. rank_in_chunk_kernel: pairs are cut into chunks of CHUNK; every pair learns its stable rank among
 //      the pairs of its chunk that chose the same expert, and the last such pair writes the chunk's count
 //      for that expert into chunk_counts (E, C).
@@ -13,7 +13,9 @@
 // Sums run in fp32 (fp64 for fp64 rows); built with --fmad=false so fp32 results equal reference.py.
 //
 // Built just in time by kernels/ops.py, only when torch.cuda.is_available(); called from Python as
-// torch.ops.llama_moe_cuda.<name>. Arguments arrive validated (ids in range) and contiguous.
+// torch.ops.llama_moe_cuda.<name>. The host functions check every tensor's device, shape and dtype and
+// that k >= 1 (TORCH_CHECK, an error). Values (expert ids in [0, E), row_map in [0, P)) are checked by
+// kernels/ops.py before the call: checking them here would need a host sync per call.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -187,10 +189,42 @@ int pack_size(int64_t d, const void* a, const void* b) {
 // Host functions (same signatures as permute_cpu.cpp)
 // ---------------------------------------------------------------------------------------------
 
+// Every tensor must be on `device` (the GPU of the main input): a CPU tensor would hand a host pointer
+// to a kernel, and a tensor on another GPU a pointer this device cannot read.
+void check_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the other inputs, got one on ",
+              t.device());
+}
+
+// unpermute_fwd / unpermute_bwd: y_perm (P, d) on a GPU, row_map (P,) int64, scores (T, k) or absent.
+void check_unpermute_args(const char* op, const at::Tensor& y_perm, const at::Tensor& row_map,
+                          const std::optional<at::Tensor>& scores, int64_t top_k) {
+  TORCH_CHECK(y_perm.is_cuda(), op, ": y_perm must be a CUDA tensor, got one on ", y_perm.device());
+  check_device(row_map, y_perm.device(), op, "row_map");
+  TORCH_CHECK(top_k >= 1, op, ": top_k must be >= 1, got ", top_k);
+  TORCH_CHECK(row_map.dim() == 1 && row_map.scalar_type() == at::kLong && row_map.is_contiguous(), op,
+              ": row_map must be a contiguous (P,) int64 tensor");
+  const int64_t P = row_map.numel();
+  TORCH_CHECK(P % top_k == 0, op, ": row_map has ", P, " entries, not a multiple of top_k = ", top_k);
+  TORCH_CHECK(y_perm.dim() == 2 && y_perm.is_contiguous() && y_perm.size(0) == P, op,
+              ": y_perm must be a contiguous (P, d) tensor with P = row_map.numel() = ", P, ", got ", y_perm.sizes());
+  if (scores.has_value()) {
+    check_device(*scores, y_perm.device(), op, "scores");
+    TORCH_CHECK(scores->dim() == 2 && scores->size(0) * scores->size(1) == P && scores->size(1) == top_k, op,
+                ": scores must be (T, top_k) = (", P / top_k, ", ", top_k, "), got ", scores->sizes());
+    TORCH_CHECK(at::isFloatingType(scores->scalar_type()), op, ": scores must be a float tensor");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_fwd(const at::Tensor& x, const at::Tensor& expert_ids,
                                                            int64_t num_experts) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "permute_fwd: x must be a contiguous CUDA (T, d)");
-  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.is_contiguous(), "permute_fwd: expert_ids must be (T, k)");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "permute_fwd: x must be a contiguous CUDA (T, d) tensor");
+  check_device(expert_ids, x.device(), "permute_fwd", "expert_ids");
+  TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.is_contiguous(), "permute_fwd: expert_ids must be a contiguous (T, k) tensor");
+  TORCH_CHECK(expert_ids.size(1) >= 1, "permute_fwd: expert_ids must have k >= 1 columns, got ", expert_ids.size(1));
+  TORCH_CHECK(x.size(0) == expert_ids.size(0), "permute_fwd: x has ", x.size(0), " rows but expert_ids has ",
+              expert_ids.size(0));
+  TORCH_CHECK(num_experts >= 1, "permute_fwd: num_experts must be >= 1, got ", num_experts);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t T = expert_ids.size(0), k = expert_ids.size(1), P = T * k, d = x.size(1), E = num_experts;
@@ -234,8 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_fwd(const at::Tensor& x, 
 
 at::Tensor unpermute_fwd(const at::Tensor& y_perm, const at::Tensor& row_map, const std::optional<at::Tensor>& scores,
                          int64_t top_k) {
-  TORCH_CHECK(y_perm.is_cuda() && y_perm.dim() == 2 && y_perm.is_contiguous(), "unpermute_fwd: bad y_perm");
-  TORCH_CHECK(row_map.scalar_type() == at::kLong && row_map.is_contiguous(), "unpermute_fwd: row_map must be int64");
+  check_unpermute_args("unpermute_fwd", y_perm, row_map, scores, top_k);
   const c10::cuda::CUDAGuard guard(y_perm.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t P = row_map.numel(), T = P / top_k, d = y_perm.size(1);
@@ -264,11 +297,15 @@ at::Tensor unpermute_fwd(const at::Tensor& y_perm, const at::Tensor& row_map, co
 std::tuple<at::Tensor, at::Tensor> unpermute_bwd(const at::Tensor& grad_out, const at::Tensor& y_perm,
                                                  const at::Tensor& row_map, const std::optional<at::Tensor>& scores,
                                                  int64_t top_k, bool need_y, bool need_scores) {
-  TORCH_CHECK(grad_out.is_contiguous() && y_perm.is_contiguous() && row_map.is_contiguous(),
-              "unpermute_bwd: inputs must be contiguous");
+  check_unpermute_args("unpermute_bwd", y_perm, row_map, scores, top_k);
+  check_device(grad_out, y_perm.device(), "unpermute_bwd", "grad_out");
+  const int64_t P = row_map.numel(), d = y_perm.size(1);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.dim() == 2 && grad_out.size(0) == P / top_k &&
+              grad_out.size(1) == d && grad_out.scalar_type() == y_perm.scalar_type(),
+              "unpermute_bwd: grad_out must be a contiguous (T, d) = (", P / top_k, ", ", d,
+              ") tensor of y_perm's dtype, got ", grad_out.sizes(), " ", grad_out.scalar_type());
   const c10::cuda::CUDAGuard guard(y_perm.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t P = row_map.numel(), d = y_perm.size(1);
   need_scores = need_scores && scores.has_value();
   auto grad_y = need_y ? at::empty_like(y_perm) : at::empty({0}, y_perm.options());
   at::Tensor grad_s = at::empty({0}, scores.has_value() ? scores->options() : y_perm.options());

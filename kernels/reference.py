@@ -5,7 +5,7 @@ permute gathers token rows into a (P, d) buffer grouped by expert (ascending), t
 each expert (a *stable* grouping), so every expert later sees one contiguous slice of rows.
 unpermute sends the expert outputs back and sums each token's k rows weighted by its gate scores.
 
-The three functions below are the whole backend interface; kernels/permute_cpu.cpp and
+The three *_fwd / *_bwd functions below are the whole backend interface; kernels/permute_cpu.cpp and
 kernels/permute_cuda.cu implement the same three with the same meaning:
 
     permute_fwd(x, expert_ids, num_experts)            -> (x_perm, row_map, counts)
@@ -16,8 +16,12 @@ Arguments arrive already checked and contiguous (kernels/ops.py does that once f
 Accumulation dtype: float64 for float64 rows, float32 for everything else (bf16/fp16 rows are
 summed in fp32 and rounded once at the end). The order of the additions is fixed,
 out = s0*y0, then out += s_j*y_j for j = 1..k-1, so the fp32 C++ kernel can match this file bit for bit.
+
+At the end, moe_ffn is the whole MoE feed-forward as a plain loop over experts, and naive_experts the
+expert part of it on grouped rows (what kernels/experts.py computes fast).
 """
 import torch
+import torch.nn.functional as F
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,3 +91,32 @@ def unpermute_bwd(grad_out, y_perm, row_map, scores, top_k: int, need_y: bool, n
         rows = y_perm[row_map].to(acc).view(T, top_k, d)            # (T, k, d)
         grad_scores = (rows * g[:, None, :]).sum(-1).to(scores.dtype)  # (T, k)
     return grad_y, grad_scores
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole MoE feed-forward in plain torch (SPEC.md §2): what permute -> grouped_swiglu -> unpermute
+# compute, written for reading. The tests compare the kernels against these two functions.
+# ----------------------------------------------------------------------------------------------
+
+def swiglu(x, w_gate, w_up, w_down):
+    """One SwiGLU FFN: x (n, d), w_gate / w_up (d_e, d), w_down (d, d_e) -> (n, d)."""
+    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
+def moe_ffn(x, expert_ids, scores, w_gate, w_up, w_down):
+    """out[t] = sum_j scores[t, j] * expert_{expert_ids[t, j]}(x[t]).
+
+    x (T, d), expert_ids (T, k), scores (T, k), w_gate / w_up (E, d_e, d), w_down (E, d, d_e) -> (T, d).
+    """
+    T, k = expert_ids.shape
+    out = torch.zeros(T, k, x.shape[1], dtype=x.dtype, device=x.device)   # (T, k, d): one row per choice
+    for e in range(w_gate.shape[0]):
+        t, j = torch.where(expert_ids == e)                                # the (token, slot) pairs of e
+        out[t, j] = swiglu(x[t], w_gate[e], w_up[e], w_down[e])            # (n_e, d)
+    return (scores[:, :, None] * out).sum(1)                               # (T, k, d) -> (T, d)
+
+
+def naive_experts(x_perm, tokens_per_expert, w_gate, w_up, w_down):
+    """grouped_swiglu in plain torch: expert e on its slice of the expert-grouped rows, (N, d) -> (N, d)."""
+    rows = torch.split(x_perm, tokens_per_expert.tolist())                # E slices of (n_e, d)
+    return torch.cat([swiglu(r, w_gate[e], w_up[e], w_down[e]) for e, r in enumerate(rows)])

@@ -1,15 +1,23 @@
-"""kernels/: permute, unpermute (C++ CPU extension, CUDA extension, plain-torch reference) and grouped_swiglu.
+"""kernels/: permute, unpermute (C++ CPU extension, CUDA extension, plain-torch reference) and grouped_swiglu,
+each compared with the plain-torch definitions in kernels/reference.py.
 
 The CPU extension is compiled once into the kernel cache (kernels/ops.py); the first test that needs it
 pays the build (about half a minute on 2 cores), every later one only loads it.
 """
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import grouped_swiglu, permute, reference, unpermute
-from kernels import ops
+from kernels import experts, grouped_swiglu, grouped_swiglu_fused, ops, permute, reference, unpermute
+from kernels.reference import moe_ffn, naive_experts
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -229,16 +237,6 @@ def test_bad_backend_name(monkeypatch):
 # grouped_swiglu
 # ---------------------------------------------------------------------------------------------
 
-def naive_experts(x, counts, w_gate, w_up, w_down):
-    """Per-expert SwiGLU on slices, differentiated by autograd: the definition."""
-    outs, start = [], 0
-    for j, n in enumerate(counts.tolist()):
-        xs = x[start:start + n]
-        outs.append(F.linear(F.silu(F.linear(xs, w_gate[j])) * F.linear(xs, w_up[j]), w_down[j]))
-        start += n
-    return torch.cat(outs)
-
-
 def expert_weights(E, d_e, d, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = [torch.randn(E, d_e, d, generator=gen) / d ** 0.5, torch.randn(E, d_e, d, generator=gen) / d ** 0.5,
@@ -250,7 +248,7 @@ def expert_weights(E, d_e, d, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("counts,d_e", [([7, 0, 12, 5], 12), ([24, 0, 0, 0], 6), ([1, 1, 1, 1], 5)])
 def test_grouped_swiglu_matches_naive(backend, monkeypatch, grouped_mm, counts, d_e):
     """Values and all gradients, fp32. Odd widths exercise the zero padding of the C++ and grouped_mm
-    paths. grouped_mm=1 also tries torch._grouped_mm on the CPU; the probe keeps the loop if it cannot."""
+    paths. grouped_mm=1 runs the torch._grouped_mm code of experts.py on the CPU (torch's fallback there)."""
     monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", grouped_mm)
     counts = torch.tensor(counts)
     E, d, N = 4, 16, int(counts.sum())
@@ -266,6 +264,8 @@ def test_grouped_swiglu_matches_naive(backend, monkeypatch, grouped_mm, counts, 
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for gw in grads[1:]:  # experts without tokens: exactly zero weight gradient
         assert torch.all(gw[counts == 0] == 0)
+    expected = "grouped_mm" if grouped_mm == "1" else ("cpu_extension" if backend == "cpu" else "loop")
+    assert kernels.last_expert_path() == {"forward": expected, "backward": expected}
 
 
 def test_grouped_swiglu_gradcheck(backend):
@@ -278,7 +278,7 @@ def test_grouped_swiglu_gradcheck(backend):
 def test_grouped_swiglu_bad_input():
     x = torch.randn(7, 5)
     w = [t.detach() for t in expert_weights(3, 4, 5)]
-    with pytest.raises(ValueError, match="counts sum to"):
+    with pytest.raises(ValueError, match="tokens_per_expert sum to"):
         grouped_swiglu(x, torch.tensor([3, 0, 3]), *w)
     with pytest.raises(ValueError, match="shapes disagree"):
         grouped_swiglu(x, torch.tensor([3, 4]), *w)
