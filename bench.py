@@ -1,9 +1,10 @@
 """Speed of the MoE feed-forward kernels, every figure measured side by side in one run.
 
-    python bench.py                  # CPU fp32 (bf16 on a GPU when there is one)
-    python bench.py --json out.json  # also write the figures
+    python bench.py                       # CPU fp32 (bf16 on a GPU when there is one)
+    python bench.py --json=out.json       # also write the figures
+    python bench.py --threads=1 --tokens=8192 --dim=2048
 
-Two questions (issue 5, SPEC.md §7, PERF.md):
+Two questions (SPEC.md §7):
  1. permute + unpermute are pure memory movement: how close do they come to tensor.copy_ of the same bytes?
  2. the MoE layer (gate -> permute -> grouped_swiglu -> unpermute), forward + backward: how close to a
     dense SwiGLU FFN of the same active width (it does the same multiply-adds), and how much faster than
@@ -11,7 +12,6 @@ Two questions (issue 5, SPEC.md §7, PERF.md):
 Timings are interleaved (A, B, C, A, B, C, ...) and the median is reported, so a neighbour stealing the
 CPU for a while hurts every row alike: compare the ratios, not the absolute numbers, across runs.
 """
-import argparse
 import json
 import os
 import statistics
@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import backend_name, grouped_swiglu, permute, unpermute
-from kernels.experts import use_grouped_mm
-from kernels.ops import cpu_extension
+from configurator import UserError, load_config, run_cli
+from fileio import atomic_write
+from gate import TopKGate
+from kernels import backend_name, expert_path, grouped_swiglu, permute, unpermute
 
 
 @dataclass
@@ -40,6 +41,31 @@ class BenchConfig:
     dtype: str = "auto"         # auto: float32 on CPU, bfloat16 on CUDA
     threads: int = 0            # CPU threads for this run; 0 = torch's default (all cores)
     seed: int = 0
+    json: str = ""              # also write the figures to this file
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def check_config(cfg: BenchConfig):
+    """What the kernels and the timing loop assume, as user errors (one line, exit code 2)."""
+    for key, low in (("tokens", 1), ("dim", 1), ("experts", 1), ("expert_width", 1), ("repeats", 1),
+                     ("warmup", 0), ("threads", 0)):
+        if getattr(cfg, key) < low:
+            raise UserError(f"--{key}={getattr(cfg, key)} must be >= {low}")
+    if not 1 <= cfg.top_k <= cfg.experts:
+        raise UserError(f"--top_k={cfg.top_k} must be in 1..experts ({cfg.experts}): each token picks k of the "
+                        f"E experts")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype!r} must be auto or one of {', '.join(DTYPES)}")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise UserError(f"--device={cfg.device!r} is not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device={cfg.device} is not available here; use --device=cpu")
+    if cfg.json and Path(cfg.json).is_dir():
+        raise UserError(f"--json={cfg.json} is a folder; give a file name such as bench.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,22 +115,13 @@ def with_backend(name, fn):
 # ----------------------------------------------------------------------------------------------
 
 def make_router(cfg, dtype):
-    """gate.TopKGate (noise off, the eval-mode routing) when gate.py is present, else a tiny linear top-k."""
-    try:
-        from gate import TopKGate
-        gate = TopKGate(cfg.dim, cfg.experts, cfg.top_k, noise=False).to(cfg.device, dtype)
+    """gate.TopKGate with the noise off: the eval-mode routing."""
+    gate = TopKGate(cfg.dim, cfg.experts, cfg.top_k, noise=False).to(cfg.device, dtype)
 
-        def route(x):
-            g = gate(x)
-            return g.expert_ids, g.scores, g.balance_loss
-        return route, gate.parameters(), "gate.TopKGate(noise=False)"
-    except ImportError:
-        w = (torch.randn(cfg.experts, cfg.dim) / cfg.dim ** 0.5).to(cfg.device, dtype).requires_grad_()
-
-        def route(x):
-            top, ids = F.linear(x, w).float().topk(cfg.top_k, dim=-1)  # (T, k)
-            return ids, F.softmax(top, dim=-1), None
-        return route, [w], "linear top-k router"
+    def route(x):
+        g = gate(x)
+        return g.expert_ids, g.scores, g.balance_loss
+    return route, gate.parameters(), "gate.TopKGate(noise=False)"
 
 
 def moe_layer(route, w_gate, w_up, w_down, cfg):
@@ -160,14 +177,10 @@ def forward_backward(layer, x, grad, params):
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field, value in asdict(BenchConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
-    args = parser.parse_args()
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k != "json"})
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
+def main(argv):
+    cfg = load_config(BenchConfig(), argv, doc=__doc__)
+    check_config(cfg)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
         torch.bfloat16 if torch.device(cfg.device).type == "cuda" else torch.float32)
     torch.manual_seed(cfg.seed)
     if cfg.threads > 0:  # e.g. 1 when a neighbour keeps one of two cores busy (then every fork/join waits)
@@ -180,12 +193,8 @@ def main():
     backend = backend_name(dev)  # builds the extension now, outside the timings
     threads = torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    if use_grouped_mm(torch.empty(1, d, device=dev, dtype=dtype), d_e):
-        experts_path = "torch._grouped_mm"
-    elif torch.device(dev).type == "cpu" and cpu_extension() is not None:
-        experts_path = "C++ row blocks (experts_cpu.cpp)"
-    else:
-        experts_path = "loop of torch.mm"
+    experts_path = {"grouped_mm": "torch._grouped_mm", "cpu_extension": "C++ row blocks (experts_cpu.cpp)",
+                    "loop": "loop of torch.mm"}[expert_path(dev, dtype)]
     print(f"device {dev} ({threads} threads, load average {load:.1f}), {dtype}, T={T} d={d} E={E} k={k} "
           f"d_e={d_e} (active {k * d_e}); permute backend: {backend}; expert matmuls: {experts_path}")
 
@@ -270,10 +279,11 @@ def main():
     results["load_average"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")]
     print(f"   (load average {results['load_average'][1]:.1f} at the end: with more runnable processes than cores,"
           f" every figure above is inflated)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    results["expert_path"] = expert_path(dev, dtype)
+    if cfg.json:
+        atomic_write(cfg.json, json.dumps(results, indent=2))
+        print(f"\nwrote {cfg.json}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

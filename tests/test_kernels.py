@@ -233,6 +233,124 @@ def test_bad_backend_name(monkeypatch):
         permute(torch.randn(2, 3), routing(2, 2, 1), 2)
 
 
+def test_k_zero_is_an_error_not_a_crash():
+    """k = 0 used to divide by zero inside the C++ kernel (T = P / top_k: SIGFPE, the process died). Run in
+    a subprocess so that a regression fails this test instead of killing the test run."""
+    script = textwrap.dedent("""
+        import torch, kernels
+        from kernels import ops
+        for name, call in [
+            ("unpermute", lambda: kernels.unpermute(torch.empty(0, 3), torch.empty(0, dtype=torch.long),
+                                                    torch.empty(4, 0))),
+            ("permute", lambda: kernels.permute(torch.randn(4, 3), torch.empty(4, 0, dtype=torch.long), 2)),
+            ("raw unpermute_fwd", lambda: ops.cpu_extension().unpermute_fwd(
+                torch.empty(0, 3), torch.empty(0, dtype=torch.long), None, 0)),
+            ("raw unpermute_bwd", lambda: ops.cpu_extension().unpermute_bwd(
+                torch.empty(4, 3), torch.empty(0, 3), torch.empty(0, dtype=torch.long), None, 0, True, False)),
+            ("raw permute_fwd", lambda: ops.cpu_extension().permute_fwd(
+                torch.randn(4, 3), torch.empty(4, 0, dtype=torch.long), 2)),
+        ]:
+            try:
+                call()
+                print(name, "no error")
+            except (ValueError, RuntimeError) as err:
+                print(name, type(err).__name__, ">= 1" in str(err))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"crashed with {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.split("\n")[:5] == [
+        "unpermute ValueError True", "permute ValueError True", "raw unpermute_fwd RuntimeError True",
+        "raw unpermute_bwd RuntimeError True", "raw permute_fwd RuntimeError True"], proc.stdout
+
+
+def test_cpu_ops_check_every_tensor_device():
+    """The C++ ops are reachable directly (torch.ops.llama_moe_cpu.*): a tensor on another device (here
+    "meta", which has no data) must be refused by name, never handed to a loop as a pointer."""
+    ext = ops.cpu_extension()
+    x, ids = torch.randn(6, 4), routing(6, 3, 2)
+    x_perm, row_map, counts = permute(x, ids, 3)
+    scores, g = torch.rand(6, 2), torch.randn(6, 4)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    cases = [
+        ("expert_ids", lambda: ext.permute_fwd(x, meta(ids), 3)),
+        ("x", lambda: ext.permute_fwd(meta(x), ids, 3)),
+        ("row_map", lambda: ext.unpermute_fwd(x_perm, meta(row_map), scores, 2)),
+        ("scores", lambda: ext.unpermute_fwd(x_perm, row_map, meta(scores), 2)),
+        ("y_perm", lambda: ext.unpermute_fwd(meta(x_perm), row_map, scores, 2)),
+        ("grad_out", lambda: ext.unpermute_bwd(meta(g), x_perm, row_map, scores, 2, True, True)),
+        ("scores", lambda: ext.unpermute_bwd(g, x_perm, row_map, meta(scores), 2, True, True)),
+        ("row_map", lambda: ext.unpermute_bwd(g, x_perm, meta(row_map), scores, 2, True, True)),
+    ]
+    for name, call in cases:
+        with pytest.raises(RuntimeError, match=f"{name} must be a CPU tensor"):
+            call()
+    w_gu, w_down = torch.randn(3, 10, 4), torch.randn(3, 4, 5)
+    bounds = [0] + counts.cumsum(0).tolist()
+    with pytest.raises(RuntimeError, match="must be on the CPU"):
+        ext.experts_forward(x_perm, bounds, meta(w_gu), w_down)
+    with pytest.raises(RuntimeError, match="must be on the CPU"):
+        ext.experts_backward(x_perm, x_perm, bounds, torch.randn(12, 10), w_gu, meta(w_down), True, True)
+
+
+def test_cpu_ops_check_values():
+    """Out-of-range ids and rows through the raw ops: an error, not a write outside the buffer."""
+    ext = ops.cpu_extension()
+    x, ids = torch.randn(6, 4), routing(6, 3, 2)
+    ids[2, 1] = 3
+    with pytest.raises(RuntimeError, match=r"expert_ids\[5\] = 3 lies outside \[0, 3\)"):
+        ext.permute_fwd(x, ids, 3)
+    rows = torch.arange(12)
+    rows[7] = -1
+    with pytest.raises(RuntimeError, match=r"row_map\[7\] = -1 lies outside"):
+        ext.unpermute_fwd(torch.randn(12, 4), rows, torch.rand(6, 2), 2)
+    with pytest.raises(RuntimeError, match="bounds must be"):
+        ext.experts_forward(torch.randn(12, 4), [0, 5, 3, 12], torch.randn(3, 10, 4), torch.randn(3, 4, 5))
+
+
+def test_values_are_read_once_at_the_boundary(backend, monkeypatch):
+    """permute checks the gate's ids (one host sync on a GPU); its own row_map and tokens_per_expert are
+    not read again by unpermute / grouped_swiglu. Tensors from elsewhere are still checked."""
+    checked = []
+    real = ops._check_in_range
+    monkeypatch.setattr(ops, "_check_in_range", lambda t, upper, what: (checked.append(what), real(t, upper, what)))
+    monkeypatch.setattr(experts, "_check_in_range", ops._check_in_range)
+    x, ids = torch.randn(8, 6), routing(8, 4, 2)
+    w = [t.detach() for t in expert_weights(4, 3, 6)]
+    x_perm, row_map, counts = permute(x, ids, 4)
+    y = unpermute(grouped_swiglu(x_perm, counts, *w), row_map, torch.rand(8, 2))
+    assert checked == ["permute: expert_ids"]
+    unpermute(x_perm, row_map.clone(), torch.rand(8, 2))
+    grouped_swiglu(x_perm, counts.clone(), *w)
+    assert checked[1:] == ["unpermute: row_map", "grouped_swiglu: tokens_per_expert"]
+    assert torch.isfinite(y).all()
+
+
+def test_storage_offset_views(backend):
+    """x = big[1:] is contiguous but starts one row into its storage (misaligned for wide loads)."""
+    big, big_s = torch.randn(14, 5), torch.rand(14, 2)
+    x, scores = big[1:], big_s[1:]
+    assert x.storage_offset() == 5 and x.is_contiguous()
+    ids = routing(13, 4, 2)
+    x_perm, row_map, counts = permute(x, ids, 4)
+    check_permute_definition(x, ids, 4, x_perm, row_map, counts)
+    out = unpermute(x_perm, row_map, scores)
+    torch.testing.assert_close(out, x * scores.sum(1, keepdim=True))
+
+
+def test_zero_tokens(backend):
+    """T = 0 (an empty batch shard): empty outputs, zero counts, gradients of the right shapes."""
+    x = torch.randn(0, 6, requires_grad=True)
+    ids, scores = torch.empty(0, 2, dtype=torch.long), torch.rand(0, 2, requires_grad=True)
+    w = expert_weights(4, 3, 6)
+    x_perm, row_map, counts = permute(x, ids, 4)
+    assert x_perm.shape == (0, 6) and row_map.shape == (0,) and counts.tolist() == [0, 0, 0, 0]
+    y = unpermute(grouped_swiglu(x_perm, counts, *w), row_map, scores)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert x.grad.shape == (0, 6) and scores.grad.shape == (0, 2)
+    assert all(torch.all(t.grad == 0) for t in w)
+
+
 # ---------------------------------------------------------------------------------------------
 # grouped_swiglu
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +384,84 @@ def test_grouped_swiglu_matches_naive(backend, monkeypatch, grouped_mm, counts, 
         assert torch.all(gw[counts == 0] == 0)
     expected = "grouped_mm" if grouped_mm == "1" else ("cpu_extension" if backend == "cpu" else "loop")
     assert kernels.last_expert_path() == {"forward": expected, "backward": expected}
+
+
+def test_moe_pipeline_matches_plain_moe_ffn(backend):
+    """permute -> grouped_swiglu -> unpermute == reference.moe_ffn (the readable loop), values and gradients."""
+    T, E, k, d, d_e = 30, 5, 2, 8, 6
+    ids = routing(T, E, k, seed=3)
+    x = torch.randn(T, d, requires_grad=True)
+    scores = torch.rand(T, k, requires_grad=True)
+    w = expert_weights(E, d_e, d)
+    g = torch.randn(T, d)
+    x_perm, row_map, counts = permute(x, ids, E)
+    y = unpermute(grouped_swiglu(x_perm, counts, *w), row_map, scores)
+    y0 = moe_ffn(x, ids, scores, *w)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(y, [x, scores, *w], g), torch.autograd.grad(y0, [x, scores, *w], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_swiglu_fused_equals_separate_weights(backend):
+    counts = torch.tensor([4, 0, 5])
+    x = torch.randn(9, 6)
+    w_gate, w_up, w_down = [t.detach() for t in expert_weights(3, 4, 6)]
+    fused = grouped_swiglu_fused(x, counts, torch.cat([w_gate, w_up], dim=1), w_down)
+    assert torch.equal(fused, grouped_swiglu(x, counts, w_gate, w_up, w_down))
+
+
+def test_expert_path_choice(monkeypatch):
+    """grouped_mm only where torch has a native kernel: bf16, CUDA capability 9.x/10.x, torch >= 2.9.
+    Decided from facts about the device, never by running it (a probe could kill the CUDA context)."""
+    monkeypatch.delenv("LLAMA_MOE_GROUPED_MM", raising=False)
+    monkeypatch.delenv("LLAMA_MOE_KERNELS", raising=False)
+    assert kernels.expert_path("cpu", torch.float32) == "cpu_extension"
+    assert kernels.expert_path("cpu", torch.bfloat16) == "cpu_extension"
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: None, raising=False)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(experts, "_torch_version", lambda: (2, 9))
+    cuda = torch.device("cuda", 0)
+    assert experts.grouped_mm_native(cuda, torch.bfloat16)
+    assert kernels.expert_path(cuda, torch.bfloat16) == "grouped_mm"
+    assert not experts.grouped_mm_native(cuda, torch.float32)      # fp32/fp16: a host-syncing fallback
+    assert not experts.grouped_mm_native(cuda, torch.float16)
+    assert kernels.expert_path(cuda, torch.float32) == "loop"
+    capability[0] = (10, 0)
+    assert experts.grouped_mm_native(cuda, torch.bfloat16)
+    capability[0] = (8, 0)                                         # A100: fallback
+    assert not experts.grouped_mm_native(cuda, torch.bfloat16)
+    capability[0] = (9, 0)
+    monkeypatch.setattr(experts, "_torch_version", lambda: (2, 8))
+    assert not experts.grouped_mm_native(cuda, torch.bfloat16)
+    monkeypatch.setattr(experts, "_torch_version", lambda: (2, 9))
+    monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", "0")
+    assert kernels.expert_path(cuda, torch.bfloat16) == "loop"
+    monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", "1")
+    assert kernels.expert_path("cpu", torch.float32) == "grouped_mm"
+
+
+def test_grouped_path_error_propagates_and_does_not_disable_it(monkeypatch):
+    """An error inside torch._grouped_mm (an OOM, say) reaches the caller, and the next call uses the
+    grouped path again: nothing is swallowed, nothing is switched off for the rest of the process."""
+    monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", "1")
+    real = torch._grouped_mm
+    fail = [True]
+
+    def flaky(*args, **kwargs):
+        if fail[0]:
+            fail[0] = False
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "_grouped_mm", flaky)
+    counts = torch.tensor([3, 0, 4])
+    x = torch.randn(7, 8)
+    w = [t.detach() for t in expert_weights(3, 8, 8)]
+    with pytest.raises(torch.OutOfMemoryError):
+        grouped_swiglu(x, counts, *w)
+    y = grouped_swiglu(x, counts, *w)
+    assert kernels.last_expert_path()["forward"] == "grouped_mm"
+    torch.testing.assert_close(y, naive_experts(x, counts, *w), rtol=1e-5, atol=1e-6)
 
 
 def test_grouped_swiglu_gradcheck(backend):
