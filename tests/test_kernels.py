@@ -526,14 +526,163 @@ def test_cuda_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(lambda x, s: unpermute(permute(x, ids, 4)[0].tanh(), row_map, s), (x, s))
 
 
+def cuda_results(monkeypatch, x, ids, E, scores, grad, offset=0):
+    """permute -> unpermute forward and backward with the CUDA extension and with the reference.
+    offset=1: x and scores are given with one extra leading row and used as views x[1:], scores[1:]
+    (contiguous, but starting one row into their storage)."""
+    results = {}
+    for name in ("cuda", "reference"):
+        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
+        x_leaf = x.detach().clone().requires_grad_()
+        s_leaf = scores.detach().clone().requires_grad_()
+        xg, sg = x_leaf[offset:], s_leaf[offset:]
+        x_perm, row_map, counts = permute(xg, ids, E)
+        out = unpermute(x_perm * 2, row_map, sg)
+        out.backward(grad)
+        results[name] = (x_perm, row_map, counts, out, x_leaf.grad[offset:], s_leaf.grad[offset:])
+    return results
+
+
 @needs_cuda
-def test_cuda_grouped_swiglu_bf16_close_to_naive():
-    counts = torch.tensor([300, 0, 500, 224], device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [512, 67])  # 16-byte vector path and the scalar fallback
+def test_cuda_backward_kernels(monkeypatch, dtype, d):
+    """unpermute_bwd (grad of y_perm: a weighted permute; grad of scores: dot products) and permute's
+    backward (an unweighted unpermute), against the reference."""
+    T, E, k = 700, 16, 4
+    x = torch.randn(T, d, device="cuda").to(dtype)
+    ids = routing(T, E, k, device="cuda")
+    scores, grad = torch.rand(T, k, device="cuda"), torch.randn(T, d, device="cuda").to(dtype)
+    res = cuda_results(monkeypatch, x, ids, E, scores, grad)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(res["cuda"][4], res["reference"][4], rtol=tol, atol=tol)   # dL/dx
+    torch.testing.assert_close(res["cuda"][5], res["reference"][5], rtol=tol, atol=tol)   # dL/dscores (order of the sum differs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 6), (torch.bfloat16, 4), (torch.float16, 12)])
+def test_cuda_8_byte_copy_path(monkeypatch, dtype, d):
+    """Rows of 24, 8 and 24 bytes: a multiple of 8 but not of 16, so permute copies 8-byte words."""
+    T, E, k = 333, 8, 2
+    x = torch.randn(T, d, device="cuda").to(dtype)
+    ids = routing(T, E, k, device="cuda", dtype=torch.int32)
+    res = cuda_results(monkeypatch, x, ids, E, torch.rand(T, k, device="cuda"), torch.randn(T, d, device="cuda").to(dtype))
+    for a, b in zip(res["cuda"][:4], res["reference"][:4]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [512, 6, 67])
+def test_cuda_storage_offset_views(monkeypatch, dtype, d):
+    """x = big[1:]: contiguous, but its first row starts d elements into the storage, so 16-byte accesses
+    may be misaligned and the kernels must pick a narrower width."""
+    T, E, k = 257, 8, 2
+    big = torch.randn(T + 1, d, device="cuda").to(dtype)
+    ids = routing(T, E, k, device="cuda")
+    big_scores = torch.rand(T + 1, k, device="cuda")
+    grad = torch.randn(T + 1, d, device="cuda").to(dtype)[1:]  # the incoming gradient is a view too
+    res = cuda_results(monkeypatch, big, ids, E, big_scores, grad, offset=1)
+    for a, b in zip(res["cuda"][:4], res["reference"][:4]):
+        assert torch.equal(a, b)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(res["cuda"][4:], res["reference"][4:]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # unpermute reading a y_perm that is itself such a view
+    y_perm = torch.randn(T * k + 1, d, device="cuda").to(dtype)[1:]
+    row_map, scores = res["reference"][1], big_scores[1:]
+    outs = {}
+    for name in ("cuda", "reference"):
+        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
+        outs[name] = unpermute(y_perm, row_map, scores)
+    assert torch.equal(outs["cuda"], outs["reference"])
+
+
+@needs_cuda
+def test_cuda_zero_tokens(monkeypatch):
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "cuda")
+    x = torch.randn(0, 64, device="cuda", requires_grad=True)
+    scores = torch.rand(0, 2, device="cuda", requires_grad=True)
+    w = [t.detach().cuda().requires_grad_() for t in expert_weights(4, 16, 64)]
+    x_perm, row_map, counts = permute(x, torch.empty(0, 2, dtype=torch.long, device="cuda"), 4)
+    assert x_perm.shape == (0, 64) and counts.tolist() == [0, 0, 0, 0]
+    y = unpermute(grouped_swiglu(x_perm, counts, *w), row_map, scores)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and scores.grad.shape == (0, 2)
+    assert all(torch.all(t.grad == 0) for t in w)
+
+
+@needs_cuda
+def test_cuda_many_experts_many_tokens(monkeypatch):
+    """E = 128, T = 16384, k = 4: 65,536 pairs in 256 chunks of the grouping kernel."""
+    T, E, k, d = 16384, 128, 4, 64
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    ids = routing(T, E, k, device="cuda")
+    scores = torch.rand(T, k, device="cuda")
+    results = {}
+    for name in ("cuda", "reference"):
+        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
+        x_perm, row_map, counts = permute(x, ids, E)
+        results[name] = (x_perm, row_map, counts, unpermute(x_perm, row_map, scores))
+    for a, b in zip(results["cuda"], results["reference"]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_ops_check_every_tensor_device():
+    """A CPU tensor handed to torch.ops.llama_moe_cuda.* must be refused, not read as a device pointer."""
+    ext = torch.ops.llama_moe_cuda if ops.backend_name("cuda") == "cuda" else pytest.skip("no CUDA extension")
+    x, ids = torch.randn(6, 4, device="cuda"), routing(6, 3, 2, device="cuda")
+    x_perm, row_map, _ = permute(x, ids, 3)
+    scores, g = torch.rand(6, 2, device="cuda"), torch.randn(6, 4, device="cuda")
+    for name, call in [
+        ("expert_ids", lambda: ext.permute_fwd(x, ids.cpu(), 3)),
+        ("row_map", lambda: ext.unpermute_fwd(x_perm, row_map.cpu(), scores, 2)),
+        ("scores", lambda: ext.unpermute_fwd(x_perm, row_map, scores.cpu(), 2)),
+        ("grad_out", lambda: ext.unpermute_bwd(g.cpu(), x_perm, row_map, scores, 2, True, True)),
+        ("row_map", lambda: ext.unpermute_bwd(g, x_perm, row_map.cpu(), scores, 2, True, True)),
+        ("scores", lambda: ext.unpermute_bwd(g, x_perm, row_map, scores.cpu(), 2, True, True)),
+    ]:
+        with pytest.raises(RuntimeError, match=f"{name} must be on cuda"):
+            call()
+    with pytest.raises(RuntimeError, match="top_k must be >= 1"):
+        ext.unpermute_fwd(x_perm[:0], row_map[:0], None, 0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("counts", [[0, 300, 500, 224], [300, 500, 224, 0], [0, 1024, 0, 0]])
+def test_cuda_grouped_swiglu_bf16(counts):
+    """bf16 forward and backward against the plain loop, with empty first / last experts (whose weight
+    gradient must be exactly zero); on sm90/sm100 with torch >= 2.9 the grouped path must be the one taken."""
+    counts = torch.tensor(counts, device="cuda")
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = [t.detach().cuda().requires_grad_() for t in expert_weights(4, 128, 256, dtype=torch.bfloat16)]
+    g = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
     y = grouped_swiglu(x, counts, *w)
-    y0 = naive_experts(x, counts, *w)
-    torch.testing.assert_close(y.float(), y0.float(), rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(y, [x, *w], g)
+    if experts.grouped_mm_native(x.device, torch.bfloat16):
+        assert kernels.last_expert_path() == {"forward": "grouped_mm", "backward": "grouped_mm"}
+    # the reference in fp32 from the same bf16 values
+    x32, w32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in w]
+    y0 = naive_experts(x32, counts, *w32)
+    grads0 = torch.autograd.grad(y0, [x32, *w32], g.float())
+    torch.testing.assert_close(y.float(), y0, rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, grads0):
+        torch.testing.assert_close(a.float(), b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
+    for gw in grads[1:]:
+        assert torch.all(gw[counts == 0] == 0)
+
+
+@needs_cuda
+def test_cuda_grouped_swiglu_fp32_takes_the_loop():
+    """fp32 on a GPU: torch._grouped_mm would be a fallback that syncs the host per call; the loop runs."""
+    counts = torch.tensor([5, 0, 7], device="cuda")
+    x = torch.randn(12, 32, device="cuda")
+    w = [t.detach().cuda() for t in expert_weights(3, 16, 32)]
+    y = grouped_swiglu(x, counts, *w)
+    assert kernels.last_expert_path()["forward"] == "loop"
+    torch.testing.assert_close(y, naive_experts(x, counts, *w), rtol=1e-5, atol=1e-5)
 
 
 def test_cuda_never_built_without_cuda(monkeypatch):
