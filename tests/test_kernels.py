@@ -4,6 +4,7 @@ each compared with the plain-torch definitions in kernels/reference.py.
 The CPU extension is compiled once into the kernel cache (kernels/ops.py); the first test that needs it
 pays the build (about half a minute on 2 cores), every later one only loads it.
 """
+import json
 import subprocess
 import sys
 import textwrap
@@ -41,7 +42,7 @@ def routing(T, E, k, seed=0, distinct=True, dtype=torch.int64, device="cpu"):
 
 
 def check_permute_definition(x, ids, E, x_perm, row_map, counts):
-    """The contract, spelled out pair by pair."""
+    """The definition of permute, spelled out pair by pair."""
     T, k = ids.shape
     flat = ids.reshape(-1).long().cpu()
     assert counts.tolist() == torch.bincount(flat, minlength=E).tolist()
@@ -713,3 +714,28 @@ def test_failed_build_falls_back_to_reference(monkeypatch):
     for _ in range(2):  # forced: an error every time, not only on the first call
         with pytest.raises(RuntimeError, match="LLAMA_MOE_KERNELS=cpu"):
             permute(x, ids, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py: bad settings are one-line user errors; a tiny run works end to end
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arg,message", [("--top_k=0", "--top_k=0 must be in 1..experts"),
+                                         ("--tokens=0", "--tokens=0 must be >= 1"),
+                                         ("--dtype=int8", "--dtype='int8' must be auto or one of")])
+def test_bench_refuses_bad_settings(arg, message):
+    """--top_k=0 used to reach the C++ kernel and die of SIGFPE; now it is refused before any work."""
+    proc = subprocess.run([sys.executable, "bench.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_bench_tiny_run(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--tokens=64", "--dim=16", "--experts=4", "--top_k=2",
+                           "--expert_width=8", "--repeats=1", "--warmup=0", "--device=cpu", f"--json={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["expert_path"] == kernels.expert_path("cpu", torch.float32)
+    assert "expert matmuls:" in proc.stdout and set(results["ratios"]) >= {"pair_vs_copy", "moe_vs_dense"}
