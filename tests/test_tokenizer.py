@@ -171,8 +171,8 @@ def test_missing_file(tmp_path):
         Tokenizer(tmp_path / "nope.model")
 
 
-def test_folder_instead_of_file(tmp_path):
-    with pytest.raises(IsADirectoryError, match="tokenizer.model"):
+def test_folder_without_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in folder .*tokenizer.model / tokenizer.json"):
         Tokenizer(tmp_path)
 
 
