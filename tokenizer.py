@@ -1,18 +1,25 @@
 """
 Chapter: the tokenizer.
 
-LLaMA models come with one of two tokenizer files, both named `tokenizer.model`:
+LLaMA-family models come with their tokenizer in one of four forms:
 
-  * LLaMA-1 / LLaMA-2: a sentencepiece BPE model (a binary protobuf), 32,000 pieces,
-    <unk>=0, <s>=1 (bos), </s>=2 (eos), byte fallback for anything outside the vocabulary.
-  * LLaMA-3: a tiktoken BPE file, one "base64(token bytes) rank" pair per line
-    (128,000 ranks), split into pre-tokens by a regex before the merges run, plus
-    256 special tokens appended after the last rank (<|begin_of_text|> = 128000, ...).
+  * LLaMA-1 / LLaMA-2 `tokenizer.model`: a sentencepiece BPE model (a binary protobuf), 32,000
+    pieces, <unk>=0, <s>=1 (bos), </s>=2 (eos), byte fallback for anything outside the vocabulary.
+  * LLaMA-3 `tokenizer.model`: a tiktoken BPE file, one "base64(token bytes) rank" pair per line
+    (128,000 ranks), split into pre-tokens by a regex before the merges run, plus 256 special
+    tokens appended after the last rank (<|begin_of_text|> = 128000, ...).
+  * a Hugging Face `tokenizer.json` with a byte-level BPE (GPT-2's scheme: what LLaMA-3 and SmolLM
+    folders on the Hub ship): a vocabulary spelled in GPT-2's byte alphabet, the merges best first,
+    the pre-tokenizer (a split regex), the added (special) tokens.
+  * a `.gguf` checkpoint, which carries the same byte-level BPE as metadata (tokenizer.ggml.*:
+    tokens, token types, merges, and the *name* of the pre-tokenizer, e.g. "smollm").
 
-`Tokenizer(path)` reads either and hides the difference behind encode / decode /
-bos_id / eos_id / vocab_size, so the data pipeline (data/prepare.py) and eval.py never ask
-which one they have. `train_sentencepiece` trains the small BPE our embedded demo uses
-(data/prepare.py, SPEC.md §4), set up so that decode(encode(x)) == x for any text,
+`Tokenizer(path)` reads any of them, or a checkpoint folder holding one, and hides the difference
+behind encode / decode / bos_id / eos_id / vocab_size / special_tokens / add_bos, so the data
+pipeline (data/prepare.py) and eval.py never ask which one they have. Both byte-level BPE forms run
+through tiktoken: its ranks are the merge order (= the token ids, for real vocabularies), so it
+merges exactly as the merges list says. `train_sentencepiece` trains the small BPE our embedded
+demo uses (data/prepare.py, SPEC.md §4), set up so that decode(encode(x)) == x for any text,
 whitespace of source code included.
 """
 

@@ -529,17 +529,63 @@ REAL_TEXTS = BPE_TEXTS + [
 ]
 
 
+def smollm2_reference(path):
+    """transformers' tokenizer for the GGUF, and the same vocabulary + merges with SmolLM2's own
+    pre-tokenizer (its tokenizer.json on the Hub: Sequence[Digits(individual_digits), ByteLevel];
+    llama.cpp's "smollm": the regexes "\\p{N}" then GPT-2's, one after the other)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    orig = HFTokenizer.from_str(hf.backend_tokenizer.to_str())
+    orig.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return hf, orig
+
+
 @pytest.mark.skipif(smollm2_gguf() is None, reason="SmolLM2 GGUF not present (set LLAMA_MOE_SMOLLM2_GGUF)")
 def test_real_smollm2_gguf_matches_transformers():
-    from transformers import AutoTokenizer
     path = smollm2_gguf()
     tok = Tokenizer(path)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos, tok.pre) == (49152, 1, 2, False, "smollm")
     assert len(tok.special_tokens) == 17 and tok.special_tokens["<|im_end|>"] == 2
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf, orig = smollm2_reference(path)
     for text in REAL_TEXTS:
         ids = tok.encode(text, allowed_special="all")
         assert tok.decode(ids) == text, repr(text)
+        assert ids == orig.encode(text).ids, repr(text)
         if not has_whitespace_run_before_digit(text):
             assert ids == hf_ids(hf, text), repr(text)
     assert tok.encode("Hello world! 123") == [19556, 905, 17, 216, 33, 34, 35]
+
+
+def embedded_val_texts(data_dir):
+    """{domain: [document text]} from the embedded corpus's val shards (each document ends with eos)."""
+    import json
+    import numpy as np
+    meta = json.loads((data_dir / "meta.json").read_text())
+    shard_tok = Tokenizer(data_dir / meta["tokenizer"])
+    out = {}
+    for domain in meta["domains"]:
+        ids = np.fromfile(data_dir / f"{domain}.val.bin", dtype=meta["dtype"])
+        ends = np.flatnonzero(ids == meta["eos_id"])
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        out[domain] = [shard_tok.decode(ids[a:b].tolist()) for a, b in zip(starts, ends)]
+    return out
+
+
+EMBEDDED = Path(os.environ.get("LLAMA_MOE_EMBEDDED", Path(__file__).resolve().parents[1] / "data" / "embedded"))
+
+
+@pytest.mark.skipif(smollm2_gguf() is None or not (EMBEDDED / "meta.json").is_file(),
+                    reason="needs the SmolLM2 GGUF and the embedded corpus (python data/prepare.py)")
+def test_real_smollm2_on_embedded_validation_text():
+    """Every validation document of every domain tokenizes exactly as SmolLM2's own tokenizer."""
+    path = smollm2_gguf()
+    tok = Tokenizer(path)
+    _, orig = smollm2_reference(path)
+    for domain, docs in embedded_val_texts(EMBEDDED).items():
+        assert docs, domain
+        for k, text in enumerate(docs):
+            assert tok.encode(text) == orig.encode(text, add_special_tokens=False).ids, f"{domain} doc {k}"
