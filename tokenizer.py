@@ -26,6 +26,7 @@ whitespace of source code included.
 import base64
 import os
 import re
+import struct
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
@@ -292,6 +293,39 @@ def _template_bos(post, specials):
     return True, (ids[0] if ids else specials.get(name))
 
 
+def _varint(n):
+    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number, value):
+    """One protobuf field: int / bool -> varint, float -> fixed32, str / bytes -> length-delimited."""
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3 | 0) + _varint(int(value))
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def sentencepiece_model_proto(pieces, scores, types, add_dummy_prefix=True, remove_extra_whitespaces=False):
+    """A sentencepiece BPE ModelProto (what a LLaMA-1/2 tokenizer.model holds) from a GGUF's
+    sentencepiece-style vocabulary, serialised by hand (the protobuf package is not a dependency).
+    Field numbers from sentencepiece_model.proto; token types share sentencepiece's numbering
+    (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+    body = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
+                    for p, s, t in zip(pieces, scores, types))
+    trainer = _field(3, 2) + _field(35, 6 in types)   # model_type = BPE; byte_fallback when <0xXX> pieces exist
+    normalizer = (_field(1, "identity") + _field(3, bool(add_dummy_prefix))
+                  + _field(4, bool(remove_extra_whitespaces)) + _field(5, True))  # escape spaces as U+2581
+    return body + _field(2, trainer) + _field(3, normalizer)
+
+
 # -----------------------------------------------------------------------------
 # the tokenizer
 
@@ -311,6 +345,7 @@ class Tokenizer:
         self.path = str(path)
         self.kind = _sniff_kind(path)
         self._sp = self._tt = self._remap = self._id_bytes = self._fingerprint = None
+        self.pre = None  # a GGUF's tokenizer.ggml.pre
         if self.kind == "tiktoken":
             self._init_tiktoken()
         elif self.kind == "gguf":
@@ -353,11 +388,10 @@ class Tokenizer:
             raise ValueError(f"{self.path} holds no tokenizer (no tokenizer.ggml.model key); pass the model's "
                              f"tokenizer.json or tokenizer.model instead")
         if model == "llama":
-            raise ValueError(f"{self.path}: tokenizer.ggml.model = 'llama' (a sentencepiece vocabulary stored "
-                             f"in the GGUF) is not supported; pass the model's tokenizer.model instead")
+            return self._init_gguf_sentencepiece(get)
         if model != "gpt2":
             raise ValueError(f"{self.path}: tokenizer.ggml.model = {model!r} is not supported; supported: "
-                             f"'gpt2' (byte-level BPE)")
+                             f"'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)")
         if pre not in GGUF_PRE_PATTERNS:
             raise ValueError(f"{self.path}: tokenizer.ggml.pre = {pre!r} is not a pre-tokenizer we know; "
                              f"supported: {', '.join(sorted(GGUF_PRE_PATTERNS))}")
@@ -389,6 +423,34 @@ class Tokenizer:
         # identify the vocabulary, not the weights: the same tokenizer in two quantizations agrees
         canon = json.dumps({"model": model, "pre": pre, "tokens": tokens, "token_type": [int(t) for t in types],
                             "merges": merges, "bos": self.bos_id, "eos": self.eos_id},
+                           ensure_ascii=False, separators=(",", ":"))
+        self._fingerprint = hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def _init_gguf_sentencepiece(self, get):
+        """tokenizer.ggml.model = llama: a sentencepiece BPE vocabulary (pieces, scores, types), as
+        llama.cpp's convert script copies it out of a LLaMA-1/2 tokenizer.model. We rebuild that
+        model (sentencepiece_model_proto) and let sentencepiece run it, with llama.cpp's defaults:
+        a dummy-prefix space unless tokenizer.ggml.add_space_prefix says no, BOS added by default."""
+        import hashlib
+        import json
+        tokens, scores = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores")
+        types = get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens or [])
+        if not tokens or scores is None or len(scores) != len(tokens) or len(types) != len(tokens):
+            raise ValueError(f"{self.path}: a 'llama' tokenizer needs tokenizer.ggml.tokens, .scores and "
+                             f".token_type of one length each")
+        if 2 not in types:
+            raise ValueError(f"{self.path}: the sentencepiece vocabulary has no unknown-type token (<unk>)")
+        add_prefix = bool(get("tokenizer.ggml.add_space_prefix", True))
+        remove_ws = bool(get("tokenizer.ggml.remove_extra_whitespaces", False))
+        proto = sentencepiece_model_proto(tokens, scores, types, add_prefix, remove_ws)
+        self._init_sentencepiece(proto)
+        self._lower_block_ids = None  # a literal U+2581 reads as a space, as in llama.cpp and sentencepiece
+        self.bos_id = get("tokenizer.ggml.bos_token_id", self.bos_id)
+        self.eos_id = get("tokenizer.ggml.eos_token_id", self.eos_id)
+        self.add_bos = bool(get("tokenizer.ggml.add_bos_token", True))
+        canon = json.dumps({"model": "llama", "tokens": tokens, "scores": [float(x) for x in scores],
+                            "token_type": [int(t) for t in types], "add_space_prefix": add_prefix,
+                            "remove_extra_whitespaces": remove_ws, "bos": self.bos_id, "eos": self.eos_id},
                            ensure_ascii=False, separators=(",", ":"))
         self._fingerprint = hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
@@ -447,12 +509,17 @@ class Tokenizer:
         else:
             self.add_bos = bool(cfg.get("add_bos_token", False))
 
-    def _init_sentencepiece(self):
+    def _init_sentencepiece(self, proto=None):
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor()
         try:
-            sp.Load(self.path)
+            if proto is None:
+                sp.Load(self.path)
+            else:
+                sp.LoadFromSerializedProto(proto)
         except (OSError, RuntimeError) as e:
+            if proto is not None:
+                raise ValueError(f"{self.path}: sentencepiece refuses the vocabulary in this GGUF: {e}") from None
             raise ValueError(f"{self.path} is neither a sentencepiece model (LLaMA-1/2 tokenizer.model) "
                              f"nor a tiktoken BPE file (LLaMA-3 tokenizer.model: 'base64token rank' lines): "
                              f"{e}") from None

@@ -462,6 +462,63 @@ def test_gguf_other_pre_tokenizers_match_transformers(tmp_path, layout, pre):
         assert tok.encode(text, allowed_special="all") == hf_ids(hf, text), repr(text)
 
 
+def write_sentencepiece_gguf(path, sp_path, add_space_prefix=None):
+    """A LLaMA-2 style GGUF vocabulary (tokenizer.ggml.model = llama) from a sentencepiece model,
+    as llama.cpp's convert script writes it: pieces, scores, sentencepiece token types."""
+    import gguf
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    n = sp.vocab_size()
+
+    def kind(i):
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([kind(i) for i in range(n)])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("dummy_prefix", [True, False])
+def test_gguf_sentencepiece_vocab_matches_its_model(tmp_path, dummy_prefix):
+    """tokenizer.ggml.model = llama: the rebuilt sentencepiece model encodes exactly as the
+    tokenizer.model the GGUF was made from (LLaMA-2 style: dummy prefix, byte fallback, split digits).
+    (transformers' GGUF loader is no reference here: it turns scores into merges for its own BPE and
+    then differs from sentencepiece on runs of spaces, e.g. "  leading spaces".)"""
+    import sentencepiece as spm
+    text = tmp_path / "t.txt"
+    text.write_text(BPE_TRAIN_TEXT)
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=500, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=dummy_prefix, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, minloglevel=2, num_threads=1)
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf", tmp_path / "sp.model",
+                                    add_space_prefix=None if dummy_prefix else False)
+    tok = Tokenizer(path)
+    assert tok.kind == "gguf" and tok._sp is not None
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.add_bos) == (500, 1, 2, True)
+    assert tok.special_tokens == {"<s>": 1, "</s>": 2}
+    for t in MIXED + BPE_TEXTS:
+        ids = tok.encode(t)
+        assert ids == ref.encode(t), repr(t)
+        assert tok.decode(ids) == ref.decode(ids)
+    ids = tok.encode("<s>hi</s>", allowed_special="all")
+    assert ids[0] == 1 and ids[-1] == 2
+
+
 def test_gguf_fingerprint_is_the_tokenizer_not_the_weights(tmp_path):
     src = train_byte_level(tmp_path / "src" / "tokenizer.json", "smollm")
     a = write_gguf(tmp_path / "a.gguf", src, tensors=[("w", [1.0, 2.0])])
@@ -481,8 +538,8 @@ def test_gguf_refusals(tmp_path):
         Tokenizer(write_gguf(tmp_path / "nopre.gguf", src, pre=None))
     with pytest.raises(ValueError, match=r"tokenizer.ggml.model = 'bert' is not supported"):
         Tokenizer(write_gguf(tmp_path / "bert.gguf", src, model="bert"))
-    with pytest.raises(ValueError, match=r"'llama' \(a sentencepiece vocabulary .*tokenizer.model"):
-        Tokenizer(write_gguf(tmp_path / "spm.gguf", src, model="llama"))
+    with pytest.raises(ValueError, match=r"'llama' tokenizer needs tokenizer.ggml.tokens, .scores"):
+        Tokenizer(write_gguf(tmp_path / "spm.gguf", src, model="llama"))  # no scores
     with pytest.raises(ValueError, match="holds no tokenizer"):
         Tokenizer(write_gguf(tmp_path / "weights_only.gguf", None, tensors=[("w", [1.0])]))
     whole = write_gguf(tmp_path / "whole.gguf", src).read_bytes()
