@@ -313,7 +313,8 @@ def _field(number, value):
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
-def sentencepiece_model_proto(pieces, scores, types, add_dummy_prefix=True, remove_extra_whitespaces=False):
+def sentencepiece_model_proto(pieces, scores, types, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                              unk_bos_eos=(0, 1, 2)):
     """A sentencepiece BPE ModelProto (what a LLaMA-1/2 tokenizer.model holds) from a GGUF's
     sentencepiece-style vocabulary, serialised by hand (the protobuf package is not a dependency).
     Field numbers from sentencepiece_model.proto; token types share sentencepiece's numbering
@@ -321,6 +322,9 @@ def sentencepiece_model_proto(pieces, scores, types, add_dummy_prefix=True, remo
     body = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
                     for p, s, t in zip(pieces, scores, types))
     trainer = _field(3, 2) + _field(35, 6 in types)   # model_type = BPE; byte_fallback when <0xXX> pieces exist
+    unk, bos, eos = unk_bos_eos
+    trainer += _field(40, unk) + _field(41, bos) + _field(42, eos) + _field(43, -1)  # unk / bos / eos / pad ids
+    trainer += b"".join(_field(k, pieces[i]) for k, i in ((45, unk), (46, bos), (47, eos)) if 0 <= i < len(pieces))
     normalizer = (_field(1, "identity") + _field(3, bool(add_dummy_prefix))
                   + _field(4, bool(remove_extra_whitespaces)) + _field(5, True))  # escape spaces as U+2581
     return body + _field(2, trainer) + _field(3, normalizer)
@@ -345,6 +349,7 @@ class Tokenizer:
         self.path = str(path)
         self.kind = _sniff_kind(path)
         self._sp = self._tt = self._remap = self._id_bytes = self._fingerprint = None
+        self._bpe = self._sp_proto = None
         self.pre = None  # a GGUF's tokenizer.ggml.pre
         if self.kind == "tiktoken":
             self._init_tiktoken()
@@ -370,8 +375,6 @@ class Tokenizer:
     def _init_gguf(self):
         """The tokenizer a GGUF carries as metadata (llama.cpp's keys), read with ggml's gguf package.
         Only the metadata is read (the file is memory-mapped; no tensor data is touched)."""
-        import hashlib
-        import json
         from gguf import GGUFReader
         try:
             fields = GGUFReader(self.path).fields
@@ -414,17 +417,29 @@ class Tokenizer:
             if cut < 0:
                 raise ValueError(f"{self.path}: merge {k} {m!r} is not 'left right'")
             pairs.append((m[:cut], m[cut + 1:]))
-        self._tt, self._remap, self._id_bytes = build_byte_level_bpe(
-            vocab, pairs, self.special_tokens, GGUF_PRE_PATTERNS[pre], self.path)
+        self._init_byte_level(vocab, pairs, GGUF_PRE_PATTERNS[pre])
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
         self.add_bos = bool(get("tokenizer.ggml.add_bos_token", pre in GGUF_PRE_ADDS_BOS))
         self.pre = pre
-        # identify the vocabulary, not the weights: the same tokenizer in two quantizations agrees
-        canon = json.dumps({"model": model, "pre": pre, "tokens": tokens, "token_type": [int(t) for t in types],
-                            "merges": merges, "bos": self.bos_id, "eos": self.eos_id},
-                           ensure_ascii=False, separators=(",", ":"))
-        self._fingerprint = hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def _init_byte_level(self, vocab, merges, pattern):
+        self._tt, self._remap, self._id_bytes = build_byte_level_bpe(
+            vocab, merges, self.special_tokens, pattern, self.path)
+        self._bpe = {"vocab": vocab, "merges": merges, "pattern": pattern}
+
+    def _byte_level_fingerprint(self):
+        """sha256 of what decides the ids: the split regex, each id's bytes, the merges, the special
+        tokens, bos / eos. Not the weights (the same tokenizer in two quantizations agrees) and not the
+        file layout: a GGUF and the tokenizer.json `save` writes from it share the fingerprint."""
+        import hashlib
+        import json
+        canon = json.dumps({"format": "byte-level-bpe", "pattern": self._bpe["pattern"],
+                            "ids": [b.hex() for b in self._id_bytes],
+                            "merges": [f"{a} {b}" for a, b in self._bpe["merges"]],
+                            "special": sorted((i, t) for t, i in self.special_tokens.items()),
+                            "bos": self.bos_id, "eos": self.eos_id}, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
     def _init_gguf_sentencepiece(self, get):
         """tokenizer.ggml.model = llama: a sentencepiece BPE vocabulary (pieces, scores, types), as
@@ -432,7 +447,6 @@ class Tokenizer:
         model (sentencepiece_model_proto) and let sentencepiece run it, with llama.cpp's defaults:
         a dummy-prefix space unless tokenizer.ggml.add_space_prefix says no, BOS added by default."""
         import hashlib
-        import json
         tokens, scores = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores")
         types = get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens or [])
         if not tokens or scores is None or len(scores) != len(tokens) or len(types) != len(tokens):
@@ -442,17 +456,18 @@ class Tokenizer:
             raise ValueError(f"{self.path}: the sentencepiece vocabulary has no unknown-type token (<unk>)")
         add_prefix = bool(get("tokenizer.ggml.add_space_prefix", True))
         remove_ws = bool(get("tokenizer.ggml.remove_extra_whitespaces", False))
-        proto = sentencepiece_model_proto(tokens, scores, types, add_prefix, remove_ws)
+        unk = types.index(2)
+        bos = get("tokenizer.ggml.bos_token_id", -1)
+        eos = get("tokenizer.ggml.eos_token_id", -1)
+        proto = sentencepiece_model_proto(tokens, scores, types, add_prefix, remove_ws, (unk, bos, eos))
         self._init_sentencepiece(proto)
         self._lower_block_ids = None  # a literal U+2581 reads as a space, as in llama.cpp and sentencepiece
-        self.bos_id = get("tokenizer.ggml.bos_token_id", self.bos_id)
-        self.eos_id = get("tokenizer.ggml.eos_token_id", self.eos_id)
+        self.bos_id = None if bos < 0 else bos
+        self.eos_id = None if eos < 0 else eos
         self.add_bos = bool(get("tokenizer.ggml.add_bos_token", True))
-        canon = json.dumps({"model": "llama", "tokens": tokens, "scores": [float(x) for x in scores],
-                            "token_type": [int(t) for t in types], "add_space_prefix": add_prefix,
-                            "remove_extra_whitespaces": remove_ws, "bos": self.bos_id, "eos": self.eos_id},
-                           ensure_ascii=False, separators=(",", ":"))
-        self._fingerprint = hashlib.sha256(canon.encode("utf-8")).hexdigest()
+        # the rebuilt model is the tokenizer: save() writes it as tokenizer.model, same fingerprint
+        self._sp_proto = proto
+        self._fingerprint = hashlib.sha256(proto).hexdigest()
 
     def _init_hf_json(self):
         """A Hugging Face tokenizer.json with a byte-level BPE model (GPT-2 style: SmolLM, LLaMA-3,
@@ -481,8 +496,7 @@ class Tokenizer:
         if not vocab:
             raise ValueError(f"{self.path}: model.vocab is empty")
         self.special_tokens = {a["content"]: a["id"] for a in spec.get("added_tokens") or []}
-        self._tt, self._remap, self._id_bytes = build_byte_level_bpe(
-            vocab, merges, self.special_tokens, pattern, self.path)
+        self._init_byte_level(vocab, merges, pattern)
         self.vocab_size = len(self._id_bytes)
 
         cfg_path = Path(self.path).with_name("tokenizer_config.json")
@@ -622,11 +636,71 @@ class Tokenizer:
         """sha256 (hex) that identifies this vocabulary: recorded in a dataset's meta.json and in every
         checkpoint trained on it, so a model is never fed token ids from another tokenizer. For a GGUF
         it hashes the tokenizer metadata (not the weights); otherwise the tokenizer file."""
+        if self._fingerprint is None and self._bpe is not None:
+            self._fingerprint = self._byte_level_fingerprint()
         if self._fingerprint is None:
             import hashlib
             with open(self.path, "rb") as f:
                 self._fingerprint = hashlib.sha256(f.read()).hexdigest()
         return self._fingerprint
+
+    def save(self, folder):
+        """Write this tokenizer into a (checkpoint) folder in a form both `Tokenizer(folder)` and
+        transformers read, with the same fingerprint and the same ids: tokenizer.model (a copy, or the
+        sentencepiece model rebuilt from a GGUF), or tokenizer.json + tokenizer_config.json for a
+        byte-level BPE -- never the GGUF's weights. Returns the path written."""
+        import json
+        from fileio import atomic_write
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self._bpe is None:
+            dst = folder / "tokenizer.model"
+            if self._sp_proto is not None:
+                atomic_write(dst, self._sp_proto)
+            elif not (dst.exists() and dst.samefile(self.path)):
+                atomic_write(dst, Path(self.path).read_bytes())
+            return dst
+        names = {i: t for t, i in self.special_tokens.items()}
+        atomic_write(folder / "tokenizer.json", json.dumps(self.hf_tokenizer_json(), ensure_ascii=False))
+        atomic_write(folder / "tokenizer_config.json", json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(self.bos_id),
+            "eos_token": names.get(self.eos_id), "add_bos_token": self.add_bos,
+            "clean_up_tokenization_spaces": False}, ensure_ascii=False, indent=1))
+        return folder / "tokenizer.json"
+
+    def hf_tokenizer_json(self):
+        """The Hugging Face tokenizer.json (as a dict) of a byte-level BPE tokenizer. ignore_merges: a
+        pre-token that is itself a token is taken whole, as tiktoken does."""
+        pattern = self._bpe["pattern"]
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+        if pattern == GPT2_PATTERN:
+            pre = byte_level
+        elif pattern == SMOLLM_PATTERN:
+            pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+        else:
+            pre = {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+                dict(byte_level, use_regex=False)]}
+        names = {i: t for t, i in self.special_tokens.items()}
+        post = None
+        if self.add_bos and self.bos_id in names:
+            bos = names[self.bos_id]
+            post = {"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, t in sorted(names.items())],
+            "normalizer": None, "pre_tokenizer": pre, "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True, "vocab": self._bpe["vocab"],
+                      "merges": [[a, b] for a, b in self._bpe["merges"]]},
+        }
 
     def __repr__(self):
         return (f"Tokenizer({self.path!r}, kind={self.kind}, vocab_size={self.vocab_size}, "

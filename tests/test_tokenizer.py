@@ -564,6 +564,42 @@ def test_folder_finds_its_tokenizer(tmp_path, sp_model):
         Tokenizer(gf)
 
 
+@pytest.mark.parametrize("layout,pre", [("smollm", "smollm"), ("llama3", "llama-bpe"), ("gpt2", "gpt-2")])
+def test_save_gguf_tokenizer_as_tokenizer_json(tmp_path, layout, pre):
+    """save() writes a GGUF's tokenizer as tokenizer.json + tokenizer_config.json: same fingerprint,
+    same ids, and transformers loading that folder agrees with us on every text (whitespace before
+    digits included, unlike its GGUF loader), adding BOS exactly when add_bos says so."""
+    from transformers import AutoTokenizer
+    src = train_byte_level(tmp_path / "src" / "tokenizer.json", layout)
+    gg = Tokenizer(write_gguf(tmp_path / "t.gguf", src, pre=pre))
+    out = tmp_path / "ckpt"
+    assert gg.save(out) == out / "tokenizer.json"
+    back = Tokenizer(out)
+    assert back.kind == "tokenizer.json" and back.fingerprint == gg.fingerprint
+    assert (back.vocab_size, back.bos_id, back.eos_id, back.add_bos, back.special_tokens) == \
+        (gg.vocab_size, gg.bos_id, gg.eos_id, gg.add_bos, gg.special_tokens)
+    hf = AutoTokenizer.from_pretrained(str(out))
+    for text in BPE_TEXTS:
+        ids = gg.encode(text, allowed_special="all")
+        assert back.encode(text, allowed_special="all") == ids, repr(text)
+        assert hf(text)["input_ids"] == ([gg.bos_id] if gg.add_bos else []) + ids, repr(text)
+    # the fingerprint follows the ids: another split regex is another tokenizer
+    other = Tokenizer(write_gguf(tmp_path / "o.gguf", src, pre="gpt-2" if pre != "gpt-2" else "smollm"))
+    assert other.fingerprint != gg.fingerprint
+
+
+def test_save_sentencepiece_kinds(tmp_path, sp_model):
+    tok = Tokenizer(sp_model)
+    copy = tok.save(tmp_path / "a")
+    assert copy.name == "tokenizer.model" and Tokenizer(tmp_path / "a").fingerprint == tok.fingerprint
+    gg = Tokenizer(write_sentencepiece_gguf(tmp_path / "sp.gguf", sp_model))
+    gg.save(tmp_path / "b")
+    back = Tokenizer(tmp_path / "b")
+    assert back.kind == "sentencepiece" and back.fingerprint == gg.fingerprint
+    for text in MIXED:
+        assert back.encode(text) == gg.encode(text), repr(text)
+
+
 # --- the real SmolLM2 GGUF (skipped when absent) -------------------------------------------------
 
 def smollm2_gguf():
@@ -615,6 +651,19 @@ def test_real_smollm2_gguf_matches_transformers():
         if not has_whitespace_run_before_digit(text):
             assert ids == hf_ids(hf, text), repr(text)
     assert tok.encode("Hello world! 123") == [19556, 905, 17, 216, 33, 34, 35]
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="SmolLM2 GGUF not present (set LLAMA_MOE_SMOLLM2_GGUF)")
+def test_real_smollm2_saved_as_tokenizer_json(tmp_path):
+    """The SmolLM2 tokenizer written by save(): transformers reading that folder gives our ids on
+    every text, whitespace before digits included."""
+    from transformers import AutoTokenizer
+    tok = Tokenizer(smollm2_gguf())
+    tok.save(tmp_path)
+    assert Tokenizer(tmp_path).fingerprint == tok.fingerprint
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in REAL_TEXTS:
+        assert hf(text)["input_ids"] == tok.encode(text, allowed_special="all"), repr(text)
 
 
 def embedded_val_texts(data_dir):
