@@ -709,24 +709,34 @@ class Tokenizer:
 
 def _tiktoken_chunks(text):
     """Split text into pieces tiktoken's regex can take: each <= TIKTOKEN_MAX_CHARS and without a
-    run of whitespace / non-whitespace longer than TIKTOKEN_MAX_RUN. Cuts happen only inside such
-    monster runs or between runs, so text under TIKTOKEN_MAX_CHARS without such runs tokenizes
-    exactly as a single call would."""
+    run of whitespace / non-whitespace longer than TIKTOKEN_MAX_RUN.
+
+    Monster runs are cut every TIKTOKEN_MAX_RUN characters (the only place the ids can differ from
+    one call). Other cuts go right after a letter or digit that a space follows: no split regex we
+    use (GPT-2, SmolLM, LLaMA-3) puts a letter / digit and the space after it in one pre-token, and
+    none looks behind, so the ids are exactly those of one call."""
     if len(text) <= TIKTOKEN_MAX_RUN:
         return [text]
-    chunks, current, size = [], [], 0
-    for m in re.finditer(r"\s+|\S+", text):
+    segments, start = [], 0
+    monster = r"\s{%d,}|\S{%d,}" % (TIKTOKEN_MAX_RUN + 1, TIKTOKEN_MAX_RUN + 1)
+    for m in re.finditer(monster, text):
+        segments.append(text[start:m.start()])
         run = m.group(0)
-        pieces = [run[i:i + TIKTOKEN_MAX_RUN] for i in range(0, len(run), TIKTOKEN_MAX_RUN)]
-        for j, p in enumerate(pieces):
-            # each later piece of a cut run starts a new chunk, so no call sees the whole run
-            if current and (j > 0 or size + len(p) > TIKTOKEN_MAX_CHARS):
-                chunks.append("".join(current))
-                current, size = [], 0
-            current.append(p)
-            size += len(p)
-    if current:
-        chunks.append("".join(current))
+        segments.extend(run[i:i + TIKTOKEN_MAX_RUN] for i in range(0, len(run), TIKTOKEN_MAX_RUN))
+        start = m.end()
+    segments.append(text[start:])
+    chunks = []
+    for seg in segments:
+        while len(seg) > TIKTOKEN_MAX_CHARS:
+            cut = seg.rfind(" ", 1, TIKTOKEN_MAX_CHARS + 1)
+            while cut > 0 and not seg[cut - 1].isalnum():
+                cut = seg.rfind(" ", 1, cut)
+            if cut <= 0:  # no safe place (e.g. a long line of CJK text): cut anyway
+                cut = TIKTOKEN_MAX_CHARS
+            chunks.append(seg[:cut])
+            seg = seg[cut:]
+        if seg:
+            chunks.append(seg)
     return chunks
 
 

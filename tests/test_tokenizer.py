@@ -315,6 +315,19 @@ def test_tokenizer_json_matches_transformers(bpe_json):
     assert tok.special_tokens["<|im_start|>"] not in plain and tok.decode(plain) == "<|im_start|>hi"
 
 
+def test_long_text_is_cut_where_no_pre_token_spans(bpe_json, monkeypatch):
+    """Text longer than one tiktoken call is cut only after a letter / digit that a space follows, so
+    the ids are those transformers gives for the whole text."""
+    import tokenizer as tokmod
+    tok, hf = Tokenizer(bpe_json), hf_fast(bpe_json)
+    text = "".join(BPE_TEXTS[:12]) * 4
+    monkeypatch.setattr(tokmod, "TIKTOKEN_MAX_CHARS", 300)
+    monkeypatch.setattr(tokmod, "TIKTOKEN_MAX_RUN", 250)
+    chunks = _tiktoken_chunks(text)
+    assert len(chunks) > 5 and "".join(chunks) == text and max(map(len, chunks)) <= 300
+    assert tok.encode(text) == hf_ids(hf, text)
+
+
 def test_tokenizer_json_ranks_follow_merges_not_ids(tmp_path):
     """A vocabulary whose ids do not grow with its merges: ranks come from the merge order (and are
     mapped back to ids); bytes the vocabulary lacks are dropped, as transformers does."""
