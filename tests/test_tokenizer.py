@@ -2,7 +2,6 @@
 
 import base64
 import os
-import sys
 from pathlib import Path
 
 import pytest
