@@ -309,7 +309,8 @@ def make_manifest(meta, stats, sources, tok, extra):
                       "tokens": {"train": m["train_tokens"], "val": m["val_tokens"]},
                       "replaced_chars": s["replaced_chars"]}
     return {"domains": domains,
-            "tokenizer": {"file": meta["tokenizer"], "sha256": meta["tokenizer_sha256"],
+            "tokenizer": {"file": meta["tokenizer"], "source": extra.pop("tokenizer_source"),
+                          "sha256": meta["tokenizer_sha256"],
                           "kind": getattr(tok, "kind", None), "vocab_size": tok.vocab_size,
                           "bos_id": meta["bos_id"], "eos_id": tok.eos_id},
             "shards": {"dtype": meta["dtype"], "format": "{domain}.{split}.bin, each document followed by eos_id"},
@@ -411,6 +412,7 @@ def build_embedded(cfg, tmp, tok):
     tasks = write_tasks(tmp, val_texts, cfg)
     return make_manifest(meta, stats, sources, tok, {
         "input": "embedded", "missing_sources": missing, "tasks": tasks,
+        "tokenizer_source": cfg.tokenizer or f"trained here ({cfg.vocab_size}-piece sentencepiece BPE)",
         "split": f"val = documents whose sha1('split:'+doc_id) < {cfg.val_fraction} "
                  f"(at least {cfg.min_val_docs} per domain)",
         "cap": f"{cfg.max_mb_per_domain} MB per domain, documents chosen by sha1('select:'+doc_id); "
@@ -448,7 +450,7 @@ def build_jsonl(cfg, tmp, tok, files):
                    "license": "per source, see the SlimPajama / RedPajama dataset cards"}
                for name, d in SLIMPAJAMA_SETS.items()}
     return make_manifest(meta, stats, sources, tok, {
-        "input": cfg.jsonl, "files": jstats.files,
+        "input": cfg.jsonl, "files": jstats.files, "tokenizer_source": cfg.tokenizer,
         "skipped_lines": {"count": len(jstats.bad_lines), "first": jstats.bad_lines[:20]},
         "unknown_set_names": dict(jstats.unknown_sets), "tasks": tasks,
         "split": f"val = documents whose sha1('split:'+folder/file:line) < {cfg.val_fraction}",
