@@ -13,21 +13,27 @@ and was kept. The paper does not say HOW either was detected, so both detectors 
      `fluency_percentile` % (default 15, the paper's share) is removed: code and prose have very different
      perplexities, so one global threshold would remove mostly one domain.
 
-    python filter.py --input docs.jsonl --out filtered/ [--ads] [--fluency] [--reference clean.txt]
+    python filter.py --input=docs.jsonl --out=filtered/ [--fluency=False] [--ads=False] [--reference=clean.txt]
 
-Input: .jsonl or .jsonl.zst lines {"text": ..., "domain": ...} or SlimPajama's
-{"text": ..., "meta": {"redpajama_set_name": "RedPajamaC4"}} (-> domain "c4"); a line without either gets
-domain "unknown". Or .txt: documents separated by blank lines (so one paragraph = one document; use jsonl
-for multi-paragraph documents), domain = the file's name without extension.
+Input (--input, several separated by commas; globs allowed): .jsonl or .jsonl.zst lines {"text": ...,
+"domain": ...} or SlimPajama's {"text": ..., "meta": {"redpajama_set_name": "RedPajamaC4"}} (-> domain "c4"),
+read by data/jsonl.py (which refuses a truncated or non-zstd .zst file, naming it); a line without either
+gets domain "unknown". Or .txt: documents separated by blank lines (so one paragraph = one document; use
+jsonl for multi-paragraph documents), domain = the file's name without extension.
 Output in --out: kept.jsonl and removed.jsonl (each input record plus "domain", "source" file:line and
-"filter" with the scores and the reason), report.json, and a printed per-domain report. Nothing is lost
-silently: a line that is not JSON is skipped and listed with file:line, undecodable bytes are replaced and
-counted. "Tokens" in the report are whitespace-separated words (no tokenizer needed). The whole input is
-held in memory (the percentile needs every score): for SlimPajama, run it per chunk file.
+"filter" with the scores and the reason), report.json, and a printed per-domain report.
+
+Nothing is lost: every input document ends in exactly one of kept.jsonl / removed.jsonl (the report's
+counts add up); a line that is not a JSON document is skipped and listed with file:line; undecodable bytes
+are replaced and counted. A text holding a lone surrogate ("\ud800": valid JSON, not encodable as UTF-8)
+is scored like any other text and written back with the same escape, so its record leaves unchanged; the
+report counts them. The outputs are written only after all documents are scored, each file atomically,
+and an --out file that would overwrite an input is refused. "Tokens" in the report are whitespace-separated
+words (no tokenizer needed). The whole input is held in memory (the percentile needs every score): for
+SlimPajama, run it per chunk file.
 """
 
-import argparse
-import io
+import glob
 import json
 import math
 import os
@@ -38,9 +44,16 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
+from configurator import UserError, load_config, run_cli
+from data.jsonl import SLIMPAJAMA_SETS, decode_counting, read_jsonl, slimpajama_set
+from fileio import atomic_file
+
 
 @dataclass
 class FilterConfig:
+    input: str = ""  # .jsonl, .jsonl.zst or .txt file(s), separated by commas; globs allowed
+    out: str = ""  # folder for kept.jsonl, removed.jsonl, report.json
+    reference: str = ""  # clean text (.txt or .jsonl) for the n-gram model; "" = 2-fold cross-fitting on the input
     ads: bool = True
     fluency: bool = True
     ad_threshold: float = 0.5  # remove a document whose ad_score is >= this
@@ -221,72 +234,54 @@ def fluency_scores(texts, reference_texts=None, order=5):
 # 3. Reading documents (nothing lost silently)
 
 
-def slimpajama_domain(set_name):
-    """'RedPajamaCommonCrawl' -> 'commoncrawl', 'RedPajamaArXiv' -> 'arxiv' (the names sample.py uses)."""
-    name = set_name.lower()
-    return name[len("redpajama"):] if name.startswith("redpajama") else name
-
-
-def decode(raw, where, stats):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats["non_utf8"].append(where)  # replaced by U+FFFD, kept, and counted
-        return raw.decode("utf-8", errors="replace")
+def record_domain(record):
+    """A record's own "domain", else its SlimPajama source ('RedPajamaC4' -> 'c4'), else "unknown"."""
+    if isinstance(record.get("domain"), str):
+        return record["domain"]
+    name = slimpajama_set(record)
+    if name is None:
+        return "unknown"
+    return SLIMPAJAMA_SETS.get(name) or name.lower()
 
 
 def read_documents(path, stats):
     """-> list of (record dict with "text", domain, "file:line"); bad lines go to stats["bad_lines"]."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file {path} not found")
-    docs = []
+        raise UserError(f"--input file {path} not found")
     if path.endswith(".txt"):
         domain = os.path.basename(path)[:-len(".txt")]
         with open(path, "rb") as f:
-            text = decode(f.read(), path, stats)
-        line = 1
+            text, replaced = decode_counting(f.read())
+        if replaced:
+            stats["non_utf8"].append(path)  # replaced by U+FFFD, kept, and counted
+        docs, line = [], 1
         for block in re.split(r"(\n(?:[ \t]*\n)+)", text):  # keep the separators to count lines
             if block.strip():
                 docs.append(({"text": block.strip()}, domain, f"{path}:{line}"))
             line += block.count("\n")
         return docs
-    if path.endswith(".jsonl.zst"):
-        import zstandard  # only needed for SlimPajama's compressed chunks
-        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    elif path.endswith(".jsonl"):
-        stream = open(path, "rb")
-    else:
-        raise ValueError(f"{path}: expected a .jsonl, .jsonl.zst or .txt file")
-    with stream:
-        for number, raw in enumerate(stream, start=1):
-            where = f"{path}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(decode(raw, where, stats))
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError("not an object with a string 'text'")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                stats["bad_lines"].append(f"{where}: {str(e)[:80]}")
-                continue
-            meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-            if isinstance(record.get("domain"), str):
-                domain = record["domain"]
-            elif isinstance(meta.get("redpajama_set_name"), str):
-                domain = slimpajama_domain(meta["redpajama_set_name"])
-            else:
-                domain = "unknown"
-            docs.append((record, domain, where))
+    if not path.endswith((".jsonl", ".jsonl.zst")):
+        raise UserError(f"--input {path}: expected a .jsonl, .jsonl.zst or .txt file")
+    docs = []
+    for line in read_jsonl(path, lambda where, why: stats["bad_lines"].append(f"{where}: {why}")):
+        if line.replaced:
+            stats["non_utf8"].append(line.where)
+        docs.append((line.record, record_domain(line.record), line.where))
     return docs
 
 
 def read_reference(path):
     """Clean text for the reference model: a .txt (one text) or a .jsonl of {"text": ...}."""
     stats = {"bad_lines": [], "non_utf8": []}
-    if path.endswith(".txt"):
+    if path.endswith(".txt") and os.path.isfile(path):
         with open(path, "rb") as f:
-            return [decode(f.read(), path, stats)]
-    return [record["text"] for record, _, _ in read_documents(path, stats)]
+            texts = [decode_counting(f.read())[0]]
+    else:
+        texts = [record["text"] for record, _, _ in read_documents(path, stats)]
+    if not any(t.strip() for t in texts):
+        raise UserError(f"--reference={path} holds no text: the fluency model would learn nothing "
+                        f"(give clean text, or leave --reference out to cross-fit on the input)")
+    return texts
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -349,6 +344,7 @@ def build_report(kept, removed, stats, config, inputs):
         "documents": len(kept) + len(removed), "kept": len(kept), "removed": len(removed),
         "bad_lines": {"count": len(stats["bad_lines"]), "where": stats["bad_lines"][:100]},
         "non_utf8": {"count": len(stats["non_utf8"]), "where": stats["non_utf8"][:100]},
+        "lone_surrogates": sum(has_lone_surrogate(rec["text"]) for rec in kept + removed),
         "domains": domains,
     }
 
@@ -373,47 +369,78 @@ def print_report(report):
                 print(f"  [{name}] removed by {reason} (score {ex['score']}) {ex['source']}: {ex['text'][:100]!r}")
 
 
+def has_lone_surrogate(text):
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def jsonl_line(rec):
+    """One output line. A lone surrogate cannot be written as UTF-8, so such a record keeps JSON's
+    \\uXXXX escapes (ensure_ascii): it reads back as exactly the string that came in."""
+    line = json.dumps(rec, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(rec, ensure_ascii=True)
+    return line + "\n"
+
+
 def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.write(jsonl_line(rec))
+
+
+def input_files(spec):
+    """--input: paths separated by commas, each a file or a glob."""
+    files = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise UserError(f"--input {item!r} matches no file")
+        files += matches
+    if not files:
+        raise UserError("--input is required: .jsonl, .jsonl.zst or .txt file(s), separated by commas")
+    return files
+
+
+def check_config(config, inputs):
+    """Every setting and path is checked before any input is read or output written."""
+    if not config.out:
+        raise UserError("--out is required: a folder for kept.jsonl, removed.jsonl and report.json")
+    if not (config.ads or config.fluency):
+        raise UserError("--ads=False and --fluency=False leave nothing to do: enable at least one filter")
+    if not 0.0 <= config.ad_threshold <= 1.0 or not 0.0 <= config.fluency_percentile < 100.0:
+        raise UserError(f"need 0 <= --ad_threshold <= 1 and 0 <= --fluency_percentile < 100, "
+                        f"got {config.ad_threshold} and {config.fluency_percentile}")
+    if config.order < 1:
+        raise UserError(f"--order={config.order}: the n-gram order must be >= 1 (5 = characters in context + 1)")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise UserError(f"--out={config.out} is a file, not a folder")
+    reads = {os.path.realpath(p) for p in inputs + ([config.reference] if config.reference else [])}
+    for name in ("kept.jsonl", "removed.jsonl", "report.json"):
+        if os.path.realpath(os.path.join(config.out, name)) in reads:
+            raise UserError(f"--out={config.out} would overwrite the input {os.path.join(config.out, name)}: "
+                            f"inputs are never modified; choose another --out")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Remove advertisements and non-fluent text (SPEC §4).")
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl, .jsonl.zst or .txt file(s)")
-    parser.add_argument("--out", required=True, help="folder for kept.jsonl, removed.jsonl, report.json")
-    parser.add_argument("--ads", action="store_true", help="apply the advertisement filter")
-    parser.add_argument("--fluency", action="store_true", help="apply the fluency filter")
-    parser.add_argument("--ad_threshold", type=float, default=FilterConfig.ad_threshold)
-    parser.add_argument("--fluency_percentile", type=float, default=FilterConfig.fluency_percentile)
-    parser.add_argument("--reference", help="clean text (.txt or .jsonl) for the n-gram model; "
-                                            "default: 2-fold cross-fitting on the input itself")
-    parser.add_argument("--order", type=int, default=FilterConfig.order)
-    args = parser.parse_args(argv)
-    if not (args.ads or args.fluency):
-        args.ads = args.fluency = True  # neither named: both filters, as the paper tried both
-    if not 0.0 <= args.ad_threshold <= 1.0 or not 0.0 <= args.fluency_percentile < 100.0:
-        raise ValueError(f"need 0 <= --ad_threshold <= 1 and 0 <= --fluency_percentile < 100, "
-                         f"got {args.ad_threshold} and {args.fluency_percentile}")
-    config = FilterConfig(args.ads, args.fluency, args.ad_threshold, args.fluency_percentile, args.order)
-
+    config = load_config(FilterConfig(), sys.argv[1:] if argv is None else argv, doc=__doc__)
+    inputs = input_files(config.input)
+    check_config(config, inputs)
     stats = {"bad_lines": [], "non_utf8": []}
-    docs = [doc for path in args.input for doc in read_documents(path, stats)]
-    reference = read_reference(args.reference) if args.reference else None
+    docs = [doc for path in inputs for doc in read_documents(path, stats)]
+    reference = read_reference(config.reference) if config.reference and config.fluency else None
     kept, removed = filter_documents(docs, config, reference)
-    os.makedirs(args.out, exist_ok=True)
-    write_jsonl(os.path.join(args.out, "kept.jsonl"), kept)
-    write_jsonl(os.path.join(args.out, "removed.jsonl"), removed)
-    report = build_report(kept, removed, stats, config, args.input)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
+    assert len(kept) + len(removed) == len(docs)  # every document ends in exactly one of the two
+    report = build_report(kept, removed, stats, config, inputs)
+    os.makedirs(config.out, exist_ok=True)
+    write_jsonl(os.path.join(config.out, "kept.jsonl"), kept)
+    write_jsonl(os.path.join(config.out, "removed.jsonl"), removed)
+    with atomic_file(os.path.join(config.out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=True)
     print_report(report)
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"filter.py: {e}")
+    run_cli(main)

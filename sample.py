@@ -16,22 +16,25 @@ This file reads the token shards written by data/prepare.py and turns them into 
 Read top to bottom: the paper's numbers, the shard reader, the weights, the dynamic rule, the shuffle,
 the sampler, and the evaluation windows that train.py and eval.py share.
 
-    python sample.py --data_dir data/embedded --weights uniform --seq_len 256 --batch_size 8
+    python sample.py --data_dir=data/embedded --weights=uniform --seq_len=256 --batch_size=8
 """
 
-import argparse
 import copy
 import json
 import math
 import os
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# -----------------------------------------------------------------------------------------------------
-# 1. The paper's numbers for SlimPajama's 7 domains (SPEC §4; names as data/prepare.py writes them)
+from configurator import UserError, load_config, run_cli
+from data.jsonl import SLIMPAJAMA_DOMAINS
 
-SLIMPAJAMA_DOMAINS = ("commoncrawl", "c4", "github", "wikipedia", "book", "arxiv", "stackexchange")
+# -----------------------------------------------------------------------------------------------------
+# 1. The paper's numbers for SlimPajama's 7 domains (SPEC §4; SLIMPAJAMA_DOMAINS: the names data/jsonl.py
+#    gives them, in the paper's order: commoncrawl, c4, github, wikipedia, book, arxiv, stackexchange)
 
 # LLaMA's original pretraining mixture.
 LLAMA_WEIGHTS = dict(zip(SLIMPAJAMA_DOMAINS, (0.67, 0.15, 0.045, 0.045, 0.045, 0.025, 0.02)))
@@ -47,11 +50,12 @@ WEIGHT_TOLERANCE = 1e-6  # weights must sum to 1 within this; we never renormali
 PREPARE_HINT = "make it with `python data/prepare.py`"
 
 # -----------------------------------------------------------------------------------------------------
-# 2. Reading the shards: the one reader of the format data/prepare.py writes (see the team contract)
+# 2. Reading the shards: the one reader of the format data/prepare.py writes (its docstring has it all)
 #
-#   meta.json: {"vocab_size", "dtype": "uint16"|"uint32", "bos_id", "eos_id", "tokenizer",
+#   meta.json: {"vocab_size", "dtype": "uint16"|"uint32", "bos_id", "eos_id", "tokenizer", "tokenizer_sha256",
 #               "domains": {name: {"train_tokens", "val_tokens", "train_docs", "val_docs"}}}
 #   {name}.{split}.bin: the split's documents' tokens back to back, each document followed by eos_id.
+#   A meta.json without "dtype" (written before large vocabularies were supported) means uint16.
 
 
 def load_meta(data_dir):
@@ -65,7 +69,8 @@ def load_meta(data_dir):
         meta = json.load(f)
     if not meta.get("domains"):
         raise ValueError(f"{path} lists no domains; rebuild the shards: {PREPARE_HINT}")
-    if meta.get("dtype") not in ("uint16", "uint32"):
+    meta.setdefault("dtype", "uint16")
+    if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{path}: dtype must be 'uint16' or 'uint32', got {meta.get('dtype')!r}")
     return meta
 
@@ -252,8 +257,7 @@ class DomainSampler:
     """
 
     def __init__(self, data_dir, split="train", batch_size=8, seq_len=256, weights="uniform", dynamic=False,
-                 eta=1.0, c=1e-4, reference_losses=None, seed=0, rank=0, world_size=1,
-                 update_every_tokens=None, renormalize=False):
+                 eta=1.0, c=1e-4, reference_losses=None, seed=0, rank=0, world_size=1, renormalize=False):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if not 0 <= rank < world_size:
@@ -264,7 +268,6 @@ class DomainSampler:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.dynamic, self.eta, self.c = dynamic, eta, c
-        self.update_every_tokens = update_every_tokens
 
         meta = load_meta(data_dir)
         self.shards = load_shards(data_dir, split)
@@ -291,7 +294,6 @@ class DomainSampler:
         self._pos = [0] * len(self.domains)
         self._keys = {}  # domain -> (epoch, Feistel keys), recomputed on demand, not saved
         self.tokens_seen = 0  # this rank's target tokens so far
-        self._tokens_at_update = 0
         self.history = []  # one entry per update_weights: {"tokens", "losses", "weights"}
         self.last_windows = []  # (domain, epoch, start token) of each row of the last batch, for inspection
 
@@ -356,12 +358,6 @@ class DomainSampler:
 
     # -- dynamic weights --------------------------------------------------------------------------------
 
-    @property
-    def update_due(self):
-        """True once update_every_tokens target tokens were drawn since the last update (the paper: 2.5B)."""
-        return (self.dynamic and self.update_every_tokens is not None
-                and self.tokens_seen - self._tokens_at_update >= self.update_every_tokens)
-
     def update_weights(self, val_losses):
         """Sheared-LLaMA's rule (SPEC §4) with per-domain validation losses -> the new {domain: weight}.
 
@@ -372,7 +368,6 @@ class DomainSampler:
         if self._reference is None:  # reference_losses='first'
             self._reference = losses.copy()
         self._w = dynamic_update(self._w, losses, self._reference, self.eta, self.c)
-        self._tokens_at_update = self.tokens_seen
         self.history.append({"tokens": self.tokens_seen, "losses": dict(zip(self.domains, losses.tolist())),
                              "weights": self.weights})
         if self.rank == 0:
@@ -388,7 +383,7 @@ class DomainSampler:
             "rank": self.rank, "world_size": self.world_size,
             "weights": self._w.tolist(), "rng": self._rng.bit_generator.state,
             "epoch": self._epoch, "pos": self._pos,
-            "tokens_seen": self.tokens_seen, "tokens_at_update": self._tokens_at_update,
+            "tokens_seen": self.tokens_seen,
             "reference_losses": None if self._reference is None else self._reference.tolist(),
             "history": self.history,
         })
@@ -404,7 +399,7 @@ class DomainSampler:
         self._w = np.array(state["weights"], dtype=np.float64)
         self._rng.bit_generator.state = state["rng"]
         self._epoch, self._pos = list(state["epoch"]), list(state["pos"])
-        self.tokens_seen, self._tokens_at_update = state["tokens_seen"], state["tokens_at_update"]
+        self.tokens_seen = state["tokens_seen"]
         ref = state["reference_losses"]
         self._reference = None if ref is None else np.array(ref, dtype=np.float64)
         self.history = state["history"]
@@ -442,33 +437,38 @@ def eval_windows(data_dir, domain, seq_len, batch_size=1, max_windows=None, spli
 # -----------------------------------------------------------------------------------------------------
 # 8. A look at the mixture from the command line
 
-def main():
-    parser = argparse.ArgumentParser(description="Draw batches and compare domain frequencies to the weights.")
-    parser.add_argument("--data_dir", default="data/embedded")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--weights", default="uniform", help=f"{' | '.join(PRESETS)} | name=w,name=w")
-    parser.add_argument("--renormalize", action="store_true", help="divide user weights by their sum")
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+@dataclass
+class SampleConfig:
+    data_dir: str = "data/embedded"
+    split: str = "train"
+    weights: str = "uniform"     # uniform | llama | sheared | proportional | name=w,name=w
+    renormalize: bool = False    # divide user weights by their sum
+    seq_len: int = 256
+    batch_size: int = 8
+    batches: int = 200
+    seed: int = 0
 
-    sampler = DomainSampler(args.data_dir, args.split, args.batch_size, args.seq_len, args.weights,
-                            seed=args.seed, renormalize=args.renormalize)
+
+def main(argv=None):
+    """Draw batches and compare the domain frequencies with the weights."""
+    cfg = load_config(SampleConfig(), sys.argv[1:] if argv is None else argv, doc=__doc__)
+    try:
+        sampler = DomainSampler(cfg.data_dir, cfg.split, cfg.batch_size, cfg.seq_len, cfg.weights,
+                                seed=cfg.seed, renormalize=cfg.renormalize)
+    except (FileNotFoundError, ValueError) as e:  # the sampler's checks are the user's errors here
+        raise UserError(str(e)) from None
     counts = np.zeros(len(sampler.domains), dtype=np.int64)
-    for _ in range(args.batches):
+    for _ in range(cfg.batches):
         x, y, domain_idx = sampler.next_batch()
         counts += np.bincount(domain_idx.numpy(), minlength=len(sampler.domains))
     print(f"{'domain':<16}{'tokens':>14}{'windows':>10}{'weight':>9}{'drawn':>9}")
     for k, d in enumerate(sampler.domains):
         print(f"{d:<16}{len(sampler.shards[d]):>14,}{sampler.n_slots[k]:>10,}{sampler._w[k]:>9.4f}"
-              f"{counts[k] / counts.sum():>9.4f}")
-    print(f"last x[0, :16] ({sampler.domains[domain_idx[0]]}): {x[0, :16].tolist()}")
+              f"{counts[k] / max(1, counts.sum()):>9.4f}")
+    if cfg.batches:
+        print(f"last x[0, :16] ({sampler.domains[domain_idx[0]]}): {x[0, :16].tolist()}")
+    return counts
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"sample.py: {e}")
+    run_cli(main)

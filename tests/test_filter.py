@@ -1,22 +1,27 @@
 """Tests for filter.py: the advertisement and fluency filters of SPEC §4 (our design).
 
-The labelled set below was written for this test (no third-party text): 40 advertisements of varied
-kinds (shops, services, spam, classifieds, apps, events) and 42 ordinary texts chosen to be hard for a
-lexical detector - code with licence headers, URLs and e-mails, dictionary entries about "sale" and
-"bargain", economics and news texts quoting prices, a README that says "subscribe", SQL about orders.
+Two labelled sets, both written for these tests (no third-party text):
+  * ADS / ORDINARY, the TUNING set: 40 advertisements and 42 ordinary texts chosen to be hard for a
+    lexical detector (code with licence headers, dictionary entries about "sale", news quoting prices).
+    They were written alongside the detector - its phrase lists were grown on them - so scores on them
+    are in-sample and prove nothing about new text.
+  * HELDOUT_ADS / HELDOUT_ORDINARY: 30 + 30 texts in other niches and wording, written after the
+    detector was frozen and before any of them was scored. Measured at the default threshold 0.5:
+    precision 1.00 (11 of 11 flagged are ads), recall 0.37 (11 of 30 ads caught), ROC AUC 0.82.
+    The honest claim is the weaker one: the detector rarely removes ordinary text, and misses most
+    advertising that does not use its phrase lists.
 The fluency model is trained on the docstrings of Python's own standard library, read at test time.
 """
 
 import importlib
 import inspect
 import json
-import os
 import random
-import sys
 
 import pytest
 
-import filter as flt  # noqa: E402
+import filter as flt
+from configurator import UserError
 
 ADS = [
     "Huge Summer Sale! Get 50% off all patio furniture this weekend only. Free shipping on orders over $49. "
@@ -227,21 +232,164 @@ ORDINARY = [
     "for the sauce.",
 ]
 
+HELDOUT_ADS = [
+    "Struggling with Spanish verbs? Our native tutors meet you online twice a week, at times that suit you. "
+    "The first lesson costs nothing, and packages start at 12 euros an hour. Message us to arrange a trial.",
+    "Fresh sourdough, croissants and cinnamon knots baked every morning at Harbour Street Bakery. Pre-order "
+    "by 8 pm and pick up warm loaves on your way to work. Ask about our weekly bread subscription.",
+    "Desks available at The Loft coworking space: fast fibre, unlimited coffee, meeting rooms and a quiet "
+    "phone booth. Day passes 15 pounds, monthly memberships 180 pounds. Come in for a tour this week.",
+    "Busy schedule? Paws & Go walks your dog while you work. Insured, background-checked walkers, GPS "
+    "updates after every walk. First walk half price for new clients. Text Laura on 07700 900123.",
+    "Always wanted to play guitar? Beginner group lessons every Thursday evening at the community music "
+    "studio. Instruments provided. Only eight places per class, so reserve yours soon.",
+    "Hear every word again. The new NanoEar hearing aid is almost invisible and recharges overnight. Book a "
+    "free hearing test at one of our 200 clinics and try it at home for 30 days.",
+    "DentFlow takes the paperwork out of running a dental practice: online booking, automatic reminders and "
+    "insurance claims in one dashboard. Request a demo and see why 3,000 clinics made the switch.",
+    "Gleam Auto Spa: hand wash and interior vacuum from $25. Ceramic coating packages now 30% off through "
+    "the end of the month. Drive in, no appointment needed, open daily 8 to 6.",
+    "Capture your big day with natural, unposed photographs. Wedding packages include a second shooter, an "
+    "online gallery and a printed album. Limited 2027 dates remain - enquire today for availability.",
+    "This episode is brought to you by Brightmug, the smart mug that keeps your coffee at the perfect "
+    "temperature all morning. Go to brightmug.com slash podcast and use code LISTEN for 20 percent off.",
+    "Our pick of the best air fryers this year: the CrispMax 5L is the one to buy, now down to $79 from $129 "
+    "at major retailers. Grab it before the price goes back up.",
+    "Bedbugs, ants or mice? PestAway technicians treat your home the same day, with pet-safe products and a "
+    "90-day guarantee. Call now for a no-obligation inspection.",
+    "Ride further for less. The Volta City e-bike, 80 km range, hydraulic brakes, now just 999 dollars with "
+    "free home delivery and assembly. Test ride one at your nearest showroom.",
+    "Tickets for DataConf 2027 are on sale! Two days of talks from industry leaders, hands-on workshops and "
+    "networking drinks. Early-bird pricing ends on Friday - secure your pass now.",
+    "Dreaming of a new kitchen? Oak & Stone design, supply and fit complete kitchens in as little as three "
+    "weeks. Visit our showroom or book a home design visit - it's free and there's no pressure to buy.",
+    "Prescription glasses from just $39, including lenses and anti-glare coating. Try five frames at home "
+    "before you decide. Order online in minutes and enjoy free returns.",
+    "Unwind on a five-day yoga retreat in the hills of Umbria. Daily classes, vegetarian meals and a pool "
+    "with a view. Only 12 rooms available for the September retreat. Book your place today.",
+    "Cash for gold, watches and electronics! Best prices in town paid on the spot at Quick Pawn, corner of "
+    "5th and Main. Instant loans against your valuables, no credit checks.",
+    "Learn a language in 10 minutes a day. Download LinguaPop free and unlock every course with Premium - "
+    "your first week is on us. Join 20 million learners worldwide.",
+    "Join the Cellar Club and receive six hand-picked wines every month, delivered to your door. Members save "
+    "25% on every bottle. Cancel anytime. First case only $49.",
+    "Furnish your new flat without the upfront cost. Rent sofas, beds and desks from 15 dollars a month, "
+    "swap items when your style changes. Delivery in 48 hours.",
+    "Get top grades this exam season! BrightPath tutoring centre offers one-to-one maths and science "
+    "tutoring for ages 11-18. Enrol before 1 March and receive two sessions free.",
+    "Introducing Nuit Blanche, the new fragrance by Maison Arel. Notes of fig, cedar and white musk. "
+    "Available now at selected department stores and online. Discover the collection.",
+    "Conquer the kingdom! Build your army, forge alliances and battle players worldwide in Realm Clash, the "
+    "strategy game everyone is playing. Free to play - install now and claim 500 bonus gems.",
+    "Sponsored: Is your retirement on track? Our free guide explains five mistakes that cost savers "
+    "thousands. Enter your email to download it instantly.",
+    "Two-bedroom apartment for rent in Riverside, fully furnished, balcony, parking space. $1,650 per month, "
+    "utilities included. Available from June. Call Sam at 555-212-7788 to arrange a viewing.",
+    "Upgrade your home internet to gigabit fibre for the price of your current plan. No installation fee, no "
+    "contract. Check availability at your address now!",
+    "Handmade leather wallets, crafted in small batches and built to last a lifetime. Free engraving on all "
+    "orders this week. Shop the collection at our online store.",
+    "Solar roof tiles that pay for themselves. Get a personalised savings estimate in under two minutes and "
+    "lock in the current government rebate before it ends.",
+    "Spring clean-up special! Lawn mowing, hedge trimming and garden waste removal from $40 per visit. "
+    "Family-owned and fully insured. Call GreenThumb today for a free quote.",
+]
+
+HELDOUT_ORDINARY = [
+    "The Finance Ministry announced on Monday that the standard rate of value-added tax will rise from 20 to "
+    "21 percent next January. Officials said the change would raise about 3 billion euros a year, most of "
+    "which is earmarked for hospitals.",
+    "Re: noise from the fan on my laptop. I tried the vendor's BIOS update and the fan still spins up when "
+    "the browser is open. Cleaning the vents helped a little. Has anyone compared the 2023 and 2024 models?",
+    "In the medieval fairs of Champagne, merchants from Italy and Flanders met to trade cloth, spices and "
+    "silver. The fairs rotated between four towns and were protected by the counts, who guaranteed safe "
+    "conduct to travellers.",
+    "Nike was founded in 1964 as Blue Ribbon Sports by Bill Bowerman and Phil Knight, and became Nike, Inc. "
+    "in 1971. The company takes its name from the Greek goddess of victory.",
+    "v3.1.0 (2026-10-02)\n* The free tier now allows five projects instead of three.\n* Fixed the export of "
+    "dates in CSV files.\n* Removed the deprecated --legacy flag.",
+    "Refunds. If you cancel within 14 days of purchase you are entitled to a full refund of the fee paid. "
+    "After that period, refunds are issued only where the service was not provided as described.",
+    "Retail sales over the Black Friday weekend rose 4 percent compared with last year, according to an "
+    "industry survey, while the number of shoppers visiting physical stores fell for the third year running.",
+    "Far out in the uncharted backwaters of the harbour, a single gull\nhung on the wind above the pier, "
+    "patient as a question,\nand the tide went out beneath it without a sound.",
+    "12. Nf3 Bg4 13. h3 Bh5 14. g4 Bg6 15. Nh4. White gains space on the kingside, but the pawn on g4 "
+    "becomes a target; Black's best reply is 15...Nd7, preparing f5.",
+    "Tomorrow: cloudy at first with showers spreading from the west by midday, some heavy. Highs of 14 "
+    "degrees, falling to 6 overnight. Winds strong at times on exposed coasts.",
+    "Dear customer service team, I ordered a blender on the 3rd and received a toaster instead. I have "
+    "attached a photo of the packing slip. Could you tell me how to return it and when the right item will "
+    "be sent?",
+    "## Installation\n\n    pip install tinyplot\n\nThen import it with `import tinyplot as tp`. The source "
+    "lives at https://github.com/example/tinyplot and bug reports are welcome there.",
+    "Every Sunday I go down to the flea market by the canal. Last week I found a box of old postcards for "
+    "two euros, most of them sent from seaside towns in the 1950s, with short notes about the weather.",
+    "Advertising in the nineteenth century relied on posters, handbills and newspaper columns. Slogans such "
+    "as 'buy now' appeared on patent medicines long before consumer protection laws restricted such claims.",
+    "We present a method for estimating the depth of a scene from a single image. The network is trained "
+    "without labels on stereo video, and it improves the error on a standard benchmark by 12 percent.",
+    "Margaret Ellison, who taught chemistry at the village school for thirty-one years, died peacefully on "
+    "Tuesday at the age of 88. She is survived by her two sons and five grandchildren.",
+    "The visitors dominated possession in the first half but could not find a way through. The only goal "
+    "came in the 78th minute, a deflected shot from the edge of the area that wrong-footed the keeper.",
+    "How long does delivery take? Orders placed before noon are usually dispatched the same day. Delivery "
+    "within the country takes two to four working days; international parcels can take up to three weeks.",
+    "The castle museum is open from April to October, Tuesday to Sunday. Admission is $15 for adults and $8 "
+    "for children; the gardens can be visited without a ticket.",
+    "Because of works on the bridge, bus route 14 will be diverted via Station Road from 6 to 19 March. The "
+    "stops on Mill Lane will not be served during this period.",
+    "The council approved a budget of 42 million pounds for the coming year. Councillors debated the cost "
+    "of road repairs at length, and a proposal to cut library hours was rejected by nine votes to four.",
+    "When the user clicks checkout, validate the cart on the server before creating the order: prices may "
+    "have changed since the page loaded. Wrap the stock update and the order insert in one transaction.",
+    "The market square was loud with the calls of traders. A woman selling apples held one up to the light "
+    "as if it were a jewel, and the boy beside her counted coins into a tin with great seriousness.",
+    "LOST: grey tabby cat, answers to Milo, last seen near Elm Park on Saturday evening. He is microchipped "
+    "and a little shy. If you see him, please call 555-430-1182. Thank you.",
+    "Take one tablet twice a day with food. Do not exceed the stated dose. If you miss a dose, take it as "
+    "soon as you remember, unless it is almost time for the next one.",
+    "The first coupons are usually credited to Coca-Cola, which in 1887 mailed tickets for a free glass of "
+    "its drink. By the 1930s, coupons had become a common way for shoppers to stretch their budgets.",
+    "def total_price(items, discount=0.0):\n    subtotal = sum(i.price * i.qty for i in items)\n    return "
+    "round(subtotal * (1 - discount), 2)",
+    "I bought these headphones three months ago. The sound is good and the battery lasts a week, but the "
+    "ear pads are already peeling. Customer support replied quickly and sent replacements.",
+    "Photosynthesis converts light energy into chemical energy. In the light-dependent reactions, water is "
+    "split and oxygen released; the Calvin cycle then fixes carbon dioxide into sugars.",
+    "Minutes of the residents' association meeting, 4 November. Present: 14 members. The treasurer reported "
+    "a balance of 2,310 pounds. It was agreed to repaint the playground railings in spring.",
+]
+
 
 # ---------------------------------------------------------------------------------------------------
 # Advertisements
 
 
-def test_ad_filter_precision_and_recall():
-    flagged_ads = [flt.ad_score(t) >= flt.FilterConfig.ad_threshold for t in ADS]
-    flagged_ordinary = [flt.ad_score(t) >= flt.FilterConfig.ad_threshold for t in ORDINARY]
-    tp, fn = sum(flagged_ads), len(ADS) - sum(flagged_ads)
-    fp = sum(flagged_ordinary)
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
-    missed = [t[:60] for t, f in zip(ADS, flagged_ads) if not f]
-    false = [t[:60] for t, f in zip(ORDINARY, flagged_ordinary) if f]
+def precision_recall(ads, ordinary, threshold=flt.FilterConfig.ad_threshold):
+    tp = sum(flt.ad_score(t) >= threshold for t in ads)
+    fp = sum(flt.ad_score(t) >= threshold for t in ordinary)
+    return tp / max(1, tp + fp), tp / len(ads)
+
+
+def test_ad_filter_on_held_out_text():
+    """Held-out (written after the detector, never tuned on): measured precision 1.00, recall 0.37, AUC 0.82.
+    Claimed, with a little room: precision >= 0.9, recall >= 0.3, and ads rank above ordinary text
+    (AUC >= 0.75). Not claimed: that most advertising is caught."""
+    precision, recall = precision_recall(HELDOUT_ADS, HELDOUT_ORDINARY)
+    ads = [flt.ad_score(t) for t in HELDOUT_ADS]
+    ordinary = [flt.ad_score(t) for t in HELDOUT_ORDINARY]
+    auc = sum((a > o) + 0.5 * (a == o) for a in ads for o in ordinary) / (len(ads) * len(ordinary))
+    assert len(HELDOUT_ADS) == len(HELDOUT_ORDINARY) == 30
+    assert precision >= 0.9 and recall >= 0.3 and auc >= 0.75, (precision, recall, auc)
+
+
+def test_ad_filter_on_its_tuning_set():
+    """In-sample regression guard only: the phrase lists were grown on these texts (all 40 ads caught,
+    none of the 42 ordinary texts flagged when they were frozen)."""
+    precision, recall = precision_recall(ADS, ORDINARY)
     assert len(ADS) == 40 and len(ORDINARY) >= 40
-    assert precision >= 0.9 and recall >= 0.9, (precision, recall, missed, false)
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
 
 
 def test_ad_score_is_a_probability_and_explains_itself():
@@ -249,13 +397,7 @@ def test_ad_score_is_a_probability_and_explains_itself():
         assert 0.0 <= flt.ad_score(text) <= 1.0
     signals = flt.ad_signals(ADS[0])
     assert signals["call_to_action"] > 0 and signals["price"] > 0 and signals["url"] > 0
-    assert flt.ad_score(ADS[0]) == pytest.approx(flt.noisy_or(signals))
-
-
-def test_ad_threshold_is_configurable():
-    scores = sorted(flt.ad_score(t) for t in ADS + ORDINARY)
-    assert sum(s >= 0.0 for s in scores) == len(scores) and sum(s >= 1.01 for s in scores) == 0
-    assert sum(s >= 0.3 for s in scores) > sum(s >= 0.7 for s in scores)
+    assert flt.noisy_or({"a": 0.5, "b": 0.5}) == pytest.approx(0.75)  # 1 - (1 - .5)(1 - .5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,8 +524,7 @@ def test_cli_counts_add_up(tmp_path, capsys):
     n_valid = write_input(src)
     ref = tmp_path / "ref.txt"
     ref.write_text("\n\n".join(ORDINARY[28:]))
-    report = flt.main(["--input", str(src), "--out", str(tmp_path / "out"), "--ads", "--fluency",
-                       "--reference", str(ref)])
+    report = flt.main([f"--input={src}", f"--out={tmp_path / 'out'}", f"--reference={ref}"])
     kept = [json.loads(x) for x in open(tmp_path / "out" / "kept.jsonl")]
     removed = [json.loads(x) for x in open(tmp_path / "out" / "removed.jsonl")]
     assert len(kept) + len(removed) == n_valid == report["documents"]
@@ -409,12 +550,71 @@ def test_cli_counts_add_up(tmp_path, capsys):
 def test_cli_text_input_and_errors(tmp_path):
     src = tmp_path / "forum.txt"
     src.write_text(ORDINARY[16] + "\n\n\n" + ADS[8] + "\n  \n" + ORDINARY[24] + "\n")
-    report = flt.main(["--input", str(src), "--out", str(tmp_path / "o"), "--ads"])
+    report = flt.main([f"--input={src}", f"--out={tmp_path / 'o'}", "--fluency=False"])
     assert report["documents"] == 3 and report["removed"] == 1
     removed = json.loads(open(tmp_path / "o" / "removed.jsonl").read())
     assert removed["source"] == f"{src}:4" and removed["domain"] == "forum"
-    with pytest.raises(FileNotFoundError, match="input file .*nope.jsonl not found"):
-        flt.main(["--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="input file .*nope.jsonl not found"):
+        flt.main([f"--input={tmp_path / 'nope.jsonl'}", f"--out={tmp_path / 'o'}"])
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"expected a \.jsonl, \.jsonl\.zst or \.txt file"):
-        flt.main(["--input", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match=r"expected a \.jsonl, \.jsonl\.zst or \.txt file"):
+        flt.main([f"--input={tmp_path / 'x.csv'}", f"--out={tmp_path / 'o'}"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing lost (issue 12): the input is never touched, every document lands in kept or removed
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_lone_surrogate_is_scored_and_written_back_unchanged(tmp_path):
+    """A record holding "\\ud800" (valid JSON, not encodable as UTF-8) used to abort the write after
+    kept.jsonl was replaced and with removed.jsonl half written. Now it is scored like any text, lands in
+    kept or removed with the same string, and the old outputs are replaced only by complete new ones."""
+    src = tmp_path / "in.jsonl"
+    texts = ORDINARY[:20] + ADS[:5]
+    texts.insert(7, "a lone \ud800 surrogate in an otherwise ordinary sentence about rivers")
+    src.write_text("".join(json.dumps({"text": t, "domain": "web"}) + "\n" for t in texts))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("kept.jsonl", "removed.jsonl", "report.json"):
+        (out / name).write_text("an older result\n")
+    source = src.read_bytes()
+    report = flt.main([f"--input={src}", f"--out={out}"])
+    kept = [json.loads(x) for x in open(out / "kept.jsonl")]
+    removed = [json.loads(x) for x in open(out / "removed.jsonl")]
+    assert sorted(r["text"] for r in kept + removed) == sorted(texts)  # each exactly once, unchanged
+    assert report["documents"] == len(texts) == report["kept"] + report["removed"]
+    assert report["lone_surrogates"] == 1
+    assert json.load(open(out / "report.json"))["kept"] == len(kept)
+    assert src.read_bytes() == source
+
+
+def test_out_that_would_overwrite_the_input_is_refused(tmp_path):
+    """Filtering "in place" (--input=DIR/kept.jsonl --out=DIR) used to overwrite the input first."""
+    (tmp_path / "kept.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ORDINARY[:10]))
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="would overwrite the input"):
+        flt.main([f"--input={tmp_path / 'kept.jsonl'}", f"--out={tmp_path}"])
+    assert snapshot(tmp_path) == before
+
+
+def test_empty_reference_and_order_0_are_user_errors(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ORDINARY[:10]))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match="--reference=.*holds no text"):  # was: fluency silently off
+        flt.main([f"--input={src}", f"--out={tmp_path / 'o'}", f"--reference={tmp_path / 'empty.txt'}"])
+    with pytest.raises(UserError, match="--order=0"):  # was: KeyError: 1
+        flt.main([f"--input={src}", f"--out={tmp_path / 'o'}", "--order=0"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path, capsys):
+    from configurator import run_cli
+    with pytest.raises(SystemExit) as e:
+        run_cli(flt.main, [f"--input={tmp_path / 'nope.jsonl'}", f"--out={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "nope.jsonl not found" in err

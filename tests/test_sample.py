@@ -1,21 +1,21 @@
 """Tests for sample.py: the domain mixture of SPEC §4.
 
 Every test builds its own tiny shard folder (meta.json + {domain}.{split}.bin written with numpy, the
-format of the team contract), so nothing here depends on data/prepare.py. Tokens encode their domain:
+format data/prepare.py documents), so nothing here depends on data/prepare.py. Tokens encode their domain:
 domain k uses ids 1000*(k+1) .. 1000*(k+1)+999, and EOS = 1 belongs to no domain.
 """
 
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-import sample  # noqa: E402
-from sample import DomainSampler, eval_windows, load_shards  # noqa: E402
+import sample
+from configurator import run_cli
+from sample import DomainSampler, eval_windows, load_shards
 
 EOS = 1
 SPEC_ORDER = ("commoncrawl", "c4", "github", "wikipedia", "book", "arxiv", "stackexchange")
@@ -202,17 +202,6 @@ def test_dynamic_reference_first(abc):
     assert [new[d] for d in "abc"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_update_due_counts_tokens(abc):
-    s = DomainSampler(abc, batch_size=4, seq_len=8, dynamic=True, reference_losses="first",
-                      update_every_tokens=100)
-    s.next_batch(), s.next_batch(), s.next_batch()
-    assert not s.update_due  # 96 tokens
-    s.next_batch()
-    assert s.update_due  # 128 tokens
-    s.update_weights({"a": 1.0, "b": 1.0, "c": 1.0})
-    assert not s.update_due
-
-
 # ---------------------------------------------------------------------------------------------------
 # Resuming
 
@@ -331,3 +320,41 @@ def test_dynamic_needs_references_and_complete_losses(abc):
         s.update_weights({"a": 1.0, "b": 1.0})
     with pytest.raises(ValueError, match=r"update_weights needs a sampler built with dynamic=True"):
         DomainSampler(abc, batch_size=2, seq_len=4).update_weights({"a": 1.0, "b": 1.0, "c": 1.0})
+
+
+def test_meta_without_dtype_means_uint16(abc):
+    """meta.json written before the dtype was recorded: the shards are uint16 (was: refused)."""
+    path = os.path.join(abc, "meta.json")
+    meta = json.load(open(path))
+    del meta["dtype"]
+    json.dump(meta, open(path, "w"))
+    shards = load_shards(abc, "train")
+    assert shards["a"].dtype == np.uint16 and 1000 <= int(shards["a"][0]) < 2000
+
+
+def test_cli_key_value_and_one_line_errors(abc, capsys):
+    counts = sample.main([f"--data_dir={abc}", "--batches=20", "--batch_size=4", "--seq_len=8", "--seed=1"])
+    assert counts.sum() == 80
+    for argv, says in (([f"--data_dir={abc}", "--seq_len=2.5"], "--seq_len"),
+                       ([f"--data_dir={abc}", "--weights=a=0.5,b=0.4"], "sum to"),
+                       (["--data_dir=/nonexistent/folder"], "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(sample.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
+def test_uint32_shards_read_with_meta_dtype(tmp_path):
+    """LLaMA-3-size vocabularies: ids above 65,535 come back intact (not wrapped by a uint16 view)."""
+    root = tmp_path / "big"
+    root.mkdir()
+    ids = {"a": np.array([70000, 128000, 5, 128001] * 10, dtype=np.uint32),
+           "b": np.array([9, 100000, 128001] * 10, dtype=np.uint32)}
+    meta = {"vocab_size": 128256, "dtype": "uint32", "bos_id": 128000, "eos_id": 128001, "domains": {}}
+    for name, arr in ids.items():
+        for split in ("train", "val"):
+            arr.tofile(root / f"{name}.{split}.bin")
+        meta["domains"][name] = {"train_tokens": arr.size, "val_tokens": arr.size}
+    (root / "meta.json").write_text(json.dumps(meta))
+    shards = load_shards(str(root), "train")
+    assert shards["a"].tolist() == ids["a"].tolist() and shards["b"].dtype == np.uint32
