@@ -82,6 +82,8 @@ def set_key(cfg, key, value, where):
 
 def find_config_file(arg):
     """A config file as given, else relative to the project's folder (so scripts run from anywhere)."""
+    if not arg.endswith(".py") and os.path.exists(arg):
+        raise UserError(f"{arg!r}: config files are Python files (*.py); settings are passed as --key=value")
     for path in (arg, os.path.join(HERE, arg), os.path.join(HERE, "config", arg),
                  os.path.join(HERE, "config", arg + ".py")):
         if os.path.isfile(path):
@@ -106,6 +108,8 @@ def load_config(cfg, argv, doc="", aliases=None):
             key, eq, text = arg[2:].partition("=")
             if not eq and key in aliases:
                 key, value = aliases[key]
+            elif not eq and not isinstance(getattr(cfg, key, False), bool):
+                raise UserError(f"{arg} needs a value: --{key}=VALUE (settings are passed as --key=value)")
             else:
                 value = parse_value(text) if eq else True
             set_key(cfg, key, value, f"from {arg}")
