@@ -25,11 +25,12 @@ Read top to bottom:
 Shapes: d hidden, d_h dense intermediate size, E experts, k experts per token, d_e expert width,
 C importance clusters (= E), B batch, S sequence length, T = B*S tokens.
 
-Memory: about one model. The source is read one tensor at a time into memory of its own (load_source), each
+Memory: about one model. The source is read one tensor at a time into memory of its own (own_memory), each
 layer's experts are gathered from the dense FFN, which is dropped right after, so the split holds one model
-plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured (README): a 1.25 GiB bf16 checkpoint
-splits 16/4 at a peak RSS of 1.5 GiB, the 0.2 GiB of Python and torch included. The sharing methods also run
-forward + backward passes over sample text first (section 3 says how much).
+plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB bf16 checkpoint, 16/4
+random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before: 2.4 GiB); writing
+adds only what save_pretrained copies. The sharing methods also run forward + backward passes over sample
+text first (section 3 says how much).
 """
 import json
 import os
@@ -99,7 +100,7 @@ def check_split(cfg, config):
     need(cfg.clustering_features in ("up", "gate"),
          f"--clustering_features={cfg.clustering_features!r}: use 'up' (rows of W_up) or 'gate' (rows of W_gate)")
     need(cfg.format in FORMATS, f"--format={cfg.format!r}: use one of {', '.join(FORMATS)}")
-    need(cfg.shared_size is None or m == "sharing_inter", f"--shared_size is for --method=sharing_inter only")
+    need(cfg.shared_size is None or m == "sharing_inter", "--shared_size is for --method=sharing_inter only")
     need(min(cfg.importance_seqs, cfg.seq_len, cfg.batch_size) >= 1,
          "--importance_seqs, --seq_len and --batch_size must be >= 1")
     if m in INDEPENDENT:
@@ -151,8 +152,8 @@ def check_data(cfg, config):
         except (OSError, ValueError) as e:
             raise UserError(f"--data={cfg.data}: {e}") from None
         need(not (data_sha and config.tokenizer_sha256) or data_sha == config.tokenizer_sha256,
-             f"--data={cfg.data} was tokenised with another tokenizer (sha256 {str(data_sha)[:12]}...) than the model "
-             f"expects ({str(config.tokenizer_sha256)[:12]}...): prepare it with the model's own tokenizer")
+             f"--data={cfg.data} was tokenised with another tokenizer (sha256 {str(data_sha)[:12]}...) than the "
+             f"model's ({str(config.tokenizer_sha256)[:12]}...): prepare it with the model's own tokenizer")
     else:
         need(cfg.tokenizer or cfg.src, f"--data={cfg.data} is a text file: pass --tokenizer=... to tokenise it")
 
@@ -403,7 +404,6 @@ def split_sharing_inter(importance, shared_size, expert_size):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------------
 # 4. Building the MoE model from the dense one
 
 def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, gate_type="linear", seed=0,
@@ -526,7 +526,10 @@ def own_memory(model, folder):
     once and the peak is one model plus one tensor."""
     from safetensors import safe_open
     index = os.path.join(folder, "model.safetensors.index.json")
-    where = json.load(open(index))["weight_map"] if os.path.exists(index) else {}
+    where = {}
+    if os.path.exists(index):
+        with open(index) as f:
+            where = json.load(f)["weight_map"]                                 # name -> shard file
     for name, p in model.named_parameters():   # a tied lm_head is the embedding and listed once
         with safe_open(os.path.join(folder, where.get(name, "model.safetensors")), framework="pt") as f:
             p.data = f.get_tensor(name).clone()

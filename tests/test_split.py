@@ -196,12 +196,12 @@ def test_sharing_inter_shared_block_and_disjoint_experts():
         assert experts[j].tolist() == [rest[i] for i, o in enumerate(owner) if o == j]
 
 
-def write_shards(path, vocab, domains=("a", "b", "c"), n=600):
+def write_shards(path, vocab, domains=("a", "b", "c"), n=600, tokenizer_sha256=None):
     """A tiny shard folder in data/prepare.py's format."""
     os.makedirs(path)
     rng = np.random.default_rng(0)
     meta = {"vocab_size": vocab, "dtype": "uint16", "bos_id": 1, "eos_id": 2, "tokenizer": "tokenizer.model",
-            "domains": {}}
+            "tokenizer_sha256": tokenizer_sha256, "domains": {}}
     for i, name in enumerate(domains):
         for split in ("train", "val"):
             # each domain draws from its own slice of the vocabulary, so the domains are different kinds of text
@@ -234,6 +234,14 @@ def test_sharing_methods_build_configured_sizes(method, tmp_path):
             assert len(used) == len(set(used)) == 24 + 4 * 12
     with pytest.raises(UserError, match="--data"):
         split_model(dense, SplitConfig(num_experts=4, top_k=2, method=method))
+
+
+def test_sample_text_of_another_tokenizer_is_refused(tmp_path):
+    data = write_shards(tmp_path / "data", 64, tokenizer_sha256="cd" * 32)
+    cfg = SplitConfig(num_experts=4, top_k=2, method="sharing_inner", importance_seqs=2, seq_len=16, data=data)
+    with pytest.raises(UserError, match="another tokenizer"):
+        split_model(tiny_dense(tokenizer_sha256="ab" * 32), cfg)
+    split_model(tiny_dense(tokenizer_sha256="cd" * 32), cfg)  # the same tokenizer: accepted
 
 
 # ----------------------------------------------------------------------------------------------------------
