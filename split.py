@@ -408,16 +408,14 @@ def split_sharing_inter(importance, shared_size, expert_size):
 
 def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, gate_type="linear", seed=0,
               gate_std=0.02, free_dense=False):
-    """Slice a dense Transformer into an MoE Transformer.
+    """Slice a dense Transformer into an MoE Transformer (eval mode, like Transformer.from_pretrained).
 
     expert_indices: per layer, E index tensors of one length d_e (expert j of layer L = those neurons).
     shared_indices: per layer an index tensor (the always-on block), or None.
-    The MoE model is built on the meta device (shapes only) and gets its tensors in one assignment: attention,
-    norms and embeddings are the dense tensors themselves (moved when free_dense, copied otherwise), each expert
-    stack is gathered from the dense FFN, and with free_dense the dense FFN is dropped right after, so memory
-    stays at about one model (the dense model is unusable afterwards). Gate init (SPEC section 3): the gate
-    network random normal with std gate_std (small, so the first routing is close to uniform), the noise
-    projection zero. Returned in eval mode, like Transformer.from_pretrained."""
+    Attention, norms and embeddings are the dense tensors themselves (moved when free_dense, else copied); each
+    expert stack is gathered from the dense FFN, which free_dense drops right after, so memory stays at about one
+    model (the dense model is unusable afterwards). Gate init (SPEC section 3): the gate network random normal
+    with std gate_std (small, so the first routing is close to uniform), the noise projection zero."""
     d_e, shared = len(expert_indices[0][0]), 0 if shared_indices is None else len(shared_indices[0])
     assert len(expert_indices) == dense.config.num_hidden_layers
     assert all(len(layer) == num_experts and all(len(ix) == d_e for ix in layer) for layer in expert_indices)
@@ -564,12 +562,11 @@ def main(argv):
 
 
 def peak_rss_gib():
-    """This process's peak resident memory: VmHWM on Linux (ru_maxrss would also count the memory of the
-    parent that started us, which it inherits at fork), ru_maxrss elsewhere (bytes on macOS)."""
-    if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30
+    """This process's peak resident memory (Linux's VmHWM; ru_maxrss would also count a parent's memory at fork)."""
+    if not os.path.exists("/proc/self/status"):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
 
 
 if __name__ == "__main__":
