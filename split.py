@@ -10,43 +10,56 @@ of neurons and is the FFN restricted to them:
 With disjoint S_j that cover every neuron, sum_j E_j(x) == FFN(x) exactly: nothing is lost by the cut itself,
 only by routing each token to k of the E experts. A gate (gate.py, SPEC section 3) is added in front.
 
+    python split.py --src=llama-2-7b-hf --dst=llama-moe-4of16 --num_experts=16 --top_k=4 --method=random
+    python split.py --src=SmolLM2-135M-Instruct.Q4_1.gguf --dst=out/moe --num_experts=16 --top_k=4 --overwrite
+
 Read top to bottom:
-  1. SplitConfig       - what to build, and the sizes that follow from it (expert width, shared block, scale).
-  2. Choosing neurons  - IndependentRandom, IndependentClustering (balanced k-means), and upcycling.
-  3. Importance        - sample text -> clusters -> first-order Taylor scores per neuron; SharingInner and
-                         SharingInter choose neurons with them.
-  4. build_moe         - slice the dense weights into an MoE Transformer (model.py), layer by layer.
-  5. split_checkpoint  - the whole thing on a checkpoint folder, and the command line.
+  1. SplitConfig, check_split - the settings, validated once, and the sizes that follow (expert width d_e,
+                               shared block, rescale factor s).
+  2. Choosing neurons        - IndependentRandom, IndependentClustering (balanced k-means), and upcycling.
+  3. Importance              - sample text -> clusters -> first-order Taylor scores per neuron; SharingInner and
+                               SharingInter choose neurons with them.
+  4. build_moe               - slice the dense weights into an MoE Transformer (model.py), layer by layer.
+  5. The whole split         - split_model (in memory), split_checkpoint and the command line.
 
 Shapes: d hidden, d_h dense intermediate size, E experts, k experts per token, d_e expert width,
 C importance clusters (= E), B batch, S sequence length, T = B*S tokens.
 
-Memory (section 4): the dense checkpoint is read once (model.py streams it onto a meta-initialised model);
-each layer's expert tensors are gathered from the dense FFN, which is then dropped, so the split itself holds
-about one model plus one layer's FFN (upcycling excepted: E copies of the FFN). Writing goes through
-model.save_pretrained (temporary folder + rename), which adds what it needs to serialise the shards.
-The sharing methods also run forward + backward passes over sample text first (section 3 says how much).
+Memory: about one model. The source is read one tensor at a time into memory of its own (own_memory), each
+layer's experts are gathered from the dense FFN, which is dropped right after, so the split holds one model
+plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB bf16 checkpoint, 16/4
+random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before: 2.4 GiB); writing
+adds only what save_pretrained copies. The sharing methods also run forward + backward passes over sample
+text first (section 3 says how much).
 """
-import argparse
+import json
 import os
+import resource
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import Transformer, config_from_hf, export_config, read_config_json, set_tensor
+from configurator import UserError, load_config, run_cli
+from fileio import is_inside
+from model import Transformer
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle")
 INDEPENDENT = ("random", "clustering")      # disjoint experts covering all neurons: width d_h / E
 NEEDS_IMPORTANCE = ("sharing_inner", "sharing_inter")
+FORMATS = ("native", "mixtral", "llama_moe")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Config
+# 1. Settings, checked once where a split starts (split_model, the command line); everything below assumes them
 
 @dataclass
 class SplitConfig:
+    src: str = ""                         # dense LLaMA: checkpoint folder (config.json + safetensors) or .gguf
+    dst: str = ""                         # output folder, written atomically
+    overwrite: bool = False               # replace an existing dst
+    format: str = "native"                # one of FORMATS (model.py's checkpoint formats for MoE models)
     num_experts: int = 16                 # E
     top_k: int = 4                        # k experts per token
     method: str = "random"                # one of METHODS
@@ -57,71 +70,92 @@ class SplitConfig:
     gate_type: str = "linear"             # "linear" | "mlp" (SPEC section 3)
     gate_std: float = 0.02                # std of the gate network's random normal init
     clustering_features: str = "up"       # IndependentClustering clusters rows of W_up (or W_gate)
+    data: str | None = None               # sample text for the sharing methods: shard folder or text file
+    tokenizer: str | None = None          # for a text --data; None -> the source's own tokenizer (--src)
     importance_seqs: int = 8              # sample sequences per cluster for the Taylor importance
     seq_len: int = 256                    # tokens per importance sequence
     batch_size: int = 4                   # sequences per forward+backward of the importance pass
+    device: str | None = None             # where to run (default cpu; importance is faster on cuda)
 
 
-def check_config(cfg, d_h):
-    """Validate a SplitConfig against the dense intermediate size d_h; return (expert_size, shared_size, scale).
+def need(ok, message):
+    if not ok:
+        raise UserError(message)
 
-    Sizes (ours where the paper leaves them open): the active width of a token, shared + k * d_e, equals
-    k/E of the dense FFN, k * d_h / E, so a split 4/16 of LLaMA-2 7B activates 2752 of 11008 neurons per layer.
+
+def check_split(cfg, config):
+    """Validate cfg against the dense ModelConfig -> (d_e, shared, s), the sizes of the split.
+
+    Sizes (ours where the paper leaves them open): a token's active width, shared + k * d_e, is k/E of the dense
+    FFN, k * d_h / E, so a split 4/16 of LLaMA-2 7B activates 2752 of 11008 neurons per layer.
       - random / clustering: d_e = d_h / E exactly (disjoint experts covering every neuron).
       - sharing_inner:       d_e = d_h // E, experts may overlap.
       - sharing_inter:       shared = d_h // E (one expert's worth), d_e = (k * d_h/E - shared) / k.
-      - upcycle:             d_e = d_h (every expert a full copy; active width k * d_h, the baseline).
-    """
-    E, k, m = cfg.num_experts, cfg.top_k, cfg.method
-    if m not in METHODS:
-        raise ValueError(f"unknown method {m!r}: use one of {', '.join(METHODS)}")
-    if E < 1:
-        raise ValueError(f"num_experts must be >= 1, got {E}")
-    if not 1 <= k <= E:
-        raise ValueError(f"top_k {k} must be in 1..num_experts ({E}): each token picks k of the E experts")
-    if cfg.gate_type not in ("linear", "mlp"):
-        raise ValueError(f"gate {cfg.gate_type!r} is not supported: use 'linear' or 'mlp'")
-    if cfg.clustering_features not in ("up", "gate"):
-        raise ValueError(f"clustering_features {cfg.clustering_features!r}: use 'up' (W_up rows) or 'gate' (W_gate rows)")
-    if cfg.shared_size and m != "sharing_inter":
-        raise ValueError(f"--shared_size is for method sharing_inter only (got method {m!r})")
-    shared = 0
+      - upcycle:             d_e = d_h (every expert a full copy; active width k * d_h, the baseline)."""
+    E, k, m, d_h = cfg.num_experts, cfg.top_k, cfg.method, config.intermediate_size
+    need(not config.is_moe, f"--src={cfg.src or 'the model'} is an MoE model already: split.py cuts a dense LLaMA")
+    need(m in METHODS, f"--method={m!r} is unknown: use one of {', '.join(METHODS)}")
+    need(1 <= k <= E, f"--top_k={k} must be in 1..--num_experts ({E}): each token picks k of the E experts")
+    need(cfg.gate_type in ("linear", "mlp"), f"--gate_type={cfg.gate_type!r}: use 'linear' or 'mlp'")
+    need(cfg.clustering_features in ("up", "gate"),
+         f"--clustering_features={cfg.clustering_features!r}: use 'up' (rows of W_up) or 'gate' (rows of W_gate)")
+    need(cfg.format in FORMATS, f"--format={cfg.format!r}: use one of {', '.join(FORMATS)}")
+    need(cfg.shared_size is None or m == "sharing_inter", "--shared_size is for --method=sharing_inter only")
+    need(min(cfg.importance_seqs, cfg.seq_len, cfg.batch_size) >= 1,
+         "--importance_seqs, --seq_len and --batch_size must be >= 1")
     if m in INDEPENDENT:
-        if d_h % E:
-            ok = [n for n in range(2, min(d_h, 256) + 1) if d_h % n == 0]
-            raise ValueError(f"intermediate_size {d_h} is not divisible by num_experts {E}: the independent methods "
-                             f"give every expert d_h/E neurons. Expert counts that divide it (<= 256): {ok}")
-        width = d_h // E
-        if cfg.expert_size not in (None, width):
-            raise ValueError(f"--expert_size {cfg.expert_size} does not fit method {m!r}: disjoint experts that "
-                             f"cover all {d_h} neurons have exactly d_h/E = {width}; drop --expert_size")
+        need(d_h % E == 0, f"intermediate_size {d_h} is not divisible by --num_experts={E}: the independent "
+             f"methods give every expert d_h/E neurons. Expert counts that divide it (<= 256): "
+             f"{[n for n in range(2, min(d_h, 256) + 1) if d_h % n == 0]}")
+        d_e, shared = d_h // E, 0
     elif m == "upcycle":
-        width = d_h
-        if cfg.expert_size not in (None, d_h):
-            raise ValueError(f"--expert_size does not apply to upcycle: every expert is the full FFN ({d_h})")
+        d_e, shared = d_h, 0
     elif m == "sharing_inner":
-        width = cfg.expert_size or d_h // E
+        d_e, shared = cfg.expert_size or d_h // E, 0
     else:  # sharing_inter
         shared = d_h // E if cfg.shared_size is None else cfg.shared_size
-        width = cfg.expert_size if cfg.expert_size is not None else (k * (d_h // E) - shared) // k
-        if width < 1 or shared < 1:
-            raise ValueError(f"sharing_inter needs shared_size >= 1 and expert_size >= 1 (got {shared} and {width}); "
-                             f"with top_k 1 the default leaves no room for routed experts: pass both sizes")
-        if shared + E * width > d_h:
-            raise ValueError(f"sharing_inter: shared_size {shared} + num_experts {E} x expert_size {width} = "
-                             f"{shared + E * width} exceeds the {d_h} neurons (routed experts are disjoint "
-                             f"from each other and from the shared block): make them smaller")
-    if not 1 <= width <= d_h:
-        raise ValueError(f"expert_size {width} must be in 1..intermediate_size ({d_h})")
+        d_e = (k * (d_h // E) - shared) // k if cfg.expert_size is None else cfg.expert_size
+        need(d_e >= 1 and shared >= 1, f"sharing_inter needs shared_size >= 1 and expert_size >= 1 (got {shared} "
+             f"and {d_e}); with top_k 1 the default leaves no room for routed experts: pass both sizes")
+        need(shared + E * d_e <= d_h, f"sharing_inter: shared_size {shared} + num_experts {E} x expert_size {d_e} "
+             f"= {shared + E * d_e} exceeds the {d_h} neurons (routed experts are disjoint from each other and "
+             f"from the shared block): make them smaller")
+    need(cfg.expert_size in (None, d_e), f"--expert_size={cfg.expert_size} does not fit --method={m}, whose "
+         f"experts have {d_e} neurons (disjoint and covering all {d_h}, or the full FFN for upcycle): drop it")
+    need(1 <= d_e <= d_h, f"--expert_size={d_e} must be in 1..intermediate_size ({d_h})")
     # SPEC section 2: the k chosen experts hold only k/E of the neurons, so the layer's output shrinks; the paper
     # multiplies the routed outputs by s = E/k (its default; its ablation finds that better than s = 1). Note the
     # arithmetic: scores sum to 1, so with scores ~1/k the weighted sum of k experts is ~1/E of the FFN and E/k
     # brings it to ~1/k of it, not all the way. Upcycled experts are each the full FFN, so their weighted sum
     # already is the FFN: s = 1 is their default.
-    scale = cfg.scale if cfg.scale is not None else (1.0 if m == "upcycle" else E / k)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0 (1 turns rescaling off), got {scale}")
-    return width, shared, float(scale)
+    scale = float(cfg.scale if cfg.scale is not None else (1.0 if m == "upcycle" else E / k))
+    need(scale > 0, f"--scale must be > 0 (1 turns rescaling off), got {scale}")
+    # What the output format can hold (model.py refuses it too, but only when saving, after the whole split).
+    need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
+         "(Mixtral's router is one linear layer): use --gate_type=linear or --format=native")
+    need(cfg.format == "native" or not shared, f"--format={cfg.format} has no place for SharingInter's shared "
+         f"block: use --format=native")
+    if m in NEEDS_IMPORTANCE:
+        check_data(cfg, config)
+    return d_e, shared, scale
+
+
+def check_data(cfg, config):
+    """The sample text of the sharing methods: there, and tokenised with the model's tokenizer where we can tell."""
+    need(cfg.data, f"--method={cfg.method} ranks neurons by importance on sample text: pass --data=... "
+         f"(a shard folder or a text file)")
+    need(os.path.exists(cfg.data), f"--data={cfg.data!r} does not exist (a shard folder or a text file)")
+    if os.path.isdir(cfg.data):
+        from sample import load_meta
+        try:
+            data_sha = load_meta(cfg.data).get("tokenizer_sha256")
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data={cfg.data}: {e}") from None
+        need(not (data_sha and config.tokenizer_sha256) or data_sha == config.tokenizer_sha256,
+             f"--data={cfg.data} was tokenised with another tokenizer (sha256 {str(data_sha)[:12]}...) than the "
+             f"model's ({str(config.tokenizer_sha256)[:12]}...): prepare it with the model's own tokenizer")
+    else:
+        need(cfg.tokenizer or cfg.src, f"--data={cfg.data} is a text file: pass --tokenizer=... to tokenise it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,8 +164,7 @@ def check_config(cfg, d_h):
 def split_random(d_h, E, seed=0):
     """IndependentRandom (the paper's best): d_h/E labels per expert, shuffled, so every neuron lands in
     exactly one expert. -> E index tensors of d_h/E neurons each (sorted: expert order follows the dense order)."""
-    if d_h % E:
-        raise ValueError(f"{d_h} neurons do not split into {E} equal experts")
+    assert d_h % E == 0, (d_h, E)
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(E).repeat_interleave(d_h // E)[torch.randperm(d_h, generator=g)]  # (d_h,)
     return [torch.nonzero(labels == j).squeeze(1) for j in range(E)]
@@ -172,8 +205,7 @@ def balanced_kmeans(X, C, seed=0, iters=50):
     """k-means with exactly equal clusters: X (P, dim) -> labels (P,) in 0..C-1, each used P/C times.
     k-means++ start; each step assigns with the capacity-P/C greedy above, then moves centroids to their means."""
     P = X.shape[0]
-    if P % C:
-        raise ValueError(f"{P} points do not split into {C} equal clusters")
+    assert P % C == 0, (P, C)
     X = X.float()
     g = torch.Generator().manual_seed(seed)
     # k-means++: the first centroid at random, then each next one drawn with probability ~ squared distance to
@@ -234,25 +266,22 @@ def sample_sequences(data, n, seq_len, seed=0, tokenizer=None):
         shards = load_shards(data, "train")                                   # {domain: memmap}
         rows, domains = [], []
         for di, tokens in enumerate(shards.values()):
-            if len(tokens) <= seq_len:
-                raise ValueError(f"{data}: domain {list(shards)[di]!r} has {len(tokens)} train tokens, fewer "
-                                 f"than seq_len+1 = {seq_len + 1}: lower --seq_len")
+            need(len(tokens) > seq_len, f"--data={data}: domain {list(shards)[di]!r} has {len(tokens)} train "
+                 f"tokens, fewer than seq_len+1 = {seq_len + 1}: lower --seq_len")
             count = n // len(shards) + (di < n % len(shards))
             for s in rng.integers(0, len(tokens) - seq_len, size=count):
                 rows.append(np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64))
                 domains.append(di)
         return torch.from_numpy(np.stack(rows)), torch.tensor(domains)
-    if not os.path.isfile(data):
-        raise FileNotFoundError(f"--data {data!r} is neither a shard folder nor a text file")
-    if tokenizer is None:
-        raise ValueError("a text file needs a tokenizer: pass --tokenizer (default: tokenizer.model in --src)")
     from tokenizer import Tokenizer
-    with open(data, encoding="utf-8") as f:
-        ids = Tokenizer(tokenizer).encode(f.read(), bos=True, eos=True)
+    try:
+        with open(data, encoding="utf-8") as f:
+            ids = Tokenizer(tokenizer).encode(f.read(), bos=True, eos=True)
+    except (OSError, ValueError) as e:  # an unreadable text file or tokenizer: the message names the file
+        raise UserError(f"--data={data} with --tokenizer={tokenizer}: {e}") from None
     have = (len(ids) - 1) // seq_len
-    if have < n:
-        raise ValueError(f"{data}: {len(ids)} tokens make {have} windows of {seq_len + 1}, need {n}: give more "
-                         f"text, or lower --seq_len / --importance_seqs")
+    need(have >= n, f"--data={data}: {len(ids)} tokens make {have} windows of {seq_len + 1}, need {n}: give "
+         f"more text, or lower --seq_len / --importance_seqs")
     tokens = torch.tensor(ids[:n * seq_len + 1])
     return torch.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]), None
 
@@ -326,8 +355,7 @@ def taylor_importance(model, batches_per_cluster):
                     _, loss = model(batch[:, :-1], targets=batch[:, 1:])
                     loss.backward()
                 n_tokens += batch[:, 1:].numel()
-            if n_tokens == 0:
-                raise ValueError(f"importance cluster {c} has no text: give more sample data")
+            assert n_tokens, f"importance cluster {c} has no text"
             for s in scores:
                 s[c] /= n_tokens
     finally:
@@ -355,8 +383,7 @@ def split_sharing_inter(importance, shared_size, expert_size):
     first), disjoint from each other and from the shared block."""
     E, d_h = importance.shape
     imp = importance.float()
-    if shared_size + E * expert_size > d_h:
-        raise ValueError(f"shared_size {shared_size} + {E} x expert_size {expert_size} exceeds {d_h} neurons")
+    assert shared_size + E * expert_size <= d_h, (shared_size, E, expert_size, d_h)
     total = imp.sum(0)                                                        # (d_h,) tie-breaker
     taken = torch.zeros(d_h, dtype=torch.bool)
     shared = []
@@ -379,87 +406,59 @@ def split_sharing_inter(importance, shared_size, expert_size):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Building the MoE model from the dense one
 
-def moe_config(dense_config, num_experts, top_k, expert_size, shared_size, scale, gate_type):
-    """The dense ModelConfig plus the MoE fields (model.py); intermediate_size keeps the dense width."""
-    return replace(dense_config, num_experts=num_experts, num_experts_per_tok=top_k,
-                   expert_intermediate_size=expert_size, shared_intermediate_size=shared_size,
-                   score_scale=scale, gate_type=gate_type)
-
-
 def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, gate_type="linear", seed=0,
               gate_std=0.02, free_dense=False):
-    """Slice a dense Transformer into an MoE Transformer.
+    """Slice a dense Transformer into an MoE Transformer (eval mode, like Transformer.from_pretrained).
 
-    expert_indices: per layer, E index tensors of equal length d_e (expert j of layer L = those neurons).
-    shared_indices: per layer an index tensor (the always-on block) or None.
-    The MoE model is built on the meta device (shapes only) and its tensors assigned one by one: attention,
-    norms and embeddings are the dense tensors themselves (moved when free_dense, copied otherwise), each
-    expert stack is gathered from the dense FFN, and with free_dense the dense FFN is dropped right after, so
-    memory stays at about one model (the dense model is unusable afterwards). Gate init (SPEC section 3): the
-    gate network random normal with std gate_std (small, so the first routing is close to uniform), the noise
-    projection zero. Returned in eval mode, like Transformer.from_pretrained."""
-    L = dense.config.num_hidden_layers
-    if len(expert_indices) != L:
-        raise ValueError(f"expert_indices has {len(expert_indices)} layers, the model {L}")
-    widths = {len(ix) for layer in expert_indices for ix in layer}
-    if len(widths) != 1 or any(len(layer) != num_experts for layer in expert_indices):
-        raise ValueError(f"every layer needs {num_experts} experts of one width, got widths {sorted(widths)}")
-    shared_sizes = {0 if s is None else len(s) for s in (shared_indices or [None] * L)}
-    if len(shared_sizes) != 1:
-        raise ValueError(f"the shared block must have one size in every layer, got {sorted(shared_sizes)}")
-    config = moe_config(dense.config, num_experts, top_k, widths.pop(), shared_sizes.pop(), scale, gate_type)
+    expert_indices: per layer, E index tensors of one length d_e (expert j of layer L = those neurons).
+    shared_indices: per layer an index tensor (the always-on block), or None.
+    Attention, norms and embeddings are the dense tensors themselves (moved when free_dense, else copied); each
+    expert stack is gathered from the dense FFN, which free_dense drops right after, so memory stays at about one
+    model (the dense model is unusable afterwards). Gate init (SPEC section 3): the gate network random normal
+    with std gate_std (small, so the first routing is close to uniform), the noise projection zero."""
+    d_e, shared = len(expert_indices[0][0]), 0 if shared_indices is None else len(shared_indices[0])
+    assert len(expert_indices) == dense.config.num_hidden_layers
+    assert all(len(layer) == num_experts and all(len(ix) == d_e for ix in layer) for layer in expert_indices)
+    # The dense config plus the MoE fields; intermediate_size and the tokenizer fingerprint stay the dense model's.
+    config = replace(dense.config, num_experts=num_experts, num_experts_per_tok=top_k, expert_intermediate_size=d_e,
+                     shared_intermediate_size=shared, score_scale=scale, gate_type=gate_type)
     with torch.device("meta"):
         moe = Transformer(config)
-
-    def take(t):
-        return t.detach() if free_dense else t.detach().clone()
-
-    for name, p in dense.named_parameters():   # a tied lm_head is the embedding and listed once
-        if ".mlp." not in name:
-            set_tensor(moe, name, take(p))
+    state = {name: t if free_dense else t.clone() for name, t in dense.state_dict().items() if ".mlp." not in name}
+    g = torch.Generator().manual_seed(seed)
+    for layer, block in enumerate(dense.model.layers):
+        wg, wu, wd = (w.weight.detach() for w in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj))
+        ix = torch.stack(list(expert_indices[layer])).to(wg.device)         # (E, d_e)
+        head = f"model.layers.{layer}.mlp"
+        state[f"{head}.experts.gate_proj"] = wg[ix]                         # (d_h, d)[(E, d_e)] -> (E, d_e, d)
+        state[f"{head}.experts.up_proj"] = wu[ix]                           # (E, d_e, d)
+        state[f"{head}.experts.down_proj"] = wd[:, ix].permute(1, 0, 2).contiguous()  # (d, E, d_e) -> (E, d, d_e)
+        if shared:
+            s = shared_indices[layer].to(wg.device)                         # (shared,)
+            state[f"{head}.shared.gate_proj.weight"] = wg[s]                # (shared, d)
+            state[f"{head}.shared.up_proj.weight"] = wu[s]                  # (shared, d)
+            state[f"{head}.shared.down_proj.weight"] = wd[:, s].contiguous()  # (d, shared)
+        for name, p in moe.model.layers[layer].mlp.gate.named_parameters():
+            t = torch.zeros(p.shape) if "weight_noise" in name else torch.randn(p.shape, generator=g) * gate_std
+            state[f"{head}.gate.{name}"] = t.to(device=wg.device, dtype=wg.dtype)
+        del wg, wu, wd
+        if free_dense:
+            block.mlp = None  # drop this layer's dense FFN now: the peak stays at ~one model
+    moe.load_state_dict(state, assign=True)   # strict: every tensor of the MoE is set, each exactly once
     if config.tie_word_embeddings:
         moe.lm_head.weight = moe.model.embed_tokens.weight
     moe.inv_freq = dense.inv_freq.clone()
-    g = torch.Generator().manual_seed(seed)
-    for layer in range(L):
-        ffn = dense.model.layers[layer].mlp
-        wg, wu, wd = ffn.gate_proj.weight.detach(), ffn.up_proj.weight.detach(), ffn.down_proj.weight.detach()
-        ix = torch.stack(list(expert_indices[layer])).to(wg.device)          # (E, d_e)
-        head = f"model.layers.{layer}.mlp"
-        set_tensor(moe, f"{head}.experts.gate_proj", wg[ix])                 # (d_h, d)[(E, d_e)] -> (E, d_e, d)
-        set_tensor(moe, f"{head}.experts.up_proj", wu[ix])                   # (E, d_e, d)
-        set_tensor(moe, f"{head}.experts.down_proj", wd[:, ix].permute(1, 0, 2).contiguous())  # (d, E, d_e) -> (E, d, d_e)
-        if shared_indices is not None and shared_indices[layer] is not None:
-            s = shared_indices[layer].to(wg.device)                           # (shared,)
-            set_tensor(moe, f"{head}.shared.gate_proj.weight", wg[s])
-            set_tensor(moe, f"{head}.shared.up_proj.weight", wu[s])
-            set_tensor(moe, f"{head}.shared.down_proj.weight", wd[:, s].contiguous())
-        for pname, p in moe.model.layers[layer].mlp.gate.named_parameters():
-            if pname.startswith("weight_noise"):
-                t = torch.zeros(p.shape)
-            else:
-                t = torch.randn(p.shape, generator=g) * gate_std
-            set_tensor(moe, f"{head}.gate.{pname}", t.to(device=wg.device, dtype=wg.dtype))
-        if free_dense:
-            dense.model.layers[layer].mlp = None  # drop this layer's dense FFN now: peak stays ~1 model
-        del ffn, wg, wu, wd
-    left = [n for n, p in moe.named_parameters() if p.is_meta]
-    assert not left, f"build_moe left tensors unset: {left[:3]}"
     return moe.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. The whole split
 
-def choose_experts(dense, cfg, importance=None):
+def choose_experts(dense, cfg, d_e, shared_size, importance=None):
     """Per layer the E expert index tensors and the shared block (or None), by cfg.method.
-    importance: per layer (E, d_h) Taylor scores (taylor_importance), needed by the sharing methods."""
-    d_h = dense.config.intermediate_size
-    width, shared_size, _ = check_config(cfg, d_h)
-    E, experts, shared = cfg.num_experts, [], []
-    if cfg.method in NEEDS_IMPORTANCE and importance is None:
-        raise ValueError(f"method {cfg.method!r} ranks neurons by importance on sample text: pass --data "
-                         f"(a shard folder or a text file)")
+    importance: per layer (E, d_h) Taylor scores (taylor_importance), for the sharing methods."""
+    d_h, E = dense.config.intermediate_size, cfg.num_experts
+    experts, shared = [], []
     for layer, block in enumerate(dense.model.layers):
         # A different seed per layer: the same permutation everywhere would be an arbitrary coupling of layers.
         seed = cfg.seed * 1000 + layer
@@ -471,117 +470,104 @@ def choose_experts(dense, cfg, importance=None):
         elif cfg.method == "upcycle":
             experts.append(split_upcycle(d_h, E))
         elif cfg.method == "sharing_inner":
-            experts.append(split_sharing_inner(importance[layer], width))
+            experts.append(split_sharing_inner(importance[layer], d_e))
         else:
-            s, routed = split_sharing_inter(importance[layer], shared_size, width)
+            s, routed = split_sharing_inter(importance[layer], shared_size, d_e)
             experts.append(routed)
             shared.append(s)
     return experts, (shared or None)
 
 
-def importance_batches(dense, cfg, data, tokenizer=None):
-    """Sample text -> E clusters of token batches, the input of taylor_importance."""
-    E = cfg.num_experts
-    n = E * cfg.importance_seqs
-    tokens, domains = sample_sequences(data, n, cfg.seq_len, cfg.seed, tokenizer)
-    if int(tokens.max()) >= dense.config.vocab_size:
-        raise ValueError(f"{data}: token id {int(tokens.max())} >= the model's vocab_size "
-                         f"{dense.config.vocab_size}: the data was tokenised for another model")
-    clusters = importance_clusters(dense, tokens, domains, E, cfg.seed, cfg.batch_size)
+def importance_batches(dense, cfg):
+    """cfg.data's sample text -> E clusters of token batches, the input of taylor_importance."""
+    tokens, domains = sample_sequences(cfg.data, cfg.num_experts * cfg.importance_seqs, cfg.seq_len, cfg.seed,
+                                       cfg.tokenizer or cfg.src)
+    need(int(tokens.max()) < dense.config.vocab_size, f"--data={cfg.data}: token id {int(tokens.max())} >= the "
+         f"model's vocab_size {dense.config.vocab_size}: the data was tokenised for another model")
+    clusters = importance_clusters(dense, tokens, domains, cfg.num_experts, cfg.seed, cfg.batch_size)
     return [[tokens[ix[i:i + cfg.batch_size]] for i in range(0, len(ix), cfg.batch_size)] for ix in clusters]
 
 
-def split_model(dense, cfg, data=None, tokenizer=None, free_dense=False):
-    """Dense Transformer -> MoE Transformer by cfg (SplitConfig). data: sample text for the sharing methods."""
-    if dense.config.is_moe:
-        raise ValueError("the source is already an MoE model: split.py cuts a dense LLaMA")
-    width, shared_size, scale = check_config(cfg, dense.config.intermediate_size)
+def split_model(dense, cfg, sizes=None, free_dense=False):
+    """Dense Transformer -> MoE Transformer by cfg (SplitConfig). Validates cfg first, unless the caller already
+    did: sizes = check_split(cfg, dense.config). free_dense: build in place of the dense model (see build_moe)."""
+    d_e, shared, scale = sizes or check_split(cfg, dense.config)
     importance = None
     if cfg.method in NEEDS_IMPORTANCE:
-        if data is None:
-            raise ValueError(f"method {cfg.method!r} ranks neurons by importance on sample text: pass --data "
-                             f"(a shard folder or a text file)")
-        importance = taylor_importance(dense, importance_batches(dense, cfg, data, tokenizer))
-    experts, shared = choose_experts(dense, cfg, importance)
-    return build_moe(dense, experts, shared, cfg.num_experts, cfg.top_k, scale, cfg.gate_type, cfg.seed,
+        importance = taylor_importance(dense, importance_batches(dense, cfg))
+    experts, shared_ix = choose_experts(dense, cfg, d_e, shared, importance)
+    return build_moe(dense, experts, shared_ix, cfg.num_experts, cfg.top_k, scale, cfg.gate_type, cfg.seed,
                      cfg.gate_std, free_dense=free_dense)
 
 
-def check_source(src):
-    """The source must be a dense LLaMA checkpoint folder; say what it is otherwise."""
-    raw = read_config_json(src)
-    if raw.get("model_type") != "llama":
-        raise ValueError(f"{src} is a {raw.get('model_type')!r} checkpoint: split.py needs a dense LLaMA "
-                         f"(model_type 'llama'); an MoE model is split already")
-    return raw
+def check_paths(cfg):
+    """Where the split reads and writes: checked before anything is read or written."""
+    need(cfg.src and cfg.dst, "--src=... (a dense LLaMA folder or .gguf file) and --dst=... (the output folder) "
+         "are required")
+    need(os.path.exists(cfg.src), f"--src={cfg.src} does not exist: give a dense LLaMA checkpoint folder "
+         f"(config.json + safetensors) or a .gguf file")
+    need(not is_inside(cfg.dst, cfg.src), f"--dst={cfg.dst} is --src or lies inside it: the input stays "
+         f"untouched, choose another --dst")
+    need(not is_inside(cfg.src, cfg.dst), f"--src={cfg.src} lies inside --dst={cfg.dst}: replacing --dst would "
+         f"delete the input, choose another --dst")
+    need(cfg.overwrite or not os.path.exists(cfg.dst), f"--dst={cfg.dst} exists: pass --overwrite to replace "
+         f"it, or choose another --dst")
 
 
-def split_checkpoint(src, dst, cfg, format="native", data=None, tokenizer=None, overwrite=False, device=None):
-    """Read a dense LLaMA folder, split it, write the MoE checkpoint to dst (atomically). Returns the model."""
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise ValueError("--dst must differ from --src (the dense checkpoint is the input)")
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists: pass --overwrite to replace it, or choose another --dst")
-    raw = check_source(src)
-    d_h = raw.get("intermediate_size")
-    if not isinstance(d_h, int):
-        raise ValueError(f"{src}/config.json has no integer intermediate_size")
-    width, shared_size, scale = check_config(cfg, d_h)
-    if cfg.method in NEEDS_IMPORTANCE and data is None:
-        raise ValueError(f"method {cfg.method!r} ranks neurons by importance on sample text: pass --data "
-                         f"(a shard folder or a text file)")
-    # Ask model.py now whether the format can hold this model (Mixtral: linear gate, no shared block), on a
-    # meta-device model that costs nothing, instead of failing after the whole split.
-    probe_cfg = moe_config(config_from_hf(raw, src), cfg.num_experts, cfg.top_k, width, shared_size, scale,
-                           cfg.gate_type)
-    with torch.device("meta"):
-        export_config(Transformer(probe_cfg), format)
-    if data is not None and cfg.method in NEEDS_IMPORTANCE and not os.path.exists(data):
-        raise FileNotFoundError(f"--data {data!r} does not exist (a shard folder or a text file)")
-    if tokenizer is None and data is not None and os.path.isfile(data):
-        tokenizer = os.path.join(src, "tokenizer.model")
-    dense = Transformer.from_pretrained(src, device=device)
-    moe = split_model(dense, cfg, data, tokenizer, free_dense=True)
+def own_memory(model, folder):
+    """Give every tensor of a model loaded from a safetensors folder memory of its own, one tensor at a time.
+
+    from_pretrained hands out views of a memory map of each file (safetensors' zero-copy load): nothing is read
+    until used, but every page read stays resident as long as any view of that file lives. Cutting experts (new
+    memory) out of such a model ends with the dense model in the page map *and* the MoE (a 7B split peaked at
+    19-21 GiB). Here each tensor is copied out of a map of its own that closes right after, so the file is read
+    once and the peak is one model plus one tensor."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    where = {}
+    if os.path.exists(index):
+        with open(index) as f:
+            where = json.load(f)["weight_map"]                                 # name -> shard file
+    for name, p in model.named_parameters():   # a tied lm_head is the embedding and listed once
+        with safe_open(os.path.join(folder, where.get(name, "model.safetensors")), framework="pt") as f:
+            p.data = f.get_tensor(name).clone()
+
+
+def split_checkpoint(cfg):
+    """Read cfg.src, split it, write the MoE checkpoint to cfg.dst (atomically). Returns the model.
+    Everything is checked before the weights are read, and nothing is written before the split is done."""
+    check_paths(cfg)
+    try:  # a checkpoint folder or a .gguf file; a safetensors folder is only mapped here, not yet read
+        dense = Transformer.from_pretrained(cfg.src, device=cfg.device)
+    except (OSError, ValueError) as e:  # missing, malformed or not a LLaMA: the loader's message names the file
+        raise UserError(f"--src={cfg.src}: {e}") from None
+    sizes = check_split(cfg, dense.config)
+    if os.path.isdir(cfg.src) and dense.lm_head.weight.device.type == "cpu":
+        own_memory(dense, cfg.src)
+    moe = split_model(dense, cfg, sizes, free_dense=True)
     del dense
-    moe.save_pretrained(dst, format=format)
+    moe.save_pretrained(cfg.dst, format=cfg.format)
     return moe
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Build LLaMA-MoE from a dense LLaMA checkpoint (SPEC.md section 2).")
-    p.add_argument("--src", required=True, help="dense LLaMA folder (config.json + safetensors)")
-    p.add_argument("--dst", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--num_experts", type=int, default=16)
-    p.add_argument("--top_k", type=int, default=4)
-    p.add_argument("--method", default="random", choices=METHODS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=None, help="rescale factor; default E/k (upcycle: 1); 1 = off")
-    p.add_argument("--expert_size", type=int, default=None, help="expert width d_e (sharing methods)")
-    p.add_argument("--shared_size", type=int, default=None, help="shared block width (sharing_inter)")
-    p.add_argument("--data", default=None, help="sample text for importance: shard folder or text file")
-    p.add_argument("--tokenizer", default=None, help="for a text --data; default SRC/tokenizer.model")
-    p.add_argument("--importance_seqs", type=int, default=8, help="sample sequences per cluster")
-    p.add_argument("--seq_len", type=int, default=256, help="tokens per importance sequence")
-    p.add_argument("--batch_size", type=int, default=4, help="sequences per importance forward+backward")
-    p.add_argument("--gate", default="linear", choices=("linear", "mlp"))
-    p.add_argument("--clustering_features", default="up", choices=("up", "gate"))
-    p.add_argument("--format", default="native", choices=("native", "mixtral", "llama_moe"))
-    p.add_argument("--device", default=None, help="where to run (default cpu; importance is faster on cuda)")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    cfg = SplitConfig(num_experts=a.num_experts, top_k=a.top_k, method=a.method, seed=a.seed, scale=a.scale,
-                      expert_size=a.expert_size, shared_size=a.shared_size, gate_type=a.gate,
-                      clustering_features=a.clustering_features, importance_seqs=a.importance_seqs,
-                      seq_len=a.seq_len, batch_size=a.batch_size)
-    moe = split_checkpoint(a.src, a.dst, cfg, a.format, a.data, a.tokenizer, a.overwrite, a.device)
+def main(argv):
+    cfg = load_config(SplitConfig(), argv, doc=__doc__)
+    moe = split_checkpoint(cfg)
     c = moe.config
-    print(f"wrote {a.dst} ({a.format}): {c.num_hidden_layers} layers x {c.num_experts} experts of "
+    size = sum(p.numel() * p.element_size() for p in moe.parameters()) / 2**30
+    print(f"wrote {cfg.dst} ({cfg.format}): {c.num_hidden_layers} layers x {c.num_experts} experts of "
           f"{c.expert_intermediate_size} neurons, top-{c.num_experts_per_tok}, shared {c.shared_intermediate_size}, "
           f"scale {c.score_scale}, {c.gate_type} gate")
+    print(f"peak memory (RSS) {peak_rss_gib():.2f} GiB for a {size:.2f} GiB model")
+
+
+def peak_rss_gib():
+    """This process's peak resident memory (Linux's VmHWM; ru_maxrss would also count a parent's memory at fork)."""
+    if not os.path.exists("/proc/self/status"):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: the message, not a traceback
-        raise SystemExit(f"split.py: error: {e}")
+    run_cli(main)

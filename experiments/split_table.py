@@ -8,24 +8,33 @@ model's held-out loss is measured on the same validation windows (mean over doma
 next-token loss; eval mode: clean top-k routing, gates still at their random init).
 
     python experiments/split_table.py                       # trains out/split_table/dense first (~4 min, CPU)
-    python experiments/split_table.py --dense out/split_table/dense
+    python experiments/split_table.py --dense=out/split_table/dense
 """
-import argparse
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import UserError, load_config, run_cli  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sample import DomainSampler, eval_windows, load_meta  # noqa: E402
-from split import (SplitConfig, build_moe, check_config, choose_experts, importance_batches,  # noqa: E402
-                   taylor_importance)
+from split import METHODS, SplitConfig, build_moe, check_split, choose_experts, importance_batches  # noqa: E402
+from split import taylor_importance  # noqa: E402
 
-METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle")
+
+@dataclass
+class TableConfig:
+    data: str = "data/embedded"
+    dense: str | None = None               # a trained dense LLaMA folder; None: train one first
+    out: str = "out/split_table/dense"     # where a freshly trained dense model goes
+    train_seconds: float = 240
+    eval_windows: int = 8                  # validation windows per domain
+    seq_len: int = 128
+    seed: int = 0
 
 
 def train_dense(data, out, seconds, seed=0):
@@ -63,24 +72,17 @@ def train_dense(data, out, seconds, seed=0):
 
 @torch.no_grad()
 def held_out_loss(model, windows):
-    """Mean over domains of the mean next-token cross-entropy (the LM loss alone, no balance loss)."""
+    """Mean over domains of the mean next-token cross-entropy (model(x, y)'s loss: the LM loss alone)."""
     per_domain = []
     for batches in windows.values():
-        losses = [F.cross_entropy(model(x)[0].float().flatten(0, 1), y.flatten()) for x, y in batches]
-        per_domain.append(torch.stack(losses).mean().item())
+        per_domain.append(torch.stack([model(x, y)[1] for x, y in batches]).mean().item())
     return sum(per_domain) / len(per_domain)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data/embedded")
-    p.add_argument("--dense", default=None, help="a trained dense LLaMA folder; default: train one")
-    p.add_argument("--out", default="out/split_table/dense", help="where a freshly trained dense model goes")
-    p.add_argument("--train_seconds", type=float, default=240)
-    p.add_argument("--eval_windows", type=int, default=8, help="validation windows per domain")
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+def main(argv):
+    a = load_config(TableConfig(), argv, doc=__doc__)
+    if not os.path.isdir(a.data):
+        raise UserError(f"--data={a.data} is not a shard folder: make it with `python data/prepare.py`")
     t0 = time.time()
     if a.dense is None:
         train_dense(a.data, a.out, a.train_seconds, a.seed)
@@ -91,13 +93,13 @@ def main():
                for d in domains}
     rows = [("dense", "-", held_out_loss(dense, windows), None)]
     for E, k in ((8, 2), (16, 4)):
-        cfg = SplitConfig(num_experts=E, top_k=k, seed=a.seed, importance_seqs=4, seq_len=a.seq_len)
+        cfg = SplitConfig(num_experts=E, top_k=k, seed=a.seed, importance_seqs=4, seq_len=a.seq_len, data=a.data)
         # Importance depends on the clusters of sample text only (not on the method): compute it once per E.
-        importance = taylor_importance(dense, importance_batches(dense, cfg, a.data))
+        importance = taylor_importance(dense, importance_batches(dense, cfg))
         for method in METHODS:
             mcfg = SplitConfig(**{**cfg.__dict__, "method": method})
-            width, shared, _ = check_config(mcfg, dense.config.intermediate_size)
-            experts, shared_ix = choose_experts(dense, mcfg, importance)
+            width, shared, _ = check_split(mcfg, dense.config)
+            experts, shared_ix = choose_experts(dense, mcfg, width, shared, importance)
             losses = []
             for scale in (E / k, 1.0):
                 moe = build_moe(dense, experts, shared_ix, E, k, scale, seed=a.seed)
@@ -117,4 +119,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

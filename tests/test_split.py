@@ -1,15 +1,20 @@
 """split.py: the four ways of cutting experts (SPEC.md section 2), the MoE model they build, Mixtral round trip, CLI."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from configurator import UserError
 from model import ModelConfig, Transformer, rope_cos_sin
 from split import (SplitConfig, balanced_assign, build_moe, main, split_checkpoint, split_clustering, split_model,
                    split_random, split_sharing_inner, split_sharing_inter, taylor_importance)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -191,12 +196,12 @@ def test_sharing_inter_shared_block_and_disjoint_experts():
         assert experts[j].tolist() == [rest[i] for i, o in enumerate(owner) if o == j]
 
 
-def write_shards(path, vocab, domains=("a", "b", "c"), n=600):
+def write_shards(path, vocab, domains=("a", "b", "c"), n=600, tokenizer_sha256=None):
     """A tiny shard folder in data/prepare.py's format."""
     os.makedirs(path)
     rng = np.random.default_rng(0)
     meta = {"vocab_size": vocab, "dtype": "uint16", "bos_id": 1, "eos_id": 2, "tokenizer": "tokenizer.model",
-            "domains": {}}
+            "tokenizer_sha256": tokenizer_sha256, "domains": {}}
     for i, name in enumerate(domains):
         for split in ("train", "val"):
             # each domain draws from its own slice of the vocabulary, so the domains are different kinds of text
@@ -211,8 +216,8 @@ def write_shards(path, vocab, domains=("a", "b", "c"), n=600):
 def test_sharing_methods_build_configured_sizes(method, tmp_path):
     data = write_shards(tmp_path / "data", 64)
     dense = tiny_dense(3)
-    cfg = SplitConfig(num_experts=4, top_k=2, method=method, importance_seqs=2, seq_len=16, batch_size=2)
-    moe = split_model(dense, cfg, data=data)
+    cfg = SplitConfig(num_experts=4, top_k=2, method=method, importance_seqs=2, seq_len=16, batch_size=2, data=data)
+    moe = split_model(dense, cfg)
     c = moe.config
     if method == "sharing_inner":  # defaults: d_h / E each, no shared block
         assert (c.expert_intermediate_size, c.shared_intermediate_size) == (24, 0)
@@ -227,8 +232,16 @@ def test_sharing_methods_build_configured_sizes(method, tmp_path):
             shared = match_to_dense(neurons(s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight), ffn)
             used = shared.tolist() + got.flatten().tolist()
             assert len(used) == len(set(used)) == 24 + 4 * 12
-    with pytest.raises(ValueError, match="--data"):
-        split_model(dense, cfg)
+    with pytest.raises(UserError, match="--data"):
+        split_model(dense, SplitConfig(num_experts=4, top_k=2, method=method))
+
+
+def test_sample_text_of_another_tokenizer_is_refused(tmp_path):
+    data = write_shards(tmp_path / "data", 64, tokenizer_sha256="cd" * 32)
+    cfg = SplitConfig(num_experts=4, top_k=2, method="sharing_inner", importance_seqs=2, seq_len=16, data=data)
+    with pytest.raises(UserError, match="another tokenizer"):
+        split_model(tiny_dense(tokenizer_sha256="ab" * 32), cfg)
+    split_model(tiny_dense(tokenizer_sha256="cd" * 32), cfg)  # the same tokenizer: accepted
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,8 +252,9 @@ def test_llama_to_mixtral_round_trip(tmp_path):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in TINY.items()}, attn_implementation="eager")
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "llama")
-    cfg = SplitConfig(num_experts=4, top_k=2, method="random", gate_std=1.0)  # a decisive gate: no near-ties
-    moe = split_checkpoint(str(tmp_path / "llama"), str(tmp_path / "mixtral"), cfg, format="mixtral")
+    cfg = SplitConfig(src=str(tmp_path / "llama"), dst=str(tmp_path / "mixtral"), format="mixtral", num_experts=4,
+                      top_k=2, method="random", gate_std=1.0)  # a decisive gate: no near-ties
+    moe = split_checkpoint(cfg)
     mixtral, info = transformers.MixtralForCausalLM.from_pretrained(
         tmp_path / "mixtral", output_loading_info=True, attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -257,40 +271,93 @@ def test_llama_to_mixtral_round_trip(tmp_path):
 
 def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
     src, dst = str(tmp_path / "dense"), str(tmp_path / "moe")
-    tiny_dense(4).save_pretrained(src)
-    main(["--src", src, "--dst", dst, "--num_experts", "4", "--top_k", "1", "--method", "clustering"])
+    tiny_dense(4, tokenizer_sha256="ab" * 32).save_pretrained(src)
+    main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=1", "--method=clustering"])
     moe = Transformer.from_pretrained(dst)
     assert (moe.config.num_experts, moe.config.num_experts_per_tok, moe.config.score_scale) == (4, 1, 4.0)
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main(["--src", src, "--dst", dst, "--num_experts", "4", "--top_k", "2"])
-    main(["--src", src, "--dst", dst, "--num_experts", "4", "--top_k", "2", "--scale", "1", "--overwrite"])
+    assert moe.config.tokenizer_sha256 == "ab" * 32  # the experts read the source's token ids
+    before = {f: os.path.getmtime(os.path.join(dst, f)) for f in os.listdir(dst)}
+    with pytest.raises(UserError, match="--overwrite"):
+        main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=2"])
+    assert {f: os.path.getmtime(os.path.join(dst, f)) for f in os.listdir(dst)} == before
+    main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=2", "--scale=1", "--overwrite"])
     assert Transformer.from_pretrained(dst).config.score_scale == 1.0
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "peak memory (RSS)" in out
 
 
-@pytest.mark.parametrize("args,error,match", [
-    (["--num_experts", "5"], ValueError, r"not divisible.*\[2, 3, 4, 6, 8"),     # 96 % 5 != 0, says what works
-    (["--num_experts", "4", "--top_k", "5"], ValueError, "top_k 5"),
-    (["--method", "sharing_inner", "--num_experts", "4"], ValueError, "--data"),
-    (["--num_experts", "4", "--gate", "mlp", "--format", "mixtral"], ValueError, "MLP gate"),
-    (["--num_experts", "4", "--method", "sharing_inter", "--data", "x", "--format", "mixtral"], ValueError, "shared"),
-    (["--num_experts", "4", "--method", "sharing_inner", "--data", "no/such/text.txt"], FileNotFoundError, "--data"),
-    (["--num_experts", "4", "--method", "sharing_inter", "--shared_size", "50", "--expert_size", "20",
-      "--data", "x"], ValueError, "exceeds"),
+@pytest.mark.parametrize("args,match", [
+    (["--num_experts=5"], r"not divisible.*\[2, 3, 4, 6, 8"),     # 96 % 5 != 0, says what works
+    (["--num_experts=4", "--top_k=5"], "top_k=5"),
+    (["--num_experts=4", "--top_k=2.5"], "--top_k"),             # ints refuse floats (configurator)
+    (["--method=sharing_inner", "--num_experts=4"], "--data"),
+    (["--num_experts=4", "--gate_type=mlp", "--format=mixtral"], "MLP gate"),
+    (["--num_experts=4", "--method=sharing_inter", "--data=x", "--format=mixtral"], "shared"),
+    (["--num_experts=4", "--method=sharing_inner", "--data=no/such/text.txt"], "--data"),
+    (["--num_experts=4", "--method=sharing_inter", "--shared_size=50", "--expert_size=20", "--data=x"], "exceeds"),
+    (["--num_experts=4", "--expert_size=10"], "--expert_size"),
+    (["--num_experts=4", "--scale=0"], "--scale"),
+    (["--num_experts=4", "--format=gguf"], "--format"),
+    (["--num_experts=4", "--num_expert=4"], "did you mean --num_experts"),
 ])
-def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, error, match):
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, match):
     src, dst = str(tmp_path / "dense"), str(tmp_path / "moe")
     tiny_dense().save_pretrained(src)
-    with pytest.raises(error, match=match):
-        main(["--src", src, "--dst", dst, "--top_k", "2"] + args)
-    assert not os.path.exists(dst)
+    open(tmp_path / "x", "w").close()
+    with pytest.raises(UserError, match=match):
+        main([f"--src={src}", f"--dst={dst}", "--top_k=2"] + [a.replace("=x", f"={tmp_path / 'x'}") for a in args])
+    assert sorted(os.listdir(tmp_path)) == ["dense", "x"]
 
 
-def test_source_must_be_a_dense_llama(tmp_path):
-    moe_dir = str(tmp_path / "moe")
+def test_source_must_be_a_dense_llama_and_stay_untouched(tmp_path):
+    moe_dir, dense_dir = str(tmp_path / "moe"), str(tmp_path / "runs" / "dense")
     dense = tiny_dense()
     build_moe(dense, [split_random(96, 4)] * 2, None, 4, 2, 2.0).save_pretrained(moe_dir)  # native MoE format
-    with pytest.raises(ValueError, match="dense LLaMA"):
-        main(["--src", moe_dir, "--dst", str(tmp_path / "out"), "--num_experts", "4", "--top_k", "2"])
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="dense LLaMA"):
+        main([f"--src={moe_dir}", f"--dst={tmp_path / 'out'}", "--num_experts=4", "--top_k=2"])
+    with pytest.raises(UserError, match="does not exist"):
+        main([f"--src={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'out'}"])
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(UserError, match="config.json"):  # a folder that is not a checkpoint: the loader says why
+        main([f"--src={tmp_path / 'empty'}", f"--dst={tmp_path / 'out'}"])
+    dense.save_pretrained(dense_dir)
+    files = {f: open(os.path.join(dense_dir, f), "rb").read() for f in os.listdir(dense_dir)}
+    for dst in (dense_dir, os.path.join(dense_dir, "moe"), str(tmp_path / "runs")):  # src = dst, inside, around
+        with pytest.raises(UserError, match="--dst"):
+            main([f"--src={dense_dir}", f"--dst={dst}", "--num_experts=4", "--top_k=2", "--overwrite"])
+    assert {f: open(os.path.join(dense_dir, f), "rb").read() for f in os.listdir(dense_dir)} == files
+    assert sorted(os.listdir(tmp_path)) == ["empty", "moe", "runs"] and os.listdir(tmp_path / "runs") == ["dense"]
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "split.py"), f"--src={tmp_path / 'nowhere'}",
+                        f"--dst={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("split.py: error: --src=") and "Traceback" not in r.stderr
+
+
+def test_split_holds_about_one_model_in_memory(tmp_path):
+    """The source is copied out of its file map tensor by tensor and each dense FFN is dropped once its experts
+    are cut, so the split's peak resident memory is about one model, not the file map plus the experts (~1.7x).
+    Measured in a fresh process, against the same process building the model on the meta device only."""
+    src = str(tmp_path / "dense")
+    torch.manual_seed(0)
+    config = dict(vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
+    Transformer(ModelConfig(**config)).save_pretrained(src)   # 54M fp32 parameters: 218 MB
+    size = os.path.getsize(os.path.join(src, "model.safetensors"))
+    code = ("import sys, torch, split; from model import ModelConfig\n"
+            "split.Transformer.save_pretrained = lambda *a, **k: None  # the split alone, not the writer\n"
+            "cfg = split.SplitConfig(src=sys.argv[2], dst=sys.argv[3])\n"
+            "if sys.argv[1] == 'split':\n"
+            "    split.split_checkpoint(cfg)\n"
+            "else:  # Python, torch and a model on the meta device (one-time allocations, ~70 MB)\n"
+            f"    with torch.device('meta'): split.Transformer(ModelConfig(**{config}))\n"
+            "print(split.peak_rss_gib())")
+    peak = {}
+    for what in ("baseline", "split"):
+        r = subprocess.run([sys.executable, "-c", code, what, src, str(tmp_path / "moe")], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        peak[what] = float(r.stdout.split()[-1])
+    extra = (peak["split"] - peak["baseline"]) * 2**30 / size
+    assert 0.9 < extra < 1.3, f"the split held {extra:.2f}x the model's size ({peak})"
