@@ -13,29 +13,25 @@ One file, read top to bottom, no framework: plain PyTorch, DistributedDataParall
 
 Settings: the TrainConfig dataclass below holds every key and its default (= the demo MoE run); config files
 (plain Python assignments) and then --key=value arguments override them, left to right (configurator.py).
-Where the run starts, the lock on out_dir and the checkpoints are train_state.py's chapter.
+The ranks, the lock on out_dir, where the run starts, checkpoints and the log are train_state.py's.
 
 Read top to bottom:
   1. TrainConfig      - every setting, with the paper's values where it has them (SPEC.md section 5)
   2. check_config     - values that cannot work, refused before anything runs
-  3. distributed      - torchrun's environment -> rank, world, device; gloo on CPU, nccl on GPU
-  4. the model        - from scratch / a checkpoint folder; DDP or FSDP2; activation checkpointing; compile
-  5. get_lr + AdamW   - linear warmup, cosine to a 10% floor; no weight decay on 1-D parameters
-  6. data streams     - DomainSampler (sample.py), one stream per micro-batch slot of the global batch
-  7. evaluation       - per-domain validation loss, expert load, dynamic domain weights
-  8. distillation     - KL(parent || student) on the same tokens, in chunks of positions
-  9. train()          - set up, then the loop: batch, forward, loss, backward, clip, step, log/eval/checkpoint
+  3. the model        - from scratch / a checkpoint folder; DDP or FSDP2; activation checkpointing; compile
+  4. get_lr + AdamW   - linear warmup, cosine to a 10% floor; no weight decay on 1-D parameters
+  5. data streams     - DomainSampler (sample.py), one stream per micro-batch slot of the global batch
+  6. evaluation       - per-domain validation loss, expert load, dynamic domain weights
+  7. distillation     - KL(parent || student) on the same tokens, in chunks of positions
+  8. train()          - set up, then the loop: batch, forward, loss, backward, clip, step, log/eval/checkpoint
 """
 import contextlib
-import datetime
-import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -47,7 +43,8 @@ import train_state
 from configurator import UserError, load_config, run_cli
 from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
-from train_state import commit_start, latest_checkpoint, load_training_state, resolve_start, save_checkpoint
+from train_state import (Log, agree, all_reduce, check_finite, commit_start, export, load_training_state,
+                         resolve_start, save_checkpoint, setup_distributed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,7 +89,7 @@ class TrainConfig:
     beta1: float = 0.9                    # paper
     beta2: float = 0.95                   # paper
     grad_clip: float = 1.0                # paper; 0 = no clipping
-    # --- distillation from the dense parent (beyond the paper; section 8) ---
+    # --- distillation from the dense parent (beyond the paper; section 7) ---
     distill_from: str | None = None       # a dense checkpoint folder or .gguf with the student's vocabulary
     distill_alpha: float = 0.0            # loss = lm + balance + alpha * KL(parent || student)
     distill_temperature: float = 1.0      # both distributions softened by T; the KL is scaled by T^2
@@ -172,59 +169,7 @@ def user_input(what):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Distributed set-up. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT via its rendezvous);
-#    without them this is one plain process.
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    distributed: bool
-    pid0: int  # rank 0's process id: names the checkpoint temporaries every rank writes into
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def setup_distributed(cfg):
-    distributed = "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but torch sees no GPU: use --device=cpu (or auto)")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    pid0 = torch.tensor([os.getpid() if rank == 0 else 0], device=device)
-    if distributed and not dist.is_initialized():
-        # nccl moves GPU tensors between GPUs; gloo is the CPU backend (tests, and this 2-core demo).
-        # A long timeout: rank 0 alone writes a full checkpoint while the others wait at a barrier.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
-    d = Dist(rank, world, local_rank, device, distributed, 0)
-    d.pid0 = int(all_reduce(pid0, d))
-    return d
-
-
-def all_reduce(t, d, op=None):
-    if d.distributed:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-def agree(ok, d):
-    """True on every rank if `ok` is true on every rank (for decisions one rank makes, e.g. the lock)."""
-    return bool(all_reduce(torch.tensor([0 if ok else 1], device=d.device), d).item() == 0)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. The model: which config, where the weights come from, how it is spread over ranks.
+# 3. The model: which config, where the weights come from, how it is spread over ranks.
 
 def scratch_config(cfg, meta):
     """The demo's dense base (or an MoE for throughput runs), from the ModelConfig keys of TrainConfig."""
@@ -332,7 +277,7 @@ def compute_dtype(cfg, d):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Optimizer and learning-rate schedule (SPEC.md section 5)
+# 4. Optimizer and learning-rate schedule (SPEC.md section 5)
 
 def get_lr(step, peak, warmup_steps, decay_steps, min_ratio):
     """Learning rate of update number `step` (0-based): linear warmup over warmup_steps to the peak, then a
@@ -357,7 +302,7 @@ def make_optimizer(cfg, model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Data streams. The global batch is n_streams micro-batches; micro-batch slot s always reads stream s,
+# 5. Data streams. The global batch is n_streams micro-batches; micro-batch slot s always reads stream s,
 #    DomainSampler(rank=s, world_size=n_streams), and its gate noise is seeded by (seed, step, s). Rank r
 #    runs slots r*accum ... r*accum + accum-1. So the batch does not depend on how the slots are laid out:
 #    1 process x 2 accumulation steps sees exactly what 2 ranks x 1 step see (the DDP/FSDP tests rely on
@@ -394,7 +339,7 @@ def noise_seed(seed, step, slot):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Evaluation: per-domain validation loss (clean routing, no noise), and the load of each expert
+# 6. Evaluation: per-domain validation loss (clean routing, no noise), and the load of each expert
 
 @torch.no_grad()
 def evaluate(cfg, d, model, domains, autocast):
@@ -428,7 +373,7 @@ def expert_load_shares(counts):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Distillation from the dense parent (beyond the paper): the split MoE also learns to match the parent's
+# 7. Distillation from the dense parent (beyond the paper): the split MoE also learns to match the parent's
 #    next-token distribution on the same tokens, loss = lm + balance + alpha * T^2 * KL(p_parent || p_student)
 #    at temperature T (Hinton et al. 2015; T^2 keeps the gradient's scale independent of T). The parent runs
 #    in eval mode without gradients, under the same autocast, as a plain module on every rank (never wrapped
@@ -485,7 +430,7 @@ def parent_kl(parent, x, logits, temperature):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. The training loop
+# 8. The training loop
 
 STOP = {"signal": None}
 
@@ -494,39 +439,6 @@ def request_stop(signum, frame):
     """SIGTERM / SIGINT: finish the current step, checkpoint, exit. A second Ctrl-C interrupts at once."""
     STOP["signal"] = signum
     signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
-
-
-class Log:
-    """Rank 0 prints each line and appends its record to out_dir/log.jsonl."""
-    def __init__(self, d, path):
-        self.jsonl = open(path, "a") if d.master else None
-
-    def __call__(self, text, record=None):
-        if self.jsonl is None:
-            return
-        print(text, flush=True)
-        if record is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-
-    def close(self):
-        if self.jsonl is not None:
-            self.jsonl.close()
-
-
-class Diverged(UserError, FloatingPointError):
-    """A non-finite loss or gradient norm: stop before the update spoils the weights."""
-
-
-def check_finite(cfg, step, loss, norm):
-    if math.isfinite(loss) and math.isfinite(norm):
-        return
-    which = "loss" if not math.isfinite(loss) else "grad norm"
-    kept = [os.path.basename(c) for c in train_state.checkpoints(cfg.out_dir)]
-    raise Diverged(f"non-finite {which} at step {step + 1} (loss {loss}, grad norm {norm}): stopped before the "
-                   f"update; checkpoints kept in {cfg.out_dir}: {', '.join(kept) or 'none (none was saved)'} - "
-                   f"--resume continues the newest (delete it to go back further) with a lower learning_rate, "
-                   f"or check the data")
 
 
 def format_eta(seconds):
@@ -596,7 +508,7 @@ def run(cfg, d):
 
     dtype = compute_dtype(cfg, d)
     autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 and not fsdp
-                else nullcontext())  # FSDP2 casts through its MixedPrecisionPolicy instead
+                else contextlib.nullcontext())  # FSDP2 casts through its MixedPrecisionPolicy instead
     eval_model = raw if not fsdp else model  # DDP's wrapper is for backward only; FSDP must be called
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     tokens_per_step = cfg.global_batch_tokens
@@ -640,13 +552,13 @@ def run(cfg, d):
                 last = micro == accum - 1
                 if fsdp:  # average gradients across ranks once per step, on the last micro-batch
                     model.set_requires_gradient_sync(last)
-                with model.no_sync() if d.distributed and not fsdp and not last else nullcontext():
+                with model.no_sync() if d.distributed and not fsdp and not last else contextlib.nullcontext():
                     with autocast:
                         logits, lm_loss = model(x, y)
                         loss = lm_loss + raw.aux_loss  # + the MoE balance loss (SPEC.md section 3)
-                        kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else torch.zeros(())
+                        kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else lm_loss.new_zeros(())
                         if parent:
-                            loss = loss + cfg.distill_alpha * kl  # + the parent's distribution (section 8)
+                            loss = loss + cfg.distill_alpha * kl  # + the parent's distribution (section 7)
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
                 stats[:3] += torch.stack([lm_loss.detach(), raw.aux_loss.detach(), kl.detach()]).double()
                 for i, m in enumerate(moe_layers):
@@ -693,23 +605,6 @@ def run(cfg, d):
             signal.signal(sig, handler)
         log.close()
     return dict(losses=losses, step=step, exit_code=exit_code, checkpoint=ckpt)
-
-
-def export(cfg, d, model, raw):
-    """The trained model for other tools: out_dir/final in Hugging Face format (dense -> llama, MoE -> our
-    native format), and out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md section 3)."""
-    full = train_state.gather_model(model, raw, d)
-    if not d.master:
-        return
-    final = os.path.join(cfg.out_dir, "final")
-    full.save_pretrained(final)
-    print(f"[export] {final} ({'native MoE' if full.config.is_moe else 'llama'} format)", flush=True)
-    if full.config.is_moe:
-        try:
-            full.save_pretrained(os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral")
-            print(f"[export] {cfg.out_dir}/final_mixtral (Mixtral format, rescale factor folded into w2)", flush=True)
-        except ValueError as err:  # e.g. an MLP gate or a shared block: model.py says which
-            print(f"[export] Mixtral format skipped: {err}", flush=True)
 
 
 def config_from_args(argv):

@@ -11,12 +11,16 @@ out_dir/ holds one run:
     final/, final_mixtral/   the exported model at the end
 
 Read top to bottom:
+  0. the ranks        - torchrun's environment -> rank, world, device; gloo on CPU, nccl on GPU
   1. the lock         - one run per out_dir; a dead process's lock is taken over
   2. where to start   - resolve_start: scratch / a model folder / resume, every input checked, nothing touched;
                         commit_start: only then delete an overwritten run, or cut the log back to the checkpoint
   3. checkpoints      - save (atomic folder, keep the last K), load (optimizer, streams, RNG)
+  4. outputs          - log.jsonl, the stop on a non-finite loss or gradient, the final export
 """
+import datetime
 import json
+import math
 import os
 import random
 import re
@@ -37,6 +41,58 @@ CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
 RUN_FILES = ("final", "final_mixtral", "log.jsonl")  # besides ckpt_*: what a fresh run replaces
 LOCK = "train.lock"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 0. The ranks. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT via its rendezvous);
+#    without them this is one plain process.
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+    pid0: int  # rank 0's process id: names the checkpoint temporaries every rank writes into
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(cfg):
+    distributed = "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but torch sees no GPU: use --device=cpu (or auto)")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    pid0 = torch.tensor([os.getpid() if rank == 0 else 0], device=device)
+    if distributed and not dist.is_initialized():
+        # nccl moves GPU tensors between GPUs; gloo is the CPU backend (tests, and this 2-core demo).
+        # A long timeout: rank 0 alone writes a full checkpoint while the others wait at a barrier.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    d = Dist(rank, world, local_rank, device, distributed, 0)
+    d.pid0 = int(all_reduce(pid0, d))
+    return d
+
+
+def all_reduce(t, d, op=None):
+    if d.distributed:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def agree(ok, d):
+    """True on every rank if `ok` is true on every rank (for decisions one rank makes, e.g. the lock)."""
+    return bool(all_reduce(torch.tensor([0 if ok else 1], device=d.device), d).item() == 0)
 
 
 def barrier(d):
@@ -97,8 +153,13 @@ def acquire_lock(out_dir):
 
 
 def release_lock(path):
+    """Remove the lock; an out_dir that a refused run created and left empty goes too."""
     if path and os.path.exists(path):
         os.remove(path)
+        try:
+            os.rmdir(os.path.dirname(path))  # only succeeds when empty
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,3 +423,56 @@ def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     if wanted:
         raise UserError(f"{ckpt}: no saved state for data streams {sorted(wanted)}; the checkpoint is "
                         f"incomplete: delete it to resume from the one before")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The run's other outputs: the log, the stop on divergence, and the exported model.
+
+class Log:
+    """Rank 0 prints each line and appends its record to out_dir/log.jsonl."""
+    def __init__(self, d, path):
+        self.jsonl = open(path, "a") if d.master else None
+
+    def __call__(self, text, record=None):
+        if self.jsonl is None:
+            return
+        print(text, flush=True)
+        if record is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+class Diverged(UserError, FloatingPointError):
+    """A non-finite loss or gradient norm: stop before the update spoils the weights."""
+
+
+def check_finite(cfg, step, loss, norm):
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    which = "loss" if not math.isfinite(loss) else "grad norm"
+    kept = [os.path.basename(c) for c in checkpoints(cfg.out_dir)]
+    raise Diverged(f"non-finite {which} at step {step + 1} (loss {loss}, grad norm {norm}): stopped before the "
+                   f"update; checkpoints kept in {cfg.out_dir}: {', '.join(kept) or 'none (none was saved)'} - "
+                   f"--resume continues the newest (delete it to go back further) with a lower learning_rate, "
+                   f"or check the data")
+
+
+def export(cfg, d, model, raw):
+    """The trained model for other tools: out_dir/final in Hugging Face format (dense -> llama, MoE -> our
+    native format), and out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md section 3)."""
+    full = gather_model(model, raw, d)
+    if not d.master:
+        return
+    final = os.path.join(cfg.out_dir, "final")
+    full.save_pretrained(final)
+    print(f"[export] {final} ({'native MoE' if full.config.is_moe else 'llama'} format)", flush=True)
+    if full.config.is_moe:
+        try:
+            full.save_pretrained(os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral")
+            print(f"[export] {cfg.out_dir}/final_mixtral (Mixtral format, rescale factor folded into w2)", flush=True)
+        except ValueError as err:  # e.g. an MLP gate or a shared block: model.py says which
+            print(f"[export] Mixtral format skipped: {err}", flush=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import train
+import train_state
 from configurator import UserError
 from model import Transformer
 
@@ -167,7 +168,7 @@ def test_single_run_learns_and_exports(single):
         assert set(e["val_loss"]) == {"prose", "code"} and sum(e["weights"].values()) == pytest.approx(1)
         assert len(e["expert_load_min_max"]) == (0 if e["step"] == 0 else 2)  # (min, max) per MoE layer
     assert evals[-1]["weights"] != evals[0]["weights"]  # dynamic weights moved
-    ckpt = train.latest_checkpoint(single)
+    ckpt = train_state.latest_checkpoint(single)
     assert ckpt.endswith("ckpt_0000005") and not any(n.endswith(".tmp") for n in os.listdir(single))
     final = Transformer.from_pretrained(os.path.join(single, "final"))
     saved = Transformer.from_pretrained(os.path.join(ckpt, "model"))
@@ -203,7 +204,7 @@ def test_two_ranks_match_one_process(parallel, single, two_ranks):
 @pytest.mark.slow
 def test_fsdp_resume_is_bit_identical_two_processes(two_ranks):
     assert losses(two_ranks["fsdp_resumed"]) == losses(two_ranks["fsdp"])
-    ckpt = train.latest_checkpoint(two_ranks["fsdp_resumed"])
+    ckpt = train_state.latest_checkpoint(two_ranks["fsdp_resumed"])
     assert sorted(os.listdir(ckpt)) == ["model", "optimizer.pt", "rank0.pt", "rank1.pt", "state.json"]
 
 
@@ -250,8 +251,8 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed = losses(out)
-    assert train.latest_checkpoint(out) == os.path.join(out, "ckpt_0000001")
-    ckpt = train.latest_checkpoint(out)
+    assert train_state.latest_checkpoint(out) == os.path.join(out, "ckpt_0000001")
+    ckpt = train_state.latest_checkpoint(out)
     Transformer.from_pretrained(os.path.join(ckpt, "model"))  # the previous checkpoint loads
     with open(os.path.join(ckpt, "state.json")) as f:
         assert json.load(f)["step"] == 1
@@ -272,7 +273,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(data, tmp_path):
     assert proc.returncode == 0, output
     assert "stopped by SIGTERM" in output
     step = max(losses(out))
-    assert train.latest_checkpoint(out) == os.path.join(out, f"ckpt_{step:07d}")
+    assert train_state.latest_checkpoint(out) == os.path.join(out, f"ckpt_{step:07d}")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path):
@@ -283,7 +284,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path):
                    "--eval_interval=0"]
     with pytest.raises(FloatingPointError, match=r"at step 2\b.*ckpt_0000001"):
         train.main(args)
-    assert train.latest_checkpoint(out) == os.path.join(out, "ckpt_0000001")
+    assert train_state.latest_checkpoint(out) == os.path.join(out, "ckpt_0000001")
 
 
 # ---------------------------------------------------------------------------------------------------------

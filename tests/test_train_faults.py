@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train
+import train_state
 from configurator import UserError
 from test_train import REPO, TINY, make_shards, records
 
@@ -182,7 +183,7 @@ def test_non_finite_grad_norm_stops_and_says_so(data, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     with pytest.raises(FloatingPointError, match=r"non-finite grad norm at step 2 .*ckpt_0000001"):
         train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={out}", "--checkpoint_interval=1"])
-    assert train.latest_checkpoint(out).endswith("ckpt_0000001")
+    assert train_state.latest_checkpoint(out).endswith("ckpt_0000001")
 
 
 # ---------------------------------------------------------------------------------------------------------
