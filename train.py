@@ -238,7 +238,14 @@ def build_model(cfg, d, mc, weights_path):
         # FSDP2: every rank builds the model on the meta device (no memory), shards it, and only rank 0
         # holds a full copy, which it broadcasts shard by shard. Peak host memory: one model, on rank 0.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        full = full_weights().state_dict() if d.master else {}
+        full, error = {}, None
+        if d.master:
+            try:
+                full = full_weights().state_dict()
+            except UserError as e:  # tell the other ranks before they wait for rank 0's broadcast
+                error = e
+        if not agree(error is None, d):
+            raise error or UserError(f"rank 0 could not load {weights_path} (its message says why)")
         with torch.device("meta"):
             model = Transformer(mc)
     else:
@@ -555,10 +562,9 @@ def run(cfg, d):
                 with model.no_sync() if d.distributed and not fsdp and not last else contextlib.nullcontext():
                     with autocast:
                         logits, lm_loss = model(x, y)
-                        loss = lm_loss + raw.aux_loss  # + the MoE balance loss (SPEC.md section 3)
                         kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else lm_loss.new_zeros(())
-                        if parent:
-                            loss = loss + cfg.distill_alpha * kl  # + the parent's distribution (section 7)
+                        # LM loss + the MoE balance loss (SPEC.md section 3) + the parent's distribution (section 7)
+                        loss = lm_loss + raw.aux_loss + cfg.distill_alpha * kl
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
                 stats[:3] += torch.stack([lm_loss.detach(), raw.aux_loss.detach(), kl.detach()]).double()
                 for i, m in enumerate(moe_layers):

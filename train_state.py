@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -402,19 +403,34 @@ def save_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state):
     return final
 
 
+def load_file(path, **kw):
+    try:
+        return torch.load(path, map_location="cpu", **kw)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; delete "
+                        f"its folder to resume from the one before") from None
+
+
 def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     """Optimizer, sampler streams and RNG states from a checkpoint (the model was built from ckpt/model)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     ckpt = start.resume_from
     # Under FSDP only rank 0 reads the optimizer file and broadcasts; otherwise each rank reads it.
-    optim = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu") if d.master or not fsdp else {}
+    optim, error = {}, None
+    if d.master or not fsdp:
+        try:
+            optim = load_file(os.path.join(ckpt, "optimizer.pt"))
+        except UserError as e:
+            error = e
+    if not agree(error is None, d):  # every rank stops, not only the one that read the file
+        raise error or UserError(f"{ckpt}/optimizer.pt cannot be read on rank 0 (its message says why)")
     set_optimizer_state_dict(model if isinstance(model, Transformer) else raw, optimizer, optim,
                              options=full_state_options(broadcast_from_rank0=fsdp))
     # Streams are numbered by micro-batch slot, not by rank: find ours in whichever rank file holds them.
     wanted = {s.rank: s for s in streams}
     for r in range(start.saved_world):
         # our own files (numpy RNG state inside), so not restricted to weights_only
-        saved = torch.load(os.path.join(ckpt, f"rank{r}.pt"), map_location="cpu", weights_only=False)
+        saved = load_file(os.path.join(ckpt, f"rank{r}.pt"), weights_only=False)
         for slot, state in saved["streams"].items():
             if slot in wanted:
                 wanted.pop(slot).load_state_dict(state)

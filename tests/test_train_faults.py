@@ -225,3 +225,12 @@ def test_stale_temporaries_of_dead_processes_are_removed(data, tmp_path):
         (out / name / "model.safetensors").write_bytes(b"half written")
     train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={out}"])
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "rank0.pt", "state.json"])
+def test_a_damaged_checkpoint_is_named(old_run, data, damaged):
+    path = os.path.join(old_run, "ckpt_0000002", damaged)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UserError, match=f"ckpt_0000002/{damaged}.*(damaged|not valid json)"):
+        train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={old_run}", "--resume", "--max_steps=3"])
