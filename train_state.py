@@ -222,6 +222,10 @@ def resolve_start(cfg, meta, n_streams, scratch_config, hint=""):
                             f"the run with --init_from=scratch or a model folder, or point --out_dir at the run")
         state = read_json(os.path.join(ckpt, "state.json"), "the checkpoint is incomplete; delete it to resume "
                                                             "from the one before")
+        missing = {"step", "init_from", "n_streams", "seq_len", "world_size"} - set(state)
+        if missing:
+            raise UserError(f"{ckpt}/state.json lacks {sorted(missing)}: the checkpoint is damaged; delete it to "
+                            f"resume from the one before")
         if state["n_streams"] != n_streams or state["seq_len"] != cfg.seq_len:
             raise UserError(f"{ckpt} was written with {state['n_streams']} micro-batches of {state['seq_len']} "
                             f"tokens per step; this run has {n_streams} of {cfg.seq_len}: keep "
