@@ -330,12 +330,12 @@ def batch_layout(cfg, world):
 def make_streams(cfg, d, n_streams, accum):
     """This rank's streams; the validation windows are read once here too, so bad data stops the run now."""
     first = d.rank * accum
-    with user_input(f"--data_dir={cfg.data_dir}"):
+    with user_input("the data (--data_dir, --weights, --seq_len)"):
         streams = [DomainSampler(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, cfg.weights,
                                  dynamic=cfg.dynamic_weights, reference_losses=cfg.reference_losses, seed=cfg.seed,
                                  rank=s, world_size=n_streams) for s in range(first, first + accum)]
         for domain in streams[0].domains if cfg.eval_interval else ():
-            next(iter(eval_windows(cfg.data_dir, domain, cfg.seq_len, cfg.micro_batch, cfg.eval_windows)))
+            next(iter(eval_windows(cfg.data_dir, domain, cfg.seq_len, cfg.micro_batch, cfg.eval_windows)), None)
     return streams
 
 
