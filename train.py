@@ -9,35 +9,29 @@ One file, read top to bottom, no framework: plain PyTorch, DistributedDataParall
     torchrun --nnodes=14 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=moe \
         train.py config/llama2_7b_moe_4of16.py                    # the paper's 112 GPUs, same line on every node
     python train.py config/demo_dense.py --resume               # continue out_dir's latest checkpoint exactly
+    python train.py --distill_from=out/demo_dense/final --distill_alpha=0.5   # CPT + KL to the dense parent
 
-Settings: the TrainConfig dataclass below holds every key and its default (= the demo MoE run); a config
-file (plain Python assignments) and then --key=value arguments override them, left to right.
+Settings: the TrainConfig dataclass below holds every key and its default (= the demo MoE run); config files
+(plain Python assignments) and then --key=value arguments override them, left to right (configurator.py).
+The ranks, the lock on out_dir, where the run starts, checkpoints and the log are train_state.py's.
 
 Read top to bottom:
   1. TrainConfig      - every setting, with the paper's values where it has them (SPEC.md section 5)
-  2. load_config      - config files + --key=value, with suggestions for mistyped keys
-  3. distributed      - torchrun's environment -> rank, world, device; gloo on CPU, nccl on GPU
-  4. the model        - from scratch / a checkpoint folder; DDP or FSDP2; activation checkpointing; compile
-  5. get_lr + AdamW   - linear warmup, cosine to a 10% floor; no weight decay on 1-D parameters
-  6. data streams     - DomainSampler (sample.py), one stream per micro-batch slot of the global batch
-  7. evaluation       - per-domain validation loss, expert load, dynamic domain weights
-  8. checkpoints      - atomic folders ckpt_NNNNNNN/ (HF model + optimizer + sampler + RNG + step)
-  9. train(), run()   - the loop: accumulate, clip, step, log, evaluate, checkpoint, stop cleanly; export
+  2. check_config     - values that cannot work, refused before anything runs
+  3. the model        - from scratch / a checkpoint folder; DDP or FSDP2; activation checkpointing; compile
+  4. get_lr + AdamW   - linear warmup, cosine to a 10% floor; no weight decay on 1-D parameters
+  5. data streams     - DomainSampler (sample.py), one stream per micro-batch slot of the global batch
+  6. evaluation       - per-domain validation loss, expert load, dynamic domain weights
+  7. distillation     - KL(parent || student) on the same tokens, in chunks of positions
+  8. train()          - set up, then the loop: batch, forward, loss, backward, clip, step, log/eval/checkpoint
 """
-import datetime
-import difflib
-import json
+import contextlib
 import math
 import os
-import random
-import re
-import shutil
 import signal
 import sys
 import threading
 import time
-from ast import literal_eval
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -45,8 +39,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import ModelConfig, MoEFeedForward, Transformer, config_from_hf, rope_inv_freq
+import train_state
+from configurator import UserError, load_config, run_cli
+from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
+from train_state import (Log, agree, all_reduce, check_finite, commit_start, export, load_training_state,
+                         resolve_start, save_checkpoint, setup_distributed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,7 +57,9 @@ class TrainConfig:
     init_from: str = "out/demo_moe"       # "scratch" | a checkpoint folder (HF dense LLaMA, split MoE) | "resume"
     out_dir: str = "out/demo_moe_cpt"     # checkpoints ckpt_NNNNNNN/, log.jsonl, final/ (+ final_mixtral/)
     data_dir: str = "data/embedded"       # token shards written by data/prepare.py
-    # --- the model built by init_from="scratch" (names as model.ModelConfig = HF LlamaConfig) ---
+    # --- the model init_from="scratch" builds. These keys are model.ModelConfig's (= HF LlamaConfig's) and
+    #     mean what model.py documents; scratch_config passes them on by name. With a checkpoint folder the
+    #     folder's config.json decides, and a num_experts that disagrees with it is refused. ---
     vocab_size: int | None = None         # None -> the data's (meta.json)
     hidden_size: int = 256
     intermediate_size: int = 688          # 688 = 16 * 43 = 8 * 86: splits evenly into 16 or 8 experts
@@ -71,7 +71,7 @@ class TrainConfig:
     num_experts: int = 0                  # > 0: an MoE from scratch (throughput runs; the paper splits instead)
     num_experts_per_tok: int = 4
     expert_intermediate_size: int = 0
-    gate_type: str = "linear"             # "linear" | "mlp" (SPEC.md section 3)
+    gate_type: str = "linear"
     # --- data (SPEC.md section 4) ---
     weights: str | dict = "uniform"       # sample.py: uniform | proportional | sheared | llama | {domain: w}
     dynamic_weights: bool = False         # Sheared-LLaMA's rule, applied at every evaluation
@@ -89,13 +89,18 @@ class TrainConfig:
     beta1: float = 0.9                    # paper
     beta2: float = 0.95                   # paper
     grad_clip: float = 1.0                # paper; 0 = no clipping
+    # --- distillation from the dense parent (beyond the paper; section 7) ---
+    distill_from: str | None = None       # a dense checkpoint folder or .gguf with the student's vocabulary
+    distill_alpha: float = 0.0            # loss = lm + balance + alpha * KL(parent || student)
+    distill_temperature: float = 1.0      # both distributions softened by T; the KL is scaled by T^2
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = 20               # steps; 0 = never (the paper: every 2.5B tokens)
     eval_windows: int = 8                 # validation windows per domain (spread over the split)
     log_interval: int = 5
     checkpoint_interval: int = 30         # steps; 0 = only at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = 2             # the last K checkpoints stay (a divergence may have spoilt the last)
     export: bool = True                   # at the end: out_dir/final (HF) and out_dir/final_mixtral when possible
-    overwrite: bool = False               # a fresh run may replace an earlier run's checkpoints in out_dir
+    overwrite: bool = False               # a fresh run may replace an earlier run's files in out_dir
     # --- system ---
     parallel: str = "ddp"                 # "ddp" | "fsdp" (FSDP2, fully_shard per block, then the root)
     device: str = "auto"                  # "auto" (cuda if present) | "cpu" | "cuda"
@@ -106,13 +111,17 @@ class TrainConfig:
     seed: int = 0
 
 
+# The TrainConfig keys that are ModelConfig fields (the scratch model's shape).
+MODEL_KEYS = [f.name for f in fields(TrainConfig) if f.name in {g.name for g in fields(ModelConfig)}]
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "expert_intermediate_size", "gate_type")
+
 # Peak dense bf16 tensor-core FLOP/s per GPU (no sparsity), from the vendors' data sheets: MFU's denominator.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                   "A10": 125e12, "L4": 121e12}
 # A CPU core's fp32 peak: this machine is an AMD EPYC Zen 4 (avx512 executed on two 256-bit FMA pipes):
-# 2 pipes x 8 fp32 lanes x 2 FLOP (multiply + add) = 32 FLOP per cycle; at ~3.0 GHz (the VM reports 2.6 GHz
-# nominal, but a 1-thread 2048x1024x1024 fp32 matmul measured 88 GFLOP/s best of 20, PERF.md's 2-core BLAS
-# up to 190) that is 96 GFLOP/s per core. Per process: times its threads. Override with --peak_flops.
+# 2 pipes x 8 fp32 lanes x 2 FLOP (multiply + add) = 32 FLOP per cycle at ~3.0 GHz (a 1-thread
+# 2048x1024x1024 fp32 matmul measured 88 GFLOP/s, best of 20) = 96 GFLOP/s per core. Per process: times its
+# threads. Override with --peak_flops.
 CPU_FLOPS_PER_CORE = 2 * 8 * 2 * 3.0e9
 
 DEMO_MOE_HINT = ("the demo MoE is made by the README's pipeline: `python data/prepare.py`, "
@@ -121,154 +130,54 @@ DEMO_MOE_HINT = ("the demo MoE is made by the README's pipeline: `python data/pr
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Configuration: exec config files, then --key=value (values parsed with literal_eval, else kept as text)
-
-def set_key(cfg, key, value, where):
-    valid = [f.name for f in fields(cfg)]
-    if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(valid)}"
-        raise ValueError(f"unknown config key {key!r} ({where}): {hint}")
-    default = getattr(TrainConfig, key, None)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise ValueError(f"{key} ({where}) must be True or False, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)  # --learning_rate=1 means 1.0
-    if (isinstance(default, (int, float)) and not isinstance(default, bool)
-            and not isinstance(value, (int, float))):
-        raise ValueError(f"{key} ({where}) must be a number, got {value!r}")
-    setattr(cfg, key, value)
-
-
-def load_config(argv):
-    """nanoGPT-style: `train.py config/a.py --key=value ...`, applied left to right. --resume = --init_from=resume."""
-    cfg = TrainConfig()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            print("keys and defaults:\n" + "\n".join(f"  --{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)))
-            raise SystemExit(0)
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if key == "resume" and not eq:
-                key, text = "init_from", "resume"
-            elif not eq:
-                text = "True"  # a bare --flag switches a boolean on
-            try:
-                value = literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a path, a domain-weight string like 'a=0.5,b=0.5', ...
-            set_key(cfg, key, value, f"from {arg}")
-        else:
-            if not os.path.isfile(arg):
-                have = sorted(os.listdir("config")) if os.path.isdir("config") else []
-                raise FileNotFoundError(f"config file {arg!r} not found (configs in config/: {have}); "
-                                        f"settings are passed as --key=value")
-            namespace = {"__file__": arg}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in namespace.items():
-                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
-                    continue  # helpers and imports inside a config file are not settings
-                set_key(cfg, key, value, f"in {arg}")
-    check_config(cfg)
-    return cfg
-
+# 2. Values that cannot work are refused here, before a process group, a model or a file is touched.
 
 def check_config(cfg):
-    if cfg.parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {cfg.dtype!r}")
-    for key in ("seq_len", "micro_batch", "global_batch_tokens", "max_steps", "log_interval"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    def need(ok, msg):
+        if not ok:
+            raise UserError(msg)
+    need(cfg.parallel in ("ddp", "fsdp"), f"--parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
+    need(cfg.dtype in ("auto", "bfloat16", "float32"),
+         f"--dtype must be 'auto', 'bfloat16' or 'float32', got {cfg.dtype!r}")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"--device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
+    for key in ("seq_len", "micro_batch", "global_batch_tokens", "max_steps", "log_interval", "keep_checkpoints"):
+        need(getattr(cfg, key) >= 1, f"--{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("warmup_steps", "eval_interval", "checkpoint_interval", "grad_clip", "distill_alpha"):
+        need(getattr(cfg, key) >= 0, f"--{key} must be >= 0, got {getattr(cfg, key)}"
+             + (" (a negative clip would turn descent into ascent; 0 = no clipping)" if key == "grad_clip" else ""))
+    need(0 <= cfg.min_lr_ratio <= 1, f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(not cfg.eval_interval or cfg.eval_windows >= 1,
+         f"--eval_windows={cfg.eval_windows} with --eval_interval={cfg.eval_interval}: evaluation needs at least "
+         f"one window per domain (or --eval_interval=0 for none)")
+    need(not cfg.dynamic_weights or cfg.eval_interval > 0,
+         "--dynamic_weights=True moves the domain weights at each evaluation, but --eval_interval=0 never "
+         "evaluates: set --eval_interval (e.g. 20) or --dynamic_weights=False")
+    need(cfg.distill_temperature > 0, f"--distill_temperature must be > 0, got {cfg.distill_temperature}")
+    need(not cfg.distill_alpha or cfg.distill_from,
+         f"--distill_alpha={cfg.distill_alpha} needs --distill_from=<the dense parent's folder or .gguf>")
+    need(not cfg.distill_from or cfg.distill_alpha > 0,
+         "--distill_from is set but --distill_alpha=0: give the KL a weight, e.g. --distill_alpha=0.5")
+
+
+@contextlib.contextmanager
+def user_input(what):
+    """Errors of the libraries that read an input (sample.py, model.py) become one-line UserErrors."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise UserError(f"{what}: {e}" if what not in str(e) else str(e)) from e
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Distributed set-up. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT via its rendezvous);
-#    without them this is one plain process.
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    distributed: bool
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def setup_distributed(cfg):
-    distributed = "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no GPU: use --device=cpu (or auto)")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if distributed and not dist.is_initialized():
-        # nccl moves GPU tensors between GPUs; gloo is the CPU backend (tests, and this 2-core demo).
-        # A long timeout: rank 0 alone writes a full checkpoint while the others wait at a barrier.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
-    return Dist(rank, world, local_rank, device, distributed)
-
-
-def all_reduce(t, d, op=None):
-    if d.distributed:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-def barrier(d):
-    if d.distributed:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. The model: which config, where the weights come from, how it is spread over ranks.
-
-# Fields that decide tensor shapes: a checkpoint and a run that disagree on any of them cannot continue.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "head_dim", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
-                "expert_intermediate_size", "shared_intermediate_size", "gate_type")
-
+# 3. The model: which config, where the weights come from, how it is spread over ranks.
 
 def scratch_config(cfg, meta):
-    """The demo's dense base (or an MoE for throughput runs), sized by the config keys."""
-    moe = dict(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-               expert_intermediate_size=cfg.expert_intermediate_size, gate_type=cfg.gate_type) if cfg.num_experts else {}
-    return ModelConfig(vocab_size=cfg.vocab_size or meta["vocab_size"], hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                       num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                       rope_theta=cfg.rope_theta, max_position_embeddings=cfg.seq_len,
-                       tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=meta.get("bos_id"),
-                       eos_token_id=meta.get("eos_id"), **moe)
-
-
-def folder_config(path, hint=""):
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"init_from {path!r} is not a checkpoint folder (no config.json): use 'scratch', "
-                                f"'resume' or a folder with config.json + safetensors" + (f"; {hint}" if hint else ""))
-    with open(cfg_path) as f:
-        return config_from_hf(json.load(f), cfg_path)
-
-
-def shape_mismatch(a, b):
-    fields_ = SHAPE_FIELDS + (() if a.is_moe else ("intermediate_size",))
-    return [f"{k}: checkpoint {getattr(a, k)!r}, this run {getattr(b, k)!r}" for k in fields_
-            if getattr(a, k) != getattr(b, k)]
+    """The demo's dense base (or an MoE for throughput runs), from the ModelConfig keys of TrainConfig."""
+    keys = {k: getattr(cfg, k) for k in MODEL_KEYS if cfg.num_experts or k not in MOE_KEYS}
+    keys["vocab_size"] = cfg.vocab_size or meta["vocab_size"]
+    with user_input("the scratch model's settings"):
+        return ModelConfig(**keys, max_position_embeddings=cfg.seq_len, bos_token_id=meta.get("bos_id"),
+                           eos_token_id=meta.get("eos_id"))
 
 
 def active_params(mc):
@@ -321,14 +230,22 @@ def build_model(cfg, d, mc, weights_path):
         if weights_path is None:
             torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
             return Transformer(mc)
-        return Transformer.from_pretrained(weights_path, dtype=torch.float32)  # fp32 master weights
+        with user_input(weights_path):
+            return Transformer.from_pretrained(weights_path, dtype=torch.float32)  # fp32 master weights
 
     fsdp = cfg.parallel == "fsdp" and d.distributed
     if fsdp:
         # FSDP2: every rank builds the model on the meta device (no memory), shards it, and only rank 0
         # holds a full copy, which it broadcasts shard by shard. Peak host memory: one model, on rank 0.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        full = full_weights().state_dict() if d.master else {}
+        full, error = {}, None
+        if d.master:
+            try:
+                full = full_weights().state_dict()
+            except UserError as e:  # tell the other ranks before they wait for rank 0's broadcast
+                error = e
+        if not agree(error is None, d):
+            raise error or UserError(f"rank 0 could not load {weights_path} (its message says why)")
         with torch.device("meta"):
             model = Transformer(mc)
     else:
@@ -367,7 +284,7 @@ def compute_dtype(cfg, d):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Optimizer and learning-rate schedule (SPEC.md section 5)
+# 4. Optimizer and learning-rate schedule (SPEC.md section 5)
 
 def get_lr(step, peak, warmup_steps, decay_steps, min_ratio):
     """Learning rate of update number `step` (0-based): linear warmup over warmup_steps to the peak, then a
@@ -392,7 +309,7 @@ def make_optimizer(cfg, model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Data streams. The global batch is n_streams micro-batches; micro-batch slot s always reads stream s,
+# 5. Data streams. The global batch is n_streams micro-batches; micro-batch slot s always reads stream s,
 #    DomainSampler(rank=s, world_size=n_streams), and its gate noise is seeded by (seed, step, s). Rank r
 #    runs slots r*accum ... r*accum + accum-1. So the batch does not depend on how the slots are laid out:
 #    1 process x 2 accumulation steps sees exactly what 2 ranks x 1 step see (the DDP/FSDP tests rely on
@@ -401,7 +318,7 @@ def make_optimizer(cfg, model):
 def batch_layout(cfg, world):
     per_forward = cfg.micro_batch * cfg.seq_len
     if cfg.global_batch_tokens % (per_forward * world):
-        raise ValueError(
+        raise UserError(
             f"global_batch_tokens={cfg.global_batch_tokens} does not divide into micro-batches: it must be a "
             f"multiple of micro_batch * seq_len * world_size = {cfg.micro_batch} * {cfg.seq_len} * {world} = "
             f"{per_forward * world} (gradient accumulation takes the rest); e.g. "
@@ -411,10 +328,15 @@ def batch_layout(cfg, world):
 
 
 def make_streams(cfg, d, n_streams, accum):
+    """This rank's streams; the validation windows are read once here too, so bad data stops the run now."""
     first = d.rank * accum
-    return [DomainSampler(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, cfg.weights,
-                          dynamic=cfg.dynamic_weights, reference_losses=cfg.reference_losses, seed=cfg.seed,
-                          rank=s, world_size=n_streams) for s in range(first, first + accum)]
+    with user_input("the data (--data_dir, --weights, --seq_len)"):
+        streams = [DomainSampler(cfg.data_dir, "train", cfg.micro_batch, cfg.seq_len, cfg.weights,
+                                 dynamic=cfg.dynamic_weights, reference_losses=cfg.reference_losses, seed=cfg.seed,
+                                 rank=s, world_size=n_streams) for s in range(first, first + accum)]
+        for domain in streams[0].domains if cfg.eval_interval else ():
+            next(iter(eval_windows(cfg.data_dir, domain, cfg.seq_len, cfg.micro_batch, cfg.eval_windows)), None)
+    return streams
 
 
 def noise_seed(seed, step, slot):
@@ -424,7 +346,7 @@ def noise_seed(seed, step, slot):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Evaluation: per-domain validation loss (clean routing, no noise), and the load of each expert
+# 6. Evaluation: per-domain validation loss (clean routing, no noise), and the load of each expert
 
 @torch.no_grad()
 def evaluate(cfg, d, model, domains, autocast):
@@ -458,135 +380,64 @@ def expert_load_shares(counts):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Checkpoints. out_dir/ckpt_NNNNNNN/ = model/ (save_pretrained: HF llama or native MoE), optimizer.pt
-#    (full state, keys are parameter names), rank{r}.pt (this rank's sampler streams + RNG states),
-#    state.json (step, settings). Written as ckpt_NNNNNNN.tmp and renamed when complete: a rename is atomic,
-#    so a crash at any moment leaves the previous checkpoint whole. Only then is the previous one deleted.
-#    Under FSDP2 the model and optimizer are gathered to rank 0 as full state dicts (our choice over sharded
-#    DCP: the checkpoint stays a plain HF folder that any script can read, and a run can resume with another
-#    world size or parallel mode; the price is one full copy in rank 0's host memory while saving).
+# 7. Distillation from the dense parent (beyond the paper): the split MoE also learns to match the parent's
+#    next-token distribution on the same tokens, loss = lm + balance + alpha * T^2 * KL(p_parent || p_student)
+#    at temperature T (Hinton et al. 2015; T^2 keeps the gradient's scale independent of T). The parent runs
+#    in eval mode without gradients, under the same autocast, as a plain module on every rank (never wrapped
+#    by DDP/FSDP: it has nothing to synchronise). Its head is applied KL_CHUNK positions at a time, and each
+#    slice's softmaxes are recomputed in backward rather than kept, so the extra memory is one slice's
+#    (b, KL_CHUNK, vocab), not the whole (b, S, vocab) twice more.
 
-CKPT_RE = re.compile(r"ckpt_(\d{7})$")
-
-
-def latest_checkpoint(out_dir):
-    if not os.path.isdir(out_dir):
-        return None
-    found = sorted(n for n in os.listdir(out_dir) if CKPT_RE.match(n))  # .tmp folders never match
-    return os.path.join(out_dir, found[-1]) if found else None
+KL_CHUNK = 128
 
 
-def full_state_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **kw)
+def load_parent(cfg, d, mc):
+    """-> (parent Transformer returning its final hidden states, its lm_head weight (vocab, d))."""
+    with user_input(f"--distill_from={cfg.distill_from}"):
+        parent = Transformer.from_pretrained(cfg.distill_from, dtype=compute_dtype(cfg, d), device=d.device)
+    pc = parent.config
+    if pc.vocab_size != mc.vocab_size:
+        raise UserError(f"--distill_from={cfg.distill_from} has a vocabulary of {pc.vocab_size} ids, the model "
+                        f"{mc.vocab_size}: distil from the parent the model was split from")
+    if cfg.seq_len > pc.max_position_embeddings:
+        raise UserError(f"--seq_len={cfg.seq_len} exceeds the parent's max_position_embeddings "
+                        f"{pc.max_position_embeddings} (--distill_from={cfg.distill_from})")
+    if pc.tokenizer_sha256 and mc.tokenizer_sha256 and pc.tokenizer_sha256 != mc.tokenizer_sha256:
+        raise UserError(f"--distill_from={cfg.distill_from} was trained with another tokenizer (tokenizer_sha256 "
+                        f"{pc.tokenizer_sha256[:12]}...) than the data and model ({mc.tokenizer_sha256[:12]}...)")
+    parent.requires_grad_(False).eval()
+    head = parent.lm_head.weight
+    parent.lm_head = torch.nn.Identity()  # forward now returns (b, S, d); distill_kl applies the head per slice
+    return parent, head
 
 
-def gather_model(model, raw, d):
-    """The whole model as a CPU Transformer on rank 0 (None elsewhere); collective under FSDP."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    state = get_model_state_dict(model if isinstance(model, Transformer) else raw,
-                                 options=full_state_options(cpu_offload=True))
-    if not d.master:
-        return None
-    with torch.device("meta"):
-        full = Transformer(raw.config)
-    full.load_state_dict(state, assign=True)
-    if raw.config.tie_word_embeddings:
-        full.lm_head.weight = full.model.embed_tokens.weight
-    return full
+def kl_slice(student_logits, parent_hidden, head, temperature):
+    """Summed KL(p_parent || p_student) over one slice of positions."""
+    parent_logp = F.log_softmax((parent_hidden @ head.T).float() / temperature, dim=-1)   # (b, c, vocab)
+    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)            # (b, c, vocab)
+    return (parent_logp.exp() * (parent_logp - student_logp)).sum()
 
 
-def fsync_tree(path):
-    """Flush every file to disk before the rename makes the checkpoint visible (survives power loss too)."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+def distill_kl(logits, parent_hidden, head, temperature=1.0, chunk=KL_CHUNK):
+    """T^2 * mean over positions of KL(p_parent || p_student): logits (b, S, vocab) of the student,
+    parent_hidden (b, S, d) the parent's final hidden states, head (vocab, d) its lm_head weight."""
+    b, S, _ = logits.shape
+    total = 0.0
+    for i in range(0, S, chunk):
+        total = total + torch.utils.checkpoint.checkpoint(
+            kl_slice, logits[:, i:i + chunk], parent_hidden[:, i:i + chunk], head, temperature, use_reentrant=False)
+    return total * temperature ** 2 / (b * S)
 
 
-def pause_for_tests(step):
-    """Test hook: TRAIN_TEST_CHECKPOINT_PAUSE=STEP:SECONDS stalls rank 0 halfway through writing checkpoint
-    STEP, so that tests can kill -9 it mid-write. Unset in normal runs."""
-    spec = os.environ.get("TRAIN_TEST_CHECKPOINT_PAUSE")
-    if spec and int(spec.split(":")[0]) == step:
-        return float(spec.split(":")[1])
-    return 0.0
-
-
-def save_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state):
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    final = os.path.join(cfg.out_dir, f"ckpt_{step:07d}")
-    tmp = final + ".tmp"
-    if d.master:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        os.makedirs(tmp)
-    barrier(d)
-    full = gather_model(model, raw, d)
-    optim = get_optimizer_state_dict(model if isinstance(model, Transformer) else raw, optimizer,
-                                     options=full_state_options(cpu_offload=True))
-    torch.save({"streams": {s.rank: s.state_dict() for s in streams}, "rng": rng_states()},
-               os.path.join(tmp, f"rank{d.rank}.pt"))
-    if d.master:
-        full.save_pretrained(os.path.join(tmp, "model"))
-        pause = pause_for_tests(step)
-        if pause:
-            open(os.path.join(tmp, "PAUSED"), "w").close()
-            time.sleep(pause)
-        torch.save(optim, os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(run_state, step=step), f, indent=1)
-    barrier(d)  # every rank's file is in tmp
-    if d.master:
-        fsync_tree(tmp)
-        os.replace(tmp, final)  # the commit point
-        for name in os.listdir(cfg.out_dir):  # now the older checkpoints (and stray tmps) can go
-            path = os.path.join(cfg.out_dir, name)
-            if name.startswith("ckpt_") and path != final:
-                shutil.rmtree(path, ignore_errors=True)
-    barrier(d)
-    return final
-
-
-def rng_states():
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def load_training_state(ckpt, cfg, d, model, raw, optimizer, streams, saved_world):
-    """Optimizer, sampler streams and RNG states from a checkpoint (the model was built from ckpt/model)."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    fsdp = isinstance(model, Transformer) and d.distributed and cfg.parallel == "fsdp"
-    # Under FSDP only rank 0 reads the optimizer file and broadcasts; otherwise each rank reads it.
-    optim = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu") if d.master or not fsdp else {}
-    set_optimizer_state_dict(model if isinstance(model, Transformer) else raw, optimizer, optim,
-                             options=full_state_options(broadcast_from_rank0=fsdp))
-    # Streams are numbered by micro-batch slot, not by rank: find ours in whichever rank file holds them.
-    wanted = {s.rank: s for s in streams}
-    for r in range(saved_world):
-        # our own files (numpy RNG state inside), so not restricted to weights_only
-        saved = torch.load(os.path.join(ckpt, f"rank{r}.pt"), map_location="cpu", weights_only=False)
-        for slot, state in saved["streams"].items():
-            if slot in wanted:
-                wanted.pop(slot).load_state_dict(state)
-        if r == d.rank and saved_world == d.world:
-            set_rng_states(saved["rng"])
-    if wanted:
-        raise ValueError(f"{ckpt}: no saved state for data streams {sorted(wanted)}; the checkpoint is incomplete")
+def parent_kl(parent, x, logits, temperature):
+    parent, head = parent
+    with torch.no_grad():
+        hidden, _ = parent(x)                                            # (b, S, d)
+    return distill_kl(logits, hidden, head, temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. The training loop
+# 8. The training loop
 
 STOP = {"signal": None}
 
@@ -597,15 +448,6 @@ def request_stop(signum, frame):
     signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
 
 
-def log_line(d, text, jsonl=None, record=None):
-    if not d.master:
-        return
-    print(text, flush=True)
-    if jsonl is not None and record is not None:
-        jsonl.write(json.dumps(record) + "\n")
-        jsonl.flush()
-
-
 def format_eta(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -614,236 +456,173 @@ def format_eta(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def evaluate_and_log(cfg, d, step, model, streams, autocast, load_counts, log):
+    val = evaluate(cfg, d, model, streams[0].domains, autocast)
+    counts = all_reduce(load_counts.clone(), d)
+    load_counts.zero_()
+    loads = expert_load_shares(counts) if counts.numel() and counts.sum() > 0 else []  # none before step 1
+    # Dynamic weights move only on the eval_interval grid, never at a run's last step: a run stopped at
+    # any step and resumed must see the same weights as one that went straight through.
+    if cfg.dynamic_weights and step % cfg.eval_interval == 0:
+        for s in streams:  # SPEC.md section 4: every stream applies the same all-reduced losses
+            s.update_weights(val)
+    mean = sum(val.values()) / len(val)
+    text = (f"[eval] step {step} | val loss {mean:.4f} | " + " ".join(f"{k} {v:.3f}" for k, v in val.items())
+            + "\n[eval] weights " + " ".join(f"{k} {v:.3f}" for k, v in streams[0].weights.items()))
+    if loads:
+        text += (f"\n[eval] expert load min/max share per layer (even = {1 / counts.shape[1]:.3f}): "
+                 + " ".join(f"L{i} {lo:.3f}/{hi:.3f}" for i, (lo, hi) in enumerate(loads)))
+    log(text, dict(kind="eval", step=step, val_loss=val, mean_val_loss=mean, weights=streams[0].weights,
+                   expert_load_min_max=loads))
+
+
 def train(cfg):
-    """Set up the ranks, run, and always take the process group down again (also on errors)."""
+    """Set up the ranks, take out_dir's lock (rank 0), run; always release both, also on errors."""
     d = setup_distributed(cfg)
+    lock, error = None, None
     try:
+        if d.master:
+            try:
+                lock = train_state.acquire_lock(cfg.out_dir)
+            except UserError as e:
+                error = e
+        if not agree(error is None, d):
+            raise error or UserError(f"rank 0 could not lock {cfg.out_dir!r} (its message says why)")
         return run(cfg, d)
     finally:
+        train_state.release_lock(lock)
         if d.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run(cfg, d):
-    meta = load_meta(cfg.data_dir)  # a missing data folder stops here, naming the command that makes it
+    # --- everything the run reads, checked before anything in out_dir changes (train_state.py) ---
+    with user_input(f"--data_dir={cfg.data_dir}"):
+        meta = load_meta(cfg.data_dir)
     n_streams, accum = batch_layout(cfg, d.world)
-
-    # --- where the model comes from ---
-    resume_from, start_step, run_state = None, 0, {}
-    init_from = cfg.init_from
-    if init_from == "resume":
-        resume_from = latest_checkpoint(cfg.out_dir)
-        if resume_from is None:
-            raise FileNotFoundError(f"init_from='resume' but {cfg.out_dir!r} holds no checkpoint (ckpt_NNNNNNN/): "
-                                    f"start the run with init_from='scratch' or a model folder, or point "
-                                    f"--out_dir at the run to continue")
-        with open(os.path.join(resume_from, "state.json")) as f:
-            run_state = json.load(f)
-        start_step, init_from = run_state["step"], run_state["init_from"]
-        if run_state["n_streams"] != n_streams or run_state["seq_len"] != cfg.seq_len:
-            raise ValueError(f"{resume_from} was written with {run_state['n_streams']} micro-batches of "
-                             f"{run_state['seq_len']} tokens per step; this run has {n_streams} of {cfg.seq_len}: "
-                             f"keep global_batch_tokens, micro_batch and seq_len as they were to continue exactly")
-    elif latest_checkpoint(cfg.out_dir):
-        # A fresh run must not mix its checkpoints with an earlier run's: --resume would pick the wrong one.
-        if not cfg.overwrite:
-            raise FileExistsError(f"{cfg.out_dir!r} holds checkpoints of an earlier run "
-                                  f"({os.path.basename(latest_checkpoint(cfg.out_dir))}): --resume continues it, "
-                                  f"--overwrite=True starts over (deleting them), or pick another --out_dir")
-        if d.world > 1:
-            dist.barrier()  # every rank has looked at out_dir before rank 0 empties it
-        if d.master:
-            for name in os.listdir(cfg.out_dir):
-                if CKPT_RE.match(name) or name in ("final", "final_mixtral", "log.jsonl"):
-                    path = os.path.join(cfg.out_dir, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if d.world > 1:
-            dist.barrier()
-    if init_from == "scratch":
-        mc = scratch_config(cfg, meta)
-    elif resume_from and not os.path.isdir(init_from):
-        mc = None  # the run's starting folder is gone: the checkpoint alone defines the model
-    else:
-        mc = folder_config(init_from, DEMO_MOE_HINT if init_from == TrainConfig.init_from else "")
-    if resume_from:
-        saved = folder_config(os.path.join(resume_from, "model"))
-        problems = shape_mismatch(saved, mc) if mc else []
-        if problems:
-            raise ValueError(f"cannot resume: {resume_from} holds a model of a different shape ("
-                             + "; ".join(problems) + "): use the settings of that run, or another out_dir")
-        mc = saved
-    if meta["vocab_size"] > mc.vocab_size:
-        raise ValueError(f"the data's vocabulary ({meta['vocab_size']} ids, {cfg.data_dir}/meta.json) is larger "
-                         f"than the model's ({mc.vocab_size}): tokenize the data with the model's tokenizer")
-    if cfg.seq_len > mc.max_position_embeddings:
-        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{mc.max_position_embeddings}")
+    start = resolve_start(cfg, meta, n_streams, scratch_config,
+                          DEMO_MOE_HINT if cfg.init_from == TrainConfig.init_from else "")
+    mc = start.config
     streams = make_streams(cfg, d, n_streams, accum)
-    domains = streams[0].domains
-    weights_path = os.path.join(resume_from, "model") if resume_from else (None if init_from == "scratch" else init_from)
-    model, raw = build_model(cfg, d, mc, weights_path)
+    model, raw = build_model(cfg, d, mc, start.weights)
     optimizer = make_optimizer(cfg, model)
-    if resume_from:
-        load_training_state(resume_from, cfg, d, model, raw, optimizer, streams, run_state["world_size"])
-    dtype = compute_dtype(cfg, d)
     fsdp = cfg.parallel == "fsdp" and d.distributed
-    autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 and not fsdp
-                else nullcontext())  # FSDP2 casts through its MixedPrecisionPolicy instead
-    eval_model = raw if not fsdp else model  # DDP's wrapper is for backward only; FSDP must be called
+    if start.resume_from:
+        with user_input(start.resume_from):
+            load_training_state(start, d, model, raw, optimizer, streams, fsdp)
+    parent = load_parent(cfg, d, mc) if cfg.distill_from else None
+    commit_start(cfg, d, start)  # only now: delete an overwritten run / cut the log back to the checkpoint
 
+    dtype = compute_dtype(cfg, d)
+    autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 and not fsdp
+                else contextlib.nullcontext())  # FSDP2 casts through its MixedPrecisionPolicy instead
+    eval_model = raw if not fsdp else model  # DDP's wrapper is for backward only; FSDP must be called
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     tokens_per_step = cfg.global_batch_tokens
     flops_step = flops_per_token(mc, cfg.seq_len) * tokens_per_step
     peak = peak_flops(cfg, d) * d.world
     moe_layers = [b.mlp for b in raw.model.layers if isinstance(b.mlp, MoEFeedForward)]
     load_counts = torch.zeros(len(moe_layers), mc.num_experts, dtype=torch.int64, device=d.device)
-    run_state = dict(init_from=init_from, n_streams=n_streams, seq_len=cfg.seq_len, world_size=d.world,
+    run_state = dict(init_from=start.init_from, n_streams=n_streams, seq_len=cfg.seq_len, world_size=d.world,
                      config=asdict(cfg))
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    jsonl = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.master else None
+    log = Log(d, os.path.join(cfg.out_dir, "log.jsonl"))
     n_total = sum(p.numel() for p in raw.parameters()) if not fsdp else None
-    log_line(d, f"[train] {'resuming ' + resume_from if resume_from else 'model from ' + init_from}: "
-                f"{'MoE ' + str(mc.num_experts) + ' experts, top-' + str(mc.num_experts_per_tok) if mc.is_moe else 'dense'}, "
-                f"{mc.num_hidden_layers} layers, d={mc.hidden_size}; active params {active_params(mc) / 1e6:.2f}M"
-                + (f" of {n_total / 1e6:.2f}M" if n_total else ""), jsonl,
-             dict(kind="run", world_size=d.world, accum=accum, n_streams=n_streams, start_step=start_step,
-                  active_params=active_params(mc), flops_per_token=flops_step / tokens_per_step,
-                  peak_flops=peak, config=asdict(cfg), model=asdict(mc)))
-    log_line(d, f"[train] {d.world} rank(s) on {d.device.type} ({cfg.parallel if d.distributed else 'one process'}),"
-                f" {cfg.micro_batch} x {cfg.seq_len} tokens x {accum} accumulation x {d.world} = "
-                f"{tokens_per_step:,} tokens/step; steps {start_step} -> {cfg.max_steps}; domains {domains}")
-
+    log(f"[train] {'resuming ' + start.resume_from if start.resume_from else 'model from ' + start.init_from}: "
+        f"{'MoE ' + str(mc.num_experts) + ' experts, top-' + str(mc.num_experts_per_tok) if mc.is_moe else 'dense'}, "
+        f"{mc.num_hidden_layers} layers, d={mc.hidden_size}; active params {active_params(mc) / 1e6:.2f}M"
+        + (f" of {n_total / 1e6:.2f}M" if n_total else "") + (f"; distilling from {cfg.distill_from}" if parent else ""),
+        dict(kind="run", world_size=d.world, accum=accum, n_streams=n_streams, start_step=start.step,
+             active_params=active_params(mc), flops_per_token=flops_step / tokens_per_step, peak_flops=peak,
+             config=asdict(cfg), model=asdict(mc)))
+    log(f"[train] {d.world} rank(s) on {d.device.type} ({cfg.parallel if d.distributed else 'one process'}), "
+        f"{cfg.micro_batch} x {cfg.seq_len} tokens x {accum} accumulation x {d.world} = {tokens_per_step:,} "
+        f"tokens/step; steps {start.step} -> {cfg.max_steps}; domains {streams[0].domains}")
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, request_stop)
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     STOP["signal"] = None
 
-    def eval_and_log(step):
-        val = evaluate(cfg, d, eval_model, domains, autocast)
-        # Dynamic weights move only on the eval_interval grid, never at a run's last step: a run stopped at
-        # any step and resumed must see the same weights as one that went straight through.
-        update = cfg.dynamic_weights and step % cfg.eval_interval == 0
-        counts = load_counts.clone()
-        all_reduce(counts, d)
-        load_counts.zero_()
-        loads = expert_load_shares(counts) if moe_layers and counts.sum() > 0 else []  # none before step 1
-        if update:  # SPEC.md section 4: every stream applies the same all-reduced losses
-            for s in streams:
-                s.update_weights(val)
-        mean = sum(val.values()) / len(val)
-        text = (f"[eval] step {step} | val loss {mean:.4f} | " + " ".join(f"{k} {v:.3f}" for k, v in val.items())
-                + "\n[eval] weights " + " ".join(f"{k} {v:.3f}" for k, v in streams[0].weights.items()))
-        if loads:
-            text += (f"\n[eval] expert load min/max share per layer (even = {1 / mc.num_experts:.3f}): "
-                     + " ".join(f"L{i} {lo:.3f}/{hi:.3f}" for i, (lo, hi) in enumerate(loads)))
-        log_line(d, text, jsonl, dict(kind="eval", step=step, val_loss=val, mean_val_loss=mean,
-                                      weights=streams[0].weights, expert_load_min_max=loads))
-
-    losses, step, exit_code, ckpt = [], start_step, 0, resume_from
-    window_time, window_steps = 0.0, 0
+    step, exit_code, ckpt, losses, window = start.step, 0, start.resume_from, [], [0.0, 0]
     try:
         if cfg.eval_interval and step == 0:
-            eval_and_log(0)
+            evaluate_and_log(cfg, d, 0, eval_model, streams, autocast, load_counts, log)
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             lr = get_lr(step, cfg.learning_rate, cfg.warmup_steps, decay_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # stats: (sum of losses, sum of balance losses, SIGINT seen, SIGTERM seen) over this rank's slots
-            stats = torch.zeros(4, dtype=torch.float64, device=d.device)
+            stats = torch.zeros(5, dtype=torch.float64, device=d.device)  # sums of lm, balance, kl; SIGINT, SIGTERM
             for micro in range(accum):
                 x, y, _ = streams[micro].next_batch()
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-                torch.manual_seed(noise_seed(cfg.seed, step, streams[micro].rank))
+                torch.manual_seed(noise_seed(cfg.seed, step, streams[micro].rank))  # the gate's noise
                 last = micro == accum - 1
-                # Average gradients across ranks only once per step, on the last micro-batch.
-                if fsdp:
+                if fsdp:  # average gradients across ranks once per step, on the last micro-batch
                     model.set_requires_gradient_sync(last)
-                sync = model.no_sync() if d.distributed and not fsdp and not last else nullcontext()
-                with sync:
+                with model.no_sync() if d.distributed and not fsdp and not last else contextlib.nullcontext():
                     with autocast:
-                        _, loss = model(x, y)
-                        loss = loss + raw.aux_loss  # LM loss + the MoE balance loss (SPEC.md section 3)
+                        logits, lm_loss = model(x, y)
+                        kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else lm_loss.new_zeros(())
+                        # LM loss + the MoE balance loss (SPEC.md section 3) + the parent's distribution (section 7)
+                        loss = lm_loss + raw.aux_loss + cfg.distill_alpha * kl
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
-                stats[0] += loss.detach().double()
-                stats[1] += raw.aux_loss.detach().double()
+                stats[:3] += torch.stack([lm_loss.detach(), raw.aux_loss.detach(), kl.detach()]).double()
                 for i, m in enumerate(moe_layers):
                     load_counts[i] += m.last_gate.counts
-            stats[2] = float(STOP["signal"] == signal.SIGINT)
-            stats[3] = float(STOP["signal"] == signal.SIGTERM)
-            all_reduce(stats, d)
-            loss_value = stats[0].item() / n_streams
-            aux_value = stats[1].item() / n_streams
+            stats[3], stats[4] = STOP["signal"] == signal.SIGINT, STOP["signal"] == signal.SIGTERM
+            lm, balance, kl = (all_reduce(stats, d)[:3] / n_streams).tolist()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                raise FloatingPointError(
-                    f"non-finite loss {loss_value} (grad norm {norm}) at step {step + 1}: stopping before the "
-                    f"update; the last good checkpoint is {latest_checkpoint(cfg.out_dir) or 'none (none was saved)'}"
-                    f" - resume it with --resume and a lower learning_rate, or check the data")
+            check_finite(cfg, step, lm + balance + kl, norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
-            window_time += time.perf_counter() - t0
-            window_steps += 1
-            losses.append(loss_value - aux_value)
+            window[0] += time.perf_counter() - t0
+            window[1] += 1
+            losses.append(lm)
 
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                step_time = window_time / window_steps
-                tok_s = tokens_per_step / step_time
-                mfu = flops_step / step_time / peak
-                log_line(d, f"step {step}/{cfg.max_steps} | loss {loss_value - aux_value:.4f} | balance "
-                            f"{aux_value:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {tok_s:,.0f} tok/s | "
-                            f"MFU {100 * mfu:.2f}% | ETA {format_eta((cfg.max_steps - step) * step_time)}", jsonl,
-                         dict(kind="train", step=step, loss=loss_value - aux_value, balance_loss=aux_value, lr=lr,
-                              grad_norm=norm, tokens=step * tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
-                              step_time_s=step_time))
-                window_time, window_steps = 0.0, 0
+                step_time = window[0] / window[1]
+                tok_s, mfu = tokens_per_step / step_time, flops_step / step_time / peak
+                log(f"step {step}/{cfg.max_steps} | loss {lm:.4f} | balance {balance:.4f}"
+                    + (f" | kl {kl:.4f}" if parent else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
+                    f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.2f}% | ETA {format_eta((cfg.max_steps - step) * step_time)}",
+                    dict(kind="train", step=step, loss=lm, balance_loss=balance, **(dict(kl=kl) if parent else {}),
+                         lr=lr, grad_norm=norm, tokens=step * tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
+                         step_time_s=step_time))
+                window = [0.0, 0]
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-                eval_and_log(step)
-            stop = stats[2] > 0 or stats[3] > 0
+                evaluate_and_log(cfg, d, step, eval_model, streams, autocast, load_counts, log)
+            stop = stats[3] > 0 or stats[4] > 0
             if stop or step == cfg.max_steps or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
                 ckpt = save_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state)
-                log_line(d, f"[checkpoint] {ckpt}")
+                log(f"[checkpoint] {ckpt}")
             if stop:
-                exit_code = 130 if stats[2] > 0 else 0
-                log_line(d, f"[train] stopped by {'SIGINT' if exit_code else 'SIGTERM'} after step {step}; "
-                            f"continue with --resume (checkpoint {ckpt})")
+                exit_code = 130 if stats[3] > 0 else 0
+                log(f"[train] stopped by {'SIGINT' if exit_code else 'SIGTERM'} after step {step}; "
+                    f"continue with --resume (checkpoint {ckpt})")
                 break
         if step == cfg.max_steps and cfg.export and exit_code == 0:
             export(cfg, d, model, raw)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if jsonl is not None:
-            jsonl.close()
+        log.close()
     return dict(losses=losses, step=step, exit_code=exit_code, checkpoint=ckpt)
 
 
-def export(cfg, d, model, raw):
-    """The trained model for other tools: out_dir/final in Hugging Face format (dense -> llama, MoE -> our
-    native format), and out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md section 3)."""
-    full = gather_model(model, raw, d)
-    if not d.master:
-        return
-    final = os.path.join(cfg.out_dir, "final")
-    full.save_pretrained(final)
-    print(f"[export] {final} ({'native MoE' if full.config.is_moe else 'llama'} format)", flush=True)
-    if full.config.is_moe:
-        try:
-            full.save_pretrained(os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral")
-            print(f"[export] {cfg.out_dir}/final_mixtral (Mixtral format, rescale factor folded into w2)", flush=True)
-        except ValueError as err:  # e.g. an MLP gate or a shared block: model.py says which
-            print(f"[export] Mixtral format skipped: {err}", flush=True)
+def config_from_args(argv):
+    """TrainConfig from config files and --key=value (configurator.py); --resume = --init_from=resume."""
+    cfg = load_config(TrainConfig(), argv, doc=__doc__, aliases={"resume": ("init_from", "resume")})
+    check_config(cfg)
+    return cfg
 
 
 def main(argv=None):
-    return train(load_config(sys.argv[1:] if argv is None else argv))
+    return train(config_from_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main()["exit_code"])
+    raise SystemExit(run_cli(main)["exit_code"])

@@ -24,7 +24,13 @@ seq_len = 256
 micro_batch = 4
 global_batch_tokens = 8192   # 2 ranks x 4 accumulation x 4 x 256
 
+# Beyond the paper: also match the dense parent's next-token distribution (train.py section 7), e.g.
+#   --distill_from=out/demo_dense/final --distill_alpha=0.5      (loss = lm + balance + 0.5 * KL)
+distill_from = None
+distill_alpha = 0.0
+
 eval_interval = 20           # per-domain validation loss + expert load
 eval_windows = 8
 log_interval = 5
 checkpoint_interval = 30
+keep_checkpoints = 2         # the last two stay: a divergence may have spoilt the newest
