@@ -291,3 +291,18 @@ def test_gate_without_noise_has_no_trainable_noise_projection(tmp_path):
     model.save_pretrained(tmp_path / "mx", format="mixtral")
     back = Transformer.from_pretrained(tmp_path / "mx")  # Mixtral: no noise projection on disk
     assert all(not m.gate.weight_noise.weight.requires_grad for m in back.moe_layers())
+
+
+def test_moe_docstring_loop_equals_the_fast_path():
+    # The plain-torch loop shown in MoEFeedForward's docstring is run as written and must give forward()'s output.
+    import textwrap
+    import torch.nn.functional as F
+    from model import MoEFeedForward
+    doc = MoEFeedForward.__doc__
+    code = textwrap.dedent(doc[doc.index("        g = self.gate"):])
+    layer = tiny_moe(shared_intermediate_size=24).eval().model.layers[1].mlp
+    x = torch.randn(13, 64)
+    env = dict(self=layer, x=x, e=layer.experts, E=layer.num_experts, s=layer.score_scale, F=F, torch=torch)
+    with torch.no_grad():
+        exec(code, env)
+        torch.testing.assert_close(env["y"], layer(x), rtol=1e-5, atol=1e-6)
