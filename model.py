@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gate import TopKGate
+from gate import GATE_TYPES, TopKGate
 from kernels import permute, unpermute, grouped_swiglu
 
 
@@ -72,8 +72,14 @@ class ModelConfig:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts "
                                  f"({self.num_experts})")
-            if self.gate_type not in ("linear", "mlp"):
+            if self.gate_type not in GATE_TYPES:
                 raise ValueError(f"gate_type {self.gate_type!r} is not supported: use 'linear' or 'mlp'")
+            if not self.gate_noise_eps > 0:
+                raise ValueError(f"gate_noise_eps {self.gate_noise_eps} must be > 0: it is the smallest noise std, "
+                                 f"and the load estimate divides by the std (the paper uses 0.01)")
+            if not self.balance_loss_weight >= 0:
+                raise ValueError(f"balance_loss_weight {self.balance_loss_weight} must be >= 0 (the paper uses "
+                                 f"0.01; 0 turns the balance loss off)")
             for name in ("expert_intermediate_size", "score_scale"):
                 value = getattr(self, name)
                 if isinstance(value, list) and len(value) != self.num_hidden_layers:
