@@ -318,8 +318,22 @@ def open_gguf(path):
         import gguf
     except ImportError:
         raise ImportError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            # Before the reader maps each tensor's bytes: name the first tensor that the file cuts short.
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
+                if end > len(self.data):
+                    raise ValueError(f"tensor {bytes(name).decode(errors='replace')!r} ends at byte {end} but the "
+                                     f"file has {len(self.data)}")
+            return super()._build_tensors(start_offs, fields)
+
     try:
-        return gguf.GGUFReader(path)
+        return Reader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/... on a bad header or short data
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
                          f"or damaged ({os.path.getsize(path)} bytes): download or convert it again") from None

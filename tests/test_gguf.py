@@ -23,9 +23,12 @@ GGUF_NAMES = {  # llama.cpp's tensor names, written independently of checkpoint.
     "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
 }
-# One storage type per tensor kind, so that every type is read: F32, F16, Q8_0 and Q4_1.
+# One storage type per tensor kind, so that every type is read: F32, F16, Q8_0 and Q4_1 (the real file's
+# types), and in a second file the other types gguf.quants can also write (the K-quants it only reads).
 MIXED = {"token_embd": Q.Q8_0, "output": Q.F16, "attn_q": Q.Q4_1, "attn_k": Q.Q8_0, "attn_v": Q.F16,
          "attn_output": Q.Q4_1, "ffn_gate": Q.Q8_0, "ffn_up": Q.Q4_1, "ffn_down": Q.F16}
+MIXED2 = {"token_embd": Q.BF16, "output": Q.Q4_0, "attn_q": Q.Q5_0, "attn_k": Q.Q5_1, "attn_v": Q.Q4_0,
+          "attn_output": Q.BF16, "ffn_gate": Q.Q5_1, "ffn_up": Q.Q5_0, "ffn_down": Q.Q4_0}
 
 
 def byte_chars():
@@ -149,12 +152,12 @@ def test_f32_file_reproduces_the_model_it_was_written_from(tmp_path, tied):
     assert (got - want).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_quantized_file_matches_transformers_gguf_loader(tmp_path, tied):
+@pytest.mark.parametrize("tied, types", [(True, MIXED), (False, MIXED), (False, MIXED2)])
+def test_quantized_file_matches_transformers_gguf_loader(tmp_path, tied, types):
     pytest.importorskip("accelerate")
-    path = write_gguf(tmp_path / "mixed.gguf", hf_llama(seed=1, tied=tied), types=MIXED)
+    path = write_gguf(tmp_path / "mixed.gguf", hf_llama(seed=1, tied=tied), types=types)
     reader = gguf.GGUFReader(str(path))
-    assert {t.tensor_type for t in reader.tensors} == {Q.F32, Q.F16, Q.Q8_0, Q.Q4_1}
+    assert {t.tensor_type for t in reader.tensors} == {Q.F32} | {types[t] for t in types if tied or t != "output"}
     got, want = ours_logits(path, IDX), transformers_logits(str(path), IDX)
     assert (got - want).abs().max().item() < 1e-5
     # Quantization did change the weights: the comparison is not between two unquantized models.
@@ -197,6 +200,16 @@ def test_llama3_rope_freqs_tensor_becomes_llama3_scaling(tmp_path):
     torch.testing.assert_close(model.inv_freq, want, rtol=1e-5, atol=0)
 
 
+def test_tokenizer_fingerprint_is_recorded_when_tokenizer_py_reads_the_file(tmp_path):
+    from tokenizer import Tokenizer
+    path = write_gguf(tmp_path / "t.gguf", hf_llama())
+    try:
+        want = Tokenizer(str(path)).fingerprint
+    except Exception:  # a tokenizer.py without GGUF support: the model loads, with no fingerprint
+        want = None
+    assert Transformer.from_pretrained(path).config.tokenizer_sha256 == want
+
+
 # ------------------------------------------------------------------------------------------------------
 # Bad files: each a clear error naming the file (and the tensor) and the reason.
 
@@ -209,8 +222,9 @@ def test_other_architecture_is_refused(tmp_path):
 def test_truncated_file_is_refused(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", hf_llama(), types=MIXED)
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) - 1000])
-    with pytest.raises(ValueError, match=r"t\.gguf: not a readable GGUF file.*truncated"):
+    path.write_bytes(data[:len(data) - 100])  # the last tensor, output_norm.weight (64 floats), is cut short
+    with pytest.raises(ValueError, match=rf"t\.gguf: not a readable GGUF file \(ValueError: tensor 'output_norm\.weight' "
+                                         rf"ends at byte {len(data)} but the file has {len(data) - 100}\).*truncated"):
         Transformer.from_pretrained(path)
 
 
