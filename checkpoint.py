@@ -209,7 +209,7 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
 
 def read_safetensors(path):
     """Yield (name, tensor, file) one at a time from model.safetensors or its shards: never the whole model."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -234,9 +234,7 @@ def read_safetensors(path):
             with safe_open(fpath, framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name), fpath
-        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
-            if type(e).__name__ not in ("SafetensorError", "OSError", "RuntimeError"):
-                raise
+        except (SafetensorError, OSError) as e:  # a damaged header, or data shorter than the header says
             raise ValueError(f"{fpath}: not a readable safetensors file ({e}); it is truncated or damaged "
                              f"({os.path.getsize(fpath)} bytes): copy or export the checkpoint again") from None
 
@@ -445,7 +443,9 @@ def read_gguf(path):
                 raise ValueError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the gguf "
                                  f"package cannot dequantize: convert the model with a supported type "
                                  f"(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_K, Q6_K, ...)") from None
-            w = torch.from_numpy(np.array(w, dtype=np.float32))  # own, writable copy (the file is mmapped)
+            if not w.flags.writeable:  # F32 comes back as a view of the read-only file mapping
+                w = w.copy()
+            w = torch.from_numpy(w.astype(np.float32, copy=False))
             if key == "blk.L.attn_q.weight":
                 w = unpermute_rope_rows(w, config.num_attention_heads)
             elif key == "blk.L.attn_k.weight":

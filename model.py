@@ -384,6 +384,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
+        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode."""
         import checkpoint  # imported here: checkpoint.py builds Transformers, so it imports this file
         return checkpoint.load_pretrained(path, dtype=dtype, device=device)
 

@@ -150,6 +150,11 @@ def test_f32_file_reproduces_the_model_it_was_written_from(tmp_path, tied):
     with torch.no_grad():
         got = model(IDX)[0]
     assert (got - want).abs().max().item() < 1e-5
+    # GGUF -> Hugging Face folder: what we save from it, transformers loads to the same logits.
+    model.save_pretrained(tmp_path / "hf")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (back(IDX).logits - want).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("tied, types", [(True, MIXED), (False, MIXED), (False, MIXED2)])
