@@ -322,12 +322,16 @@ def open_gguf(path):
             # Before the reader maps each tensor's bytes: name the first tensor that the file cuts short.
             for field in fields:
                 _, name, _, dims, raw_type, offset = field.parts
+                name = bytes(name).decode(errors="replace")
+                if int(raw_type[0]) not in gguf.GGML_QUANT_SIZES:
+                    raise ValueError(f"tensor {name!r} has ggml type {int(raw_type[0])}, unknown to this gguf "
+                                     f"package (a newer llama.cpp type?): upgrade gguf, or convert the model "
+                                     f"with a common type")
                 qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
                 block, size = gguf.GGML_QUANT_SIZES[qtype]
                 end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
                 if end > len(self.data):
-                    raise ValueError(f"tensor {bytes(name).decode(errors='replace')!r} ends at byte {end} but the "
-                                     f"file has {len(self.data)}")
+                    raise ValueError(f"tensor {name!r} ends at byte {end} but the file has {len(self.data)}")
             return super()._build_tensors(start_offs, fields)
 
     try:
@@ -384,7 +388,10 @@ def gguf_config(reader, path):
         raise ValueError(f"{path}: metadata key {e.args[0]!r} is missing: the file is not a complete llama "
                          f"GGUF; convert the model again") from None
     kw["rope_scaling"] = gguf_rope_scaling(reader, path, kw, tensors.get("rope_freqs.weight"))
-    return ModelConfig(**kw)
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:  # sizes that do not fit together
+        raise ValueError(f"{path}: {e}") from None
 
 
 def gguf_rope_scaling(reader, path, kw, rope_freqs):
