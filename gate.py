@@ -125,27 +125,15 @@ class TopKGate(nn.Module):
     gate_type: "linear" = Linear(d, E); "mlp" = Linear(d, E) -> tanh -> Linear(E, E), the network of the
         paper's release. No biases, as in the release (and as Mixtral's router, so a linear gate exports).
     noise: add the learned noise in training mode (never in eval mode).
-    noise_eps: floor of the noise std; it also keeps the load estimate from dividing by zero.
+    noise_eps: floor of the noise std (> 0); it also keeps the load estimate from dividing by zero.
     balance_loss_weight: w of the balance loss (0.01 in the paper).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, gate_type: str = "linear",
                  noise: bool = True, noise_eps: float = 0.01, balance_loss_weight: float = 0.01):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"TopKGate: dim must be >= 1, got {dim}")
-        if num_experts < 1:
-            raise ValueError(f"TopKGate: num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"TopKGate: top_k must be in 1..num_experts={num_experts}, got {top_k}; "
-                             f"each token picks k of the E experts")
-        if gate_type not in GATE_TYPES:
-            raise ValueError(f"TopKGate: gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
-        if not noise_eps > 0:
-            raise ValueError(f"TopKGate: noise_eps must be > 0, got {noise_eps}; it is the smallest noise "
-                             f"std and the load estimate divides by the std")
-        if not balance_loss_weight >= 0:
-            raise ValueError(f"TopKGate: balance_loss_weight must be >= 0, got {balance_loss_weight}")
+        # Settings are checked where the user gives them (ModelConfig); here they are invariants.
+        assert 1 <= top_k <= num_experts and gate_type in GATE_TYPES and noise_eps > 0 and balance_loss_weight >= 0
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.gate_type, self.noise, self.noise_eps = gate_type, noise, noise_eps
         self.balance_loss_weight = balance_loss_weight
@@ -176,11 +164,7 @@ class TopKGate(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> GateOutput:
         """x: (T, d) tokens. noise: optional (T, E) standard-normal draws to use instead of fresh ones
         (to replay a recorded run); it is ignored whenever no noise is added (eval mode, or noise=False)."""
-        if x.dim() != 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"TopKGate: x must be (T, dim={self.dim}), got shape {tuple(x.shape)}; "
-                             f"flatten (B, S, d) to (B*S, d) first")
-        if not x.is_floating_point():
-            raise ValueError(f"TopKGate: x must be a floating-point tensor, got {x.dtype}")
+        assert x.dim() == 2 and x.shape[-1] == self.dim, "the MoE layer flattens (B, S, d) to (T, d)"
         T, E, k = x.shape[0], self.num_experts, self.top_k
         noisy_routing = self.training and self.noise
 
@@ -190,8 +174,7 @@ class TopKGate(nn.Module):
         if noisy_routing:
             if noise is None:
                 noise = torch.randn_like(clean)                        # (T, E) ~ N(0, 1)
-            elif tuple(noise.shape) != (T, E):
-                raise ValueError(f"TopKGate: noise must be (T, E) = {(T, E)}, got {tuple(noise.shape)}")
+            assert noise.shape == (T, E)
             std = self.noise_std(x)                                    # (T, E)
             logits = clean + noise.to(device=clean.device, dtype=torch.float32) * std
         else:
@@ -204,9 +187,10 @@ class TopKGate(nn.Module):
         # over tokens keeps it differentiable and, unlike atomic index_add on a GPU, bit-for-bit repeatable.
         routed = clean.new_zeros(T, E).scatter(1, expert_ids, scores)  # (T, E), 0 where not chosen
         importance = routed.sum(0)                                     # (E,)
-        counts = top_k_mask(expert_ids, E).sum(0)                    # (E,) int64 (static shape: no graph break)
+        chosen = top_k_mask(expert_ids, E)                             # (T, E) bool
+        counts = chosen.sum(0)                                         # (E,) int64 (static shape: no graph break)
         if noisy_routing:
-            load = load_estimate(clean, logits, std, top_k_mask(expert_ids, E), k)     # (E,)
+            load = load_estimate(clean, logits, std, chosen, k)        # (E,)
         else:
             # No noise, no smooth estimate: the counts, which carry no gradient (only importance does).
             load = counts.float()                                      # (E,)

@@ -1,29 +1,25 @@
 """
-Chapter 1: LLaMA (1/2/3) and its Mixture-of-Experts variant, plus checkpoint I/O.
+Chapter 1: LLaMA (1/2/3) and its Mixture-of-Experts variant.
 
 Read top to bottom:
   1. ModelConfig   - the hyper-parameters, named exactly like Hugging Face's LlamaConfig so a real
                      config.json maps onto it field by field.
   2. RMSNorm, RoPE, Attention, FeedForward - the dense LLaMA block (SPEC.md section 1).
   3. MoEFeedForward - the LLaMA-MoE layer (SPEC.md sections 2, 3, 7): gate -> permute -> experts -> unpermute.
-  4. Transformer   - the stack, forward(idx, targets) -> (logits, loss), generate() with a KV cache.
-  5. Checkpoint I/O - from_pretrained / save_pretrained for Hugging Face LLaMA, Mixtral, the paper's own
-                     `llama_moe` format, and our native MoE format (config.json + safetensors everywhere).
+  4. Transformer   - the stack, forward(idx, targets) -> (logits, loss), generate() with a KV cache;
+                     from_pretrained / save_pretrained hand over to checkpoint.py (every file format).
 
 Shapes: B batch, S sequence, d hidden, H query heads, Hkv key/value heads, hd head dim, T = B*S tokens,
 E experts, k selected experts, d_e expert width.
 """
-import json
 import math
-import os
-import shutil
-from dataclasses import dataclass, fields, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gate import TopKGate
+from gate import GATE_TYPES, TopKGate
 from kernels import permute, unpermute, grouped_swiglu
 
 
@@ -76,8 +72,14 @@ class ModelConfig:
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts "
                                  f"({self.num_experts})")
-            if self.gate_type not in ("linear", "mlp"):
+            if self.gate_type not in GATE_TYPES:
                 raise ValueError(f"gate_type {self.gate_type!r} is not supported: use 'linear' or 'mlp'")
+            if not self.gate_noise_eps > 0:
+                raise ValueError(f"gate_noise_eps {self.gate_noise_eps} must be > 0: it is the smallest noise std, "
+                                 f"and the load estimate divides by the std (the paper uses 0.01)")
+            if not self.balance_loss_weight >= 0:
+                raise ValueError(f"balance_loss_weight {self.balance_loss_weight} must be >= 0 (the paper uses "
+                                 f"0.01; 0 turns the balance loss off)")
             for name in ("expert_intermediate_size", "score_scale"):
                 value = getattr(self, name)
                 if isinstance(value, list) and len(value) != self.num_hidden_layers:
@@ -215,6 +217,21 @@ class Experts(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
+    """y = sum over the k chosen experts j of score_j * s * E_j(x)  (+ the shared block), SPEC.md sections 2-3.
+
+    forward() computes it dropless and fast (permute -> one grouped matmul -> unpermute). In plain torch,
+    one loop over the experts, the same numbers up to rounding:
+
+        g = self.gate(x)                                     # x (T, d); ids, scores (T, k)
+        y = torch.zeros_like(x)                              # (T, d)
+        for j in range(E):
+            tok, slot = (g.expert_ids == j).nonzero(as_tuple=True)   # the tokens_per_expert[j] rows for j
+            h = x[tok]                                               # (n_j, d)
+            h = (F.silu(h @ e.gate_proj[j].T) * (h @ e.up_proj[j].T)) @ e.down_proj[j].T  # (n_j, d_e) -> (n_j, d)
+            y.index_add_(0, tok, h * (g.scores[tok, slot] * s)[:, None])     # weight by score * s
+        y = y + self.shared(x)                               # SharingInter only: always on, unscaled
+    """
+
     def __init__(self, config, layer_idx):
         super().__init__()
         d, E, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
@@ -363,337 +380,24 @@ class Transformer(nn.Module):
         return idx
 
     # ------------------------------------------------------------------------------------------------------
-    # 5. Checkpoint I/O
+    # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        return load_pretrained(path, dtype=dtype, device=device)
+        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode."""
+        import checkpoint  # imported here: checkpoint.py builds Transformers, so it imports this file
+        return checkpoint.load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):
-        save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoint formats. Every format is a folder: config.json + model.safetensors (or shards + an index).
-#    - "llama":     Hugging Face LlamaForCausalLM (dense models). Tensor names equal ours.
-#    - "native":    our MoE: the LLaMA names plus mlp.gate.*, stacked mlp.experts.{gate,up,down}_proj, mlp.shared.*
-#    - "mixtral":   Hugging Face MixtralForCausalLM (linear gate, no shared block; scale folded into w2).
-#    - "llama_moe": the paper's released format (model_type llama_moe), one tensor per expert.
-
-NATIVE_MODEL_TYPE = "llama_moe_stacked"
-LLAMA_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-              "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "initializer_range"]
+    def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):  # shards of at most 5 GiB
+        import checkpoint
+        checkpoint.save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
 
 
-def config_from_hf(raw, path="config.json"):
-    """Map a Hugging Face / llama_moe / our config.json dict onto ModelConfig."""
-    mtype = raw.get("model_type")
-    if mtype not in ("llama", "mixtral", "llama_moe", NATIVE_MODEL_TYPE):
-        raise ValueError(f"{path}: model_type {mtype!r} is not supported (expected llama, mixtral, llama_moe "
-                         f"or {NATIVE_MODEL_TYPE})")
-    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
-        raise ValueError(f"{path}: only LLaMA's silu activation without attention/MLP biases is supported")
-    kw = {k: raw[k] for k in LLAMA_KEYS if k in raw}
-    if raw.get("tokenizer_sha256"):
-        kw["tokenizer_sha256"] = raw["tokenizer_sha256"]
-    rope = raw.get("rope_parameters")  # transformers >= 5 nests rope_theta inside rope_parameters
-    if rope:
-        rope = dict(rope)
-        kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", 10000.0))
-        kw["rope_scaling"] = rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else None
-    if isinstance(kw.get("eos_token_id"), list):
-        kw["eos_token_id"] = kw["eos_token_id"][0]
-    if mtype == "mixtral":
-        if raw.get("sliding_window"):
-            raise ValueError(f"{path}: Mixtral sliding_window attention is not supported (set it to null)")
-        kw.update(num_experts=raw["num_local_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
-                  expert_intermediate_size=raw["intermediate_size"], score_scale=1.0, gate_type="linear",
-                  gate_noise=False, balance_loss_weight=raw.get("router_aux_loss_coef", 0.01))
-        kw["intermediate_size"] = raw["intermediate_size"] * raw["num_local_experts"]
-    elif mtype == "llama_moe":
-        kw.update(llama_moe_config(raw, path))
-    elif mtype == NATIVE_MODEL_TYPE:
-        kw.update({f.name: raw[f.name] for f in fields(ModelConfig) if f.name in raw and f.name not in kw})
-    return ModelConfig(**kw)
-
-
-def llama_moe_config(raw, path):
-    """The paper's config keys (its modeling_llama_moe_hf.py) -> our MoE fields; refuse what we cannot express."""
-    if raw.get("gate_type", "TopKBalancedNoisyGate") != "TopKBalancedNoisyGate":
-        raise ValueError(f"{path}: gate_type {raw['gate_type']!r} is not supported; only TopKBalancedNoisyGate "
-                         f"(the released checkpoints' gate)")
-    if raw.get("calculator_type", "UniversalCalculator") != "UniversalCalculator":
-        raise ValueError(f"{path}: calculator_type {raw['calculator_type']!r} is not supported (UniversalCalculator only)")
-    if not raw.get("gate_use_softmax", True) or not raw.get("multiply_gate_scores", True):
-        raise ValueError(f"{path}: gate_use_softmax and multiply_gate_scores must be true (routing = softmax over "
-                         f"the top-k logits, outputs weighted by it)")
-    if raw.get("gate_network", "mlp") not in ("mlp", "linear"):
-        raise ValueError(f"{path}: gate_network {raw['gate_network']!r} is not supported ('mlp' or 'linear')")
-    if any(k in raw for k in ("size_experts_residual", "num_experts_residual")):
-        raise ValueError(f"{path}: residual (shared) experts of the llama_moe_residual variant are not supported")
-    sizes = raw.get("size_experts")
-    if sizes is None:
-        sizes = [[raw["intermediate_size"] // raw["num_experts"]] * raw["num_experts"]] * raw["num_hidden_layers"]
-    widths = []
-    for layer, row in enumerate(sizes):
-        if len(set(row)) != 1:
-            raise ValueError(f"{path}: layer {layer} has experts of different sizes {sorted(set(row))}; stacked "
-                             f"experts need one size per layer")
-        widths.append(row[0])
-    scale = raw.get("score_scale_factor", 1.0)
-    return dict(num_experts=raw["num_experts"], num_experts_per_tok=raw["num_selects"],
-                expert_intermediate_size=widths[0] if len(set(widths)) == 1 else widths,
-                score_scale=list(scale) if isinstance(scale, list) else float(scale),
-                gate_type=raw.get("gate_network", "mlp"), gate_noise=raw.get("gate_add_noise", True),
-                gate_noise_eps=raw.get("gate_noise_epsilon", 0.01),
-                balance_loss_weight=raw.get("gate_balance_loss_weight", 0.01) if raw.get("gate_use_balance", True) else 0.0)
-
-
-def read_safetensors(path):
-    """Yield (name, tensor) one at a time from model.safetensors or its shards: never the whole model at once."""
-    from safetensors import safe_open
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin "
-                                f"checkpoints are not read: convert them to safetensors first)")
-    for fname in files:
-        fpath = os.path.join(path, fname)
-        if not os.path.exists(fpath):
-            raise FileNotFoundError(f"{fpath}: shard named in model.safetensors.index.json is missing")
-        with safe_open(fpath, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name), fpath
-
-
-def from_hf_names(name, mtype):
-    """Map one stored tensor name to (our name, expert index or None); None for tensors to skip."""
-    if name.endswith("rotary_emb.inv_freq"):  # a buffer some exporters store; it carries no learned state
-        return None
-    if mtype == "mixtral":
-        # model.layers.L.block_sparse_moe.gate.weight / .experts.J.w{1,2,3}.weight
-        name = name.replace("block_sparse_moe.gate.weight", "mlp.gate.gate_network.weight")
-        if ".block_sparse_moe.experts." in name:
-            head, rest = name.split(".block_sparse_moe.experts.")
-            j, w = rest.split(".")[:2]
-            which = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[w]
-            return f"{head}.mlp.experts.{which}", int(j)
-    elif mtype == "llama_moe":
-        # model.layers.L.mlp.calculator.experts.weight_{gate,up,down}.J
-        if ".mlp.calculator.experts.weight_" in name:
-            head, rest = name.split(".mlp.calculator.experts.weight_")
-            which, j = rest.split(".")
-            return f"{head}.mlp.experts.{which}_proj", int(j)
-    return name, None
-
-
-def read_config_json(path):
-    """The raw config.json dict of a checkpoint folder, with a clear error when there is none."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: a checkpoint folder needs config.json + safetensors "
-                                f"(as written by save_pretrained or Hugging Face)")
-    with open(cfg_path) as f:
-        return json.load(f)
-
-
-def load_pretrained(path, dtype=None, device=None):
-    raw = read_config_json(path)
-    config = config_from_hf(raw, os.path.join(path, "config.json"))
-    mtype = raw["model_type"]
-    device = torch.device(device or "cpu")
-    # Build on the meta device: shapes only, no memory. Real tensors are then assigned one by one, so the
-    # peak is one model copy plus one tensor (a 7B model loads in ~1x its size).
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = dict(model.named_parameters())  # a tied lm_head is the embedding and is listed once
-    loaded = {}  # our name -> how many tensors (experts) arrived for it
-    for stored_name, tensor, fpath in read_safetensors(path):
-        mapped = from_hf_names(stored_name, mtype)
-        if mapped is None:
-            continue
-        name, expert = mapped
-        if name not in expected:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # some exporters write the tied head anyway
-            raise ValueError(f"{fpath}: unexpected tensor {stored_name!r} for a {mtype} model with this "
-                             f"config.json (wrong checkpoint, or config and weights disagree)")
-        full_shape = tuple(expected[name].shape)
-        want = full_shape[1:] if expert is not None else full_shape
-        if tuple(tensor.shape) != want:
-            raise ValueError(f"{fpath}: tensor {stored_name!r} has shape {tuple(tensor.shape)}, config.json "
-                             f"implies {want}")
-        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        if expert is None:
-            set_tensor(model, name, tensor)
-        else:  # one tensor per expert on disk: stack into (E, ...) as they stream in
-            param = model.get_parameter(name)
-            if param.is_meta:
-                param = set_tensor(model, name, torch.empty(full_shape, dtype=tensor.dtype, device=device))
-            param.data[expert] = tensor
-        loaded[name] = loaded.get(name, 0) + 1
-    missing = []
-    for name, p in expected.items():
-        # Mixtral and llama_moe store one tensor per expert; our native format stores the stack once.
-        want = config.num_experts if ".mlp.experts." in name and mtype in ("mixtral", "llama_moe") else 1
-        if loaded.get(name, 0) == want:
-            continue
-        if name.endswith("gate.weight_noise.weight") and name not in loaded:
-            # Mixtral has no noise projection; SPEC.md section 3 starts it at zero anyway.
-            set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.model.embed_tokens.weight.dtype,
-                                                device=device))
-            continue
-        missing.append(name if want == 1 else f"{name} ({loaded.get(name, 0)} of {want} experts)")
-    if missing:
-        raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"({len(missing)} in all): the checkpoint is incomplete or does not match config.json")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)
-    return model.eval()
-
-
-def set_tensor(model, name, tensor):
-    """Replace a (meta) parameter by a real tensor, keeping whether it trains (a gate without noise has a
-    frozen noise projection, which DDP would otherwise wait for)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    param = nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad and tensor.is_floating_point())
-    setattr(module, attr, param)
-    return param
-
-
-def export_tensors(model, format):
-    """(name, tensor) pairs in the target format's naming, one at a time."""
-    config = model.config
-    scales = config.layer_list("score_scale") if config.is_moe else None
-    for name, t in model.state_dict().items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        if format in ("llama", "native") or ".mlp." not in name or ".mlp.shared." in name:
-            yield name, t
-            continue
-        layer = int(name.split(".")[2])
-        head = name.split(".mlp.")[0]
-        if format == "mixtral":
-            if name.endswith("gate.gate_network.weight"):
-                yield f"{head}.block_sparse_moe.gate.weight", t
-            elif ".mlp.experts." in name:
-                which = name.rsplit(".", 1)[1]
-                w = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[which]
-                for j in range(t.size(0)):
-                    # Fold the rescale factor into w2: Mixtral's routing is our eval routing with s = 1.
-                    yield (f"{head}.block_sparse_moe.experts.{j}.{w}.weight",
-                           t[j] * scales[layer] if which == "down_proj" else t[j])
-            # gate.weight_noise is dropped: Mixtral has no noise, and eval never used it
-        elif format == "llama_moe":
-            if ".mlp.experts." in name:
-                which = name.rsplit(".", 1)[1].replace("_proj", "")
-                for j in range(t.size(0)):
-                    yield f"{head}.mlp.calculator.experts.weight_{which}.{j}", t[j]
-            else:
-                yield name, t
-
-
-def export_config(model, format):
-    c = model.config
-    dense = {k: getattr(c, k) for k in LLAMA_KEYS}
-    base = dict(dense, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                torch_dtype=str(model.lm_head.weight.dtype).replace("torch.", ""))
-    if c.tokenizer_sha256:  # extra key, ignored by transformers: which tokenizer's ids the model expects
-        base["tokenizer_sha256"] = c.tokenizer_sha256
-    if format == "llama":
-        return dict(base, architectures=["LlamaForCausalLM"], model_type="llama")
-    if format == "native":
-        return dict(asdict(c), architectures=["LlamaMoEStacked"], model_type=NATIVE_MODEL_TYPE,
-                    torch_dtype=base["torch_dtype"])
-    widths = c.layer_list("expert_intermediate_size")
-    if format == "mixtral":
-        problems = []
-        if c.gate_type != "linear":
-            problems.append("an MLP gate (Mixtral's router is one linear layer)")
-        if c.shared_intermediate_size:
-            problems.append("an always-on shared block (Mixtral has none)")
-        if len(set(widths)) != 1:
-            problems.append("expert widths that differ between layers")
-        if problems:
-            raise ValueError("cannot export to Mixtral format: the model has " + " and ".join(problems)
-                             + "; save it with format='native' or 'llama_moe' instead")
-        base.pop("intermediate_size")
-        return dict(base, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=widths[0],
-                    num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
-                    router_aux_loss_coef=c.balance_loss_weight, output_router_logits=False,
-                    sliding_window=None, router_jitter_noise=0.0)
-    if format == "llama_moe":
-        if c.shared_intermediate_size:
-            raise ValueError("cannot save a shared (SharingInter) block in llama_moe format: use format='native'")
-        scales = c.layer_list("score_scale")
-        return dict(base, architectures=["LlamaMoEForCausalLM"], model_type="llama_moe",
-                    num_experts=c.num_experts, num_selects=c.num_experts_per_tok,
-                    size_experts=[[w] * c.num_experts for w in widths], gate_type="TopKBalancedNoisyGate",
-                    gate_network=c.gate_type, gate_use_softmax=True, gate_use_balance=True,
-                    gate_balance_loss_weight=c.balance_loss_weight, gate_add_noise=c.gate_noise,
-                    gate_noise_epsilon=c.gate_noise_eps, calculator_type="UniversalCalculator",
-                    multiply_gate_scores=True, score_scale_factor=scales[0] if len(set(scales)) == 1 else scales,
-                    add_weight_norm=False, drop_tokens=True, dropped_padding="zero", capacity_factor=1.25)
-    raise ValueError(f"unknown checkpoint format {format!r}: use llama, native, mixtral or llama_moe")
-
-
-def save_pretrained(model, path, format="auto", max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (sharded above max_shard_bytes) atomically: into a temporary folder
-    that is renamed into place, so a killed process never leaves a half-written checkpoint under `path`."""
-    from safetensors.torch import save_file
-    if format == "auto":
-        format = "native" if model.config.is_moe else "llama"
-    if format == "llama" and model.config.is_moe:
-        raise ValueError("an MoE model cannot be saved in dense llama format: use native, mixtral or llama_moe")
-    if format != "llama" and not model.config.is_moe:
-        raise ValueError(f"format {format!r} is for MoE models; a dense model saves as 'llama'")
-    config = export_config(model, format)  # raises before anything is written
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    # Greedy sharding in state-dict order, as transformers does: a new shard starts when the next tensor
-    # would push the current one past the limit. A first pass plans the shards from sizes alone, so that
-    # each shard is then written and freed before the next is gathered: peak memory = model + one shard.
-    plan, size = [[]], 0
-    for name, t in export_tensors(model, format):
-        nbytes = t.numel() * t.element_size()
-        if plan[-1] and size + nbytes > max_shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append(name)
-        size += nbytes
-    names = (["model.safetensors"] if len(plan) == 1 else
-             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
-    shard_of = {n: i for i, shard in enumerate(plan) for n in shard}
-    weight_map, total, current = {}, 0, {}
-    for name, t in export_tensors(model, format):
-        # clone: expert slices share storage, which safetensors refuses; the copy lives for one shard only
-        current[name] = t.detach().to("cpu").clone()
-        total += t.numel() * t.element_size()
-        weight_map[name] = names[shard_of[name]]
-        if len(current) == len(plan[shard_of[name]]):
-            save_file(current, os.path.join(tmp, names[shard_of[name]]), metadata={"format": "pt"})
-            current = {}
-    if len(plan) > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    replace_dir(tmp, path)
-
-
-def replace_dir(tmp, path):
-    """Move a finished folder into place; the old one is removed only once the new one is there."""
-    old = f"{path}.old{os.getpid()}"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def __getattr__(name):
+    # Old home of the checkpoint functions: `from model import config_from_hf` still works (delete once no
+    # caller uses it; checkpoint.py is where they live).
+    if name in ("config_from_hf", "export_config", "read_config_json", "set_tensor", "load_pretrained",
+                "save_pretrained", "export_tensors", "read_safetensors", "from_hf_names", "llama_moe_config"):
+        import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

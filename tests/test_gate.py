@@ -6,14 +6,12 @@ by Monte Carlo), gradients, the paper's own numbers (the llama_moe_tiny fixture 
 code: variance convention, layer-0 routing), the released code's variant of the load, and bad input.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-
-from gate import (  # noqa: E402
+from gate import (
     GateOutput, TopKGate, cv_squared, keep_probability, load_estimate, normal_cdf, top_k_mask,
 )
 
@@ -372,26 +370,34 @@ def test_released_variant_differs_exactly_where_the_clean_logit_crosses_the_thre
 
 
 # -----------------------------------------------------------------------------
-# Bad input gets a clear error
+# Bad settings are refused once, where the user gives them (ModelConfig, with a message that says the fix);
+# inside, TopKGate only asserts its invariants.
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(top_k=0), "top_k"), (dict(top_k=E + 1), "top_k"), (dict(num_experts=0), "num_experts"),
-    (dict(dim=0), "dim"), (dict(gate_type="conv"), "gate_type"), (dict(noise_eps=0.0), "noise_eps"),
-    (dict(balance_loss_weight=-1.0), "balance_loss_weight"),
+    (dict(num_experts_per_tok=0), "num_experts_per_tok 0 must be in 1..num_experts"),
+    (dict(num_experts_per_tok=E + 1), "num_experts_per_tok 7 must be in 1..num_experts"),
+    (dict(gate_type="conv"), "gate_type 'conv' is not supported"),
+    (dict(gate_noise_eps=0.0), "gate_noise_eps 0.0 must be > 0"),
+    (dict(balance_loss_weight=-1.0), "balance_loss_weight -1.0 must be >= 0"),
 ])
-def test_bad_construction_raises(kwargs, match):
-    args = dict(dim=D, num_experts=E, top_k=K) | kwargs
+def test_bad_gate_settings_are_refused_by_the_config(kwargs, match):
+    from model import ModelConfig
+    args = dict(hidden_size=D, num_attention_heads=2, num_hidden_layers=1, intermediate_size=4 * D,
+                num_experts=E, num_experts_per_tok=K, expert_intermediate_size=D) | kwargs
     with pytest.raises(ValueError, match=match):
-        TopKGate(**args)
+        ModelConfig(**args)
 
 
-def test_bad_forward_input_raises():
+@pytest.mark.parametrize("kwargs", [dict(top_k=0), dict(top_k=E + 1), dict(gate_type="conv"),
+                                    dict(noise_eps=0.0), dict(balance_loss_weight=-1.0)])
+def test_gate_asserts_its_invariants(kwargs):
+    with pytest.raises(AssertionError):
+        TopKGate(**(dict(dim=D, num_experts=E, top_k=K) | kwargs))
+
+
+def test_gate_asserts_flat_tokens():
     gate = make_gate().train()
-    with pytest.raises(ValueError, match="must be \\(T, dim"):
-        gate(torch.randn(2, T, D))                   # (B, S, d): flatten first
-    with pytest.raises(ValueError, match="must be \\(T, dim"):
-        gate(torch.randn(T, D + 1))
-    with pytest.raises(ValueError, match="floating-point"):
-        gate(torch.ones(T, D, dtype=torch.int64))
-    with pytest.raises(ValueError, match="noise must be"):
+    with pytest.raises(AssertionError):
+        gate(torch.randn(2, T, D))                   # (B, S, d): the MoE layer flattens first
+    with pytest.raises(AssertionError):
         gate(tokens(), noise=torch.randn(T, E + 1))

@@ -291,3 +291,115 @@ def test_gate_without_noise_has_no_trainable_noise_projection(tmp_path):
     model.save_pretrained(tmp_path / "mx", format="mixtral")
     back = Transformer.from_pretrained(tmp_path / "mx")  # Mixtral: no noise projection on disk
     assert all(not m.gate.weight_noise.weight.requires_grad for m in back.moe_layers())
+
+
+def test_moe_docstring_loop_equals_the_fast_path():
+    # The plain-torch loop shown in MoEFeedForward's docstring is run as written and must give forward()'s output.
+    import textwrap
+    import torch.nn.functional as F
+    from model import MoEFeedForward
+    doc = MoEFeedForward.__doc__
+    code = textwrap.dedent(doc[doc.index("        g = self.gate"):])
+    layer = tiny_moe(shared_intermediate_size=24).eval().model.layers[1].mlp
+    x = torch.randn(13, 64)
+    env = dict(self=layer, x=x, e=layer.experts, E=layer.num_experts, s=layer.score_scale, F=F, torch=torch)
+    with torch.no_grad():
+        exec(code, env)
+        torch.testing.assert_close(env["y"], layer(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: the error names the file, says what is wrong and what to do.
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b[:len(b) // 2], "truncated or damaged"),
+    (lambda b: b"", "empty"),
+    (lambda b: os.urandom(len(b)), "truncated or damaged"),
+])
+def test_damaged_safetensors_names_the_file(saved, damage, reason):
+    f = saved / "model.safetensors"
+    f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{f}: .*{reason}.*export the checkpoint again"):
+        Transformer.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("text, reason", [("{\"hidden_size\": 72,", "not valid JSON"),
+                                          ("[1, 2]", "expected a JSON object")])
+def test_malformed_config_json_names_the_file(saved, text, reason):
+    (saved / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{saved / 'config.json'}: {reason}"):
+        Transformer.from_pretrained(saved)
+
+
+def test_config_missing_a_required_key_names_it(tmp_path):
+    tiny_moe(gate_noise=False).save_pretrained(tmp_path / "mx", format="mixtral")
+    raw = json.loads((tmp_path / "mx" / "config.json").read_text())
+    del raw["num_local_experts"]
+    (tmp_path / "mx" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"config\.json: a mixtral config\.json needs the key 'num_local_experts'"):
+        Transformer.from_pretrained(tmp_path / "mx")
+
+
+def test_malformed_shard_index_names_the_file(tmp_path):
+    model = Transformer(ModelConfig(**CONFIGS["odd_sizes"], max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "ck", max_shard_bytes=60_000)
+    (tmp_path / "ck" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not a valid shard index"):
+        Transformer.from_pretrained(tmp_path / "ck")
+
+
+def test_missing_tensor_error_names_the_folder_and_the_fix(saved):
+    _rewrite(saved, lambda sd: sd.pop("model.norm.weight"))
+    with pytest.raises(ValueError, match=rf"{saved}: missing tensors.*export or download it again"):
+        Transformer.from_pretrained(saved)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'nope'}: no such checkpoint folder"):
+        Transformer.from_pretrained(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Saving: copies only what must be copied, one file mode, no stale temporaries.
+
+@pytest.mark.parametrize("format", ["native", "mixtral", "llama_moe"])
+def test_save_copies_only_storage_sharing_tensors(tmp_path, monkeypatch, format):
+    # Expert slices of one stack share storage: safetensors needs them apart, everything else is written
+    # from the model's own memory (a second copy of a 7B model is 13 GiB).
+    from safetensors.torch import load_file
+    model = tiny_moe(gate_noise=False)
+    clones = []
+    original = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or original(t, *a, **k))
+    model.save_pretrained(tmp_path / "ck", format=format)
+    monkeypatch.undo()
+    E, L = model.config.num_experts, model.config.num_hidden_layers
+    # mixtral folds the scale into w2 (new tensors already): gate/up stacks -> E - 1 copies each
+    expected = {"native": 0, "mixtral": 2 * (E - 1) * L, "llama_moe": 3 * (E - 1) * L}[format]
+    assert len(clones) == expected
+    back = Transformer.from_pretrained(tmp_path / "ck")
+    if format != "mixtral":  # (mixtral holds s * w2 and s = 1)
+        sd, sd2 = model.state_dict(), back.state_dict()
+        assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    idx = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert (back(idx)[0] - model.eval()(idx)[0]).abs().max() < 1e-5
+    if format == "llama_moe":  # bit-identical slices on disk
+        saved = load_file(tmp_path / "ck" / "model.safetensors")
+        assert torch.equal(saved["model.layers.1.mlp.calculator.experts.weight_up.3"],
+                           model.model.layers[1].mlp.experts.up_proj[3])
+
+
+def test_saved_files_share_one_mode_and_stale_temporaries_go(tmp_path):
+    stale = tmp_path / "ck.tmp999999999"  # left by a killed save of a process that no longer runs
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    old = os.umask(0o022)
+    try:
+        Transformer(ModelConfig(**CONFIGS["odd_sizes"], max_position_embeddings=64)).save_pretrained(
+            tmp_path / "ck", max_shard_bytes=60_000)
+    finally:
+        os.umask(old)
+    modes = {f: os.stat(tmp_path / "ck" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "ck")}
+    assert len(modes) > 3 and set(modes.values()) == {0o644}, modes
+    assert sorted(os.listdir(tmp_path)) == ["ck"]

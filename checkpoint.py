@@ -1,0 +1,596 @@
+"""
+Chapter 2: checkpoint I/O - every format a model is read from or written to.
+
+The model chapter (model.py) knows nothing of files; `Transformer.from_pretrained` / `save_pretrained` call
+`load_pretrained` / `save_pretrained` here. Every folder format is config.json + model.safetensors (or shards
+of at most 5 GiB + model.safetensors.index.json, as transformers writes them):
+
+    "llama"      Hugging Face LlamaForCausalLM (dense models). Tensor names equal ours.
+    "native"     our MoE: the LLaMA names plus mlp.gate.*, stacked mlp.experts.{gate,up,down}_proj, mlp.shared.*
+    "mixtral"    Hugging Face MixtralForCausalLM (linear gate, no shared block; scale folded into w2).
+    "llama_moe"  the paper's released format (model_type llama_moe), one tensor per expert.
+
+and one single-file format, read only:
+
+    .gguf        llama.cpp's file of general.architecture "llama", quantized or not (section 3).
+
+Read top to bottom:
+  1. Configs       - config.json of each format -> ModelConfig.
+  2. Reading       - stream tensors one at a time onto a model built on the meta device (peak ~1 model).
+  3. GGUF          - metadata -> ModelConfig, dequantize tensor by tensor, undo llama.cpp's q/k row order.
+  4. Writing       - name tensors for the target format, shard, write atomically (fileio.atomic_dir).
+
+Every error names the file (and tensor), says what is wrong and what to do.
+"""
+import json
+import os
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fileio import atomic_dir
+from model import ModelConfig, Transformer, rope_inv_freq
+
+NATIVE_MODEL_TYPE = "llama_moe_stacked"
+LLAMA_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+              "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "initializer_range"]
+MAX_SHARD_BYTES = 5 * 2**30  # 5 GiB, transformers' default shard limit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Configs
+
+def read_config_json(path):
+    """The raw config.json dict of a checkpoint folder, with a clear error when it is absent or unreadable."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: a checkpoint folder needs config.json + safetensors "
+                                f"(as written by save_pretrained or Hugging Face)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}): the file is damaged or half-written; "
+                         f"restore it or export the checkpoint again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object of model settings, found {type(raw).__name__}")
+    return raw
+
+
+def config_from_hf(raw, path="config.json"):
+    """Map a Hugging Face / llama_moe / our config.json dict onto ModelConfig."""
+    mtype = raw.get("model_type")
+    if mtype not in ("llama", "mixtral", "llama_moe", NATIVE_MODEL_TYPE):
+        raise ValueError(f"{path}: model_type {mtype!r} is not supported (expected llama, mixtral, llama_moe "
+                         f"or {NATIVE_MODEL_TYPE})")
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise ValueError(f"{path}: only LLaMA's silu activation without attention/MLP biases is supported")
+    try:
+        kw = {k: raw[k] for k in LLAMA_KEYS if k in raw}
+        if raw.get("tokenizer_sha256"):
+            kw["tokenizer_sha256"] = raw["tokenizer_sha256"]
+        rope = raw.get("rope_parameters")  # transformers >= 5 nests rope_theta inside rope_parameters
+        if rope:
+            rope = dict(rope)
+            kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", 10000.0))
+            kw["rope_scaling"] = rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else None
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        if mtype == "mixtral":
+            if raw.get("sliding_window"):
+                raise ValueError(f"{path}: Mixtral sliding_window attention is not supported (set it to null)")
+            kw.update(num_experts=raw["num_local_experts"], num_experts_per_tok=raw["num_experts_per_tok"],
+                      expert_intermediate_size=raw["intermediate_size"], score_scale=1.0, gate_type="linear",
+                      gate_noise=False, balance_loss_weight=raw.get("router_aux_loss_coef", 0.01))
+            kw["intermediate_size"] = raw["intermediate_size"] * raw["num_local_experts"]
+        elif mtype == "llama_moe":
+            kw.update(llama_moe_config(raw, path))
+        elif mtype == NATIVE_MODEL_TYPE:
+            kw.update({f.name: raw[f.name] for f in fields(ModelConfig) if f.name in raw and f.name not in kw})
+        return ModelConfig(**kw)
+    except KeyError as e:
+        raise ValueError(f"{path}: a {mtype} config.json needs the key {e.args[0]!r}, which is missing: "
+                         f"export the checkpoint again or add the key") from None
+    except TypeError as e:  # a value of the wrong type (a string for a size, ...)
+        raise ValueError(f"{path}: a setting has the wrong type ({e}): fix config.json") from None
+
+
+def llama_moe_config(raw, path):
+    """The paper's config keys (its modeling_llama_moe_hf.py) -> our MoE fields; refuse what we cannot express."""
+    if raw.get("gate_type", "TopKBalancedNoisyGate") != "TopKBalancedNoisyGate":
+        raise ValueError(f"{path}: gate_type {raw['gate_type']!r} is not supported; only TopKBalancedNoisyGate "
+                         f"(the released checkpoints' gate)")
+    if raw.get("calculator_type", "UniversalCalculator") != "UniversalCalculator":
+        raise ValueError(f"{path}: calculator_type {raw['calculator_type']!r} is not supported (UniversalCalculator only)")
+    if not raw.get("gate_use_softmax", True) or not raw.get("multiply_gate_scores", True):
+        raise ValueError(f"{path}: gate_use_softmax and multiply_gate_scores must be true (routing = softmax over "
+                         f"the top-k logits, outputs weighted by it)")
+    if raw.get("gate_network", "mlp") not in ("mlp", "linear"):
+        raise ValueError(f"{path}: gate_network {raw['gate_network']!r} is not supported ('mlp' or 'linear')")
+    if any(k in raw for k in ("size_experts_residual", "num_experts_residual")):
+        raise ValueError(f"{path}: residual (shared) experts of the llama_moe_residual variant are not supported")
+    sizes = raw.get("size_experts")
+    if sizes is None:
+        sizes = [[raw["intermediate_size"] // raw["num_experts"]] * raw["num_experts"]] * raw["num_hidden_layers"]
+    widths = []
+    for layer, row in enumerate(sizes):
+        if len(set(row)) != 1:
+            raise ValueError(f"{path}: layer {layer} has experts of different sizes {sorted(set(row))}; stacked "
+                             f"experts need one size per layer")
+        widths.append(row[0])
+    scale = raw.get("score_scale_factor", 1.0)
+    return dict(num_experts=raw["num_experts"], num_experts_per_tok=raw["num_selects"],
+                expert_intermediate_size=widths[0] if len(set(widths)) == 1 else widths,
+                score_scale=list(scale) if isinstance(scale, list) else float(scale),
+                gate_type=raw.get("gate_network", "mlp"), gate_noise=raw.get("gate_add_noise", True),
+                gate_noise_eps=raw.get("gate_noise_epsilon", 0.01),
+                balance_loss_weight=raw.get("gate_balance_loss_weight", 0.01) if raw.get("gate_use_balance", True) else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Reading
+
+def load_pretrained(path, dtype=None, device=None):
+    """A checkpoint folder (any format above) or a .gguf file -> Transformer in eval mode."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if not is_gguf(path):
+            raise ValueError(f"{path}: a single file is read only if it is GGUF; for Hugging Face / our "
+                             f"checkpoints pass the folder holding config.json")
+        config, tensors = read_gguf(path)
+        mtype = "llama"
+    elif os.path.isdir(path):
+        raw = read_config_json(path)
+        config = config_from_hf(raw, os.path.join(path, "config.json"))
+        mtype, tensors = raw["model_type"], read_safetensors(path)
+    else:
+        raise FileNotFoundError(f"{path}: no such checkpoint folder or .gguf file")
+    return fill_model(config, mtype, tensors, path, dtype, device)
+
+
+def fill_model(config, mtype, tensors, path, dtype=None, device=None):
+    """Stream (stored name, tensor, file) triples onto a model built on the meta device.
+
+    Shapes only, no memory, until real tensors are assigned one by one: the peak is one model copy plus one
+    tensor (a 7B model loads in ~1x its size)."""
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.named_parameters())  # a tied lm_head is the embedding and is listed once
+    loaded = {}  # our name -> how many tensors (experts) arrived for it
+    for stored_name, tensor, fpath in tensors:
+        mapped = from_hf_names(stored_name, mtype)
+        if mapped is None:
+            continue
+        name, expert = mapped
+        if name not in expected:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some exporters write the tied head anyway
+            raise ValueError(f"{fpath}: unexpected tensor {stored_name!r} for a {mtype} model with this "
+                             f"config (wrong checkpoint, or config and weights disagree)")
+        full_shape = tuple(expected[name].shape)
+        want = full_shape[1:] if expert is not None else full_shape
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{fpath}: tensor {stored_name!r} has shape {tuple(tensor.shape)}, the config "
+                             f"implies {want}")
+        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if expert is None:
+            set_tensor(model, name, tensor)
+        else:  # one tensor per expert on disk: stack into (E, ...) as they stream in
+            param = model.get_parameter(name)
+            if param.is_meta:
+                param = set_tensor(model, name, torch.empty(full_shape, dtype=tensor.dtype, device=device))
+            param.data[expert] = tensor
+        loaded[name] = loaded.get(name, 0) + 1
+    missing = []
+    for name, p in expected.items():
+        # Mixtral and llama_moe store one tensor per expert; our native format stores the stack once.
+        want = config.num_experts if ".mlp.experts." in name and mtype in ("mixtral", "llama_moe") else 1
+        if loaded.get(name, 0) == want:
+            continue
+        if name.endswith("gate.weight_noise.weight") and name not in loaded:
+            # Mixtral has no noise projection; SPEC.md section 3 starts it at zero anyway.
+            set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.model.embed_tokens.weight.dtype,
+                                                device=device))
+            continue
+        missing.append(name if want == 1 else f"{name} ({loaded.get(name, 0)} of {want} experts)")
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} in all): the checkpoint is incomplete or does not match its config; "
+                         f"export or download it again")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.eval()
+
+
+def read_safetensors(path):
+    """Yield (name, tensor, file) one at a time from model.safetensors or its shards: never the whole model."""
+    from safetensors import SafetensorError, safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid shard index (a JSON object with a 'weight_map' of tensor "
+                             f"name -> shard file) ({type(e).__name__}: {e}): export the checkpoint again") from None
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (PyTorch .bin "
+                                f"checkpoints are not read: convert them to safetensors first)")
+    for fname in files:
+        fpath = os.path.join(path, fname)
+        if not os.path.exists(fpath):
+            raise FileNotFoundError(f"{fpath}: shard named in model.safetensors.index.json is missing")
+        if os.path.getsize(fpath) == 0:
+            raise ValueError(f"{fpath}: the file is empty (0 bytes), probably an interrupted copy or save: "
+                             f"copy or export the checkpoint again")
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), fpath
+        except (SafetensorError, OSError) as e:  # a damaged header, or data shorter than the header says
+            raise ValueError(f"{fpath}: not a readable safetensors file ({e}); it is truncated or damaged "
+                             f"({os.path.getsize(fpath)} bytes): copy or export the checkpoint again") from None
+
+
+def from_hf_names(name, mtype):
+    """Map one stored tensor name to (our name, expert index or None); None for tensors to skip."""
+    if name.endswith("rotary_emb.inv_freq"):  # a buffer some exporters store; it carries no learned state
+        return None
+    if mtype == "mixtral":
+        # model.layers.L.block_sparse_moe.gate.weight / .experts.J.w{1,2,3}.weight
+        name = name.replace("block_sparse_moe.gate.weight", "mlp.gate.gate_network.weight")
+        if ".block_sparse_moe.experts." in name:
+            head, rest = name.split(".block_sparse_moe.experts.")
+            j, w = rest.split(".")[:2]
+            which = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[w]
+            return f"{head}.mlp.experts.{which}", int(j)
+    elif mtype == "llama_moe":
+        # model.layers.L.mlp.calculator.experts.weight_{gate,up,down}.J
+        if ".mlp.calculator.experts.weight_" in name:
+            head, rest = name.split(".mlp.calculator.experts.weight_")
+            which, j = rest.split(".")
+            return f"{head}.mlp.experts.{which}_proj", int(j)
+    return name, None
+
+
+def set_tensor(model, name, tensor):
+    """Replace a (meta) parameter by a real tensor, keeping whether it trains (a gate without noise has a
+    frozen noise projection, which DDP would otherwise wait for)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    param = nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad and tensor.is_floating_point())
+    setattr(module, attr, param)
+    return param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. GGUF (llama.cpp's format), read with the `gguf` package that llama.cpp itself publishes.
+#
+# A GGUF file holds key/value metadata ("llama.block_count", "tokenizer.ggml.tokens", ...) and tensors named
+# "blk.L.attn_q.weight", each stored as floats or in one of ggml's block quantizations (Q8_0: 32 weights
+# share one fp16 scale; Q4_1: 32 4-bit weights share a scale and a minimum; the K-quants nest blocks of 256).
+# Two things differ from a Hugging Face folder besides the names:
+#   - ggml lists a tensor's dims innermost first ([d, vocab]); the reader's numpy view is already (vocab, d).
+#   - llama.cpp rotates (x_2i, x_2i+1) pairs of a head (the original Meta layout), while Hugging Face and
+#     we rotate (x_i, x_i+hd/2) (rotate-half). Its converter therefore reorders the rows of attn_q/attn_k
+#     within each head; unpermute_rope_rows below undoes that exactly.
+
+GGUF_NAMES = {  # GGUF name (with L for the layer) -> ours
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.L.attn_norm.weight": "model.layers.L.input_layernorm.weight",
+    "blk.L.attn_q.weight": "model.layers.L.self_attn.q_proj.weight",
+    "blk.L.attn_k.weight": "model.layers.L.self_attn.k_proj.weight",
+    "blk.L.attn_v.weight": "model.layers.L.self_attn.v_proj.weight",
+    "blk.L.attn_output.weight": "model.layers.L.self_attn.o_proj.weight",
+    "blk.L.ffn_norm.weight": "model.layers.L.post_attention_layernorm.weight",
+    "blk.L.ffn_gate.weight": "model.layers.L.mlp.gate_proj.weight",
+    "blk.L.ffn_up.weight": "model.layers.L.mlp.up_proj.weight",
+    "blk.L.ffn_down.weight": "model.layers.L.mlp.down_proj.weight",
+}
+
+
+def is_gguf(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def unpermute_rope_rows(w, n_heads):
+    """Undo llama.cpp's q/k row order. Its converter maps each head's rows (2, hd/2) -> (hd/2, 2), i.e.
+    rotate-half row order [x_0..x_{hd/2-1}, x_{hd/2}..] becomes interleaved [x_0, x_{hd/2}, x_1, ...]."""
+    rows, cols = w.shape
+    # (H*hd, d) -> (H, hd/2, 2, d) -> swap -> (H, 2, hd/2, d) -> (H*hd, d)
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def open_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            # Before the reader maps each tensor's bytes: name the first tensor that the file cuts short.
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                name = bytes(name).decode(errors="replace")
+                if int(raw_type[0]) not in gguf.GGML_QUANT_SIZES:
+                    raise ValueError(f"tensor {name!r} has ggml type {int(raw_type[0])}, unknown to this gguf "
+                                     f"package (a newer llama.cpp type?): upgrade gguf, or convert the model "
+                                     f"with a common type")
+                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
+                if end > len(self.data):
+                    raise ValueError(f"tensor {name!r} ends at byte {end} but the file has {len(self.data)}")
+            return super()._build_tensors(start_offs, fields)
+
+    try:
+        return Reader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/... on a bad header or short data
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
+                         f"or damaged ({os.path.getsize(path)} bytes): download or convert it again") from None
+
+
+def gguf_value(reader, key, default=KeyError):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is KeyError:
+            raise KeyError(key)
+        return default
+    return field.contents()
+
+
+def gguf_config(reader, path):
+    """llama.* metadata -> ModelConfig (the names of llama.cpp's convert_hf_to_gguf.py)."""
+    arch = gguf_value(reader, "general.architecture", None)
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are read (LLaMA "
+                         f"1/2/3, SmolLM, TinyLlama, ...): convert other models to a Hugging Face folder")
+    if gguf_value(reader, "llama.expert_count", 0):
+        raise ValueError(f"{path}: a Mixture-of-Experts GGUF (llama.expert_count > 0) is not read: convert it to "
+                         f"a Hugging Face Mixtral folder and load that")
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        d = int(gguf_value(reader, "llama.embedding_length"))
+        n_head = int(gguf_value(reader, "llama.attention.head_count"))
+        head_dim = int(gguf_value(reader, "llama.attention.key_length", d // n_head))
+        if int(gguf_value(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
+            raise ValueError(f"{path}: llama.rope.dimension_count differs from the head size {head_dim} "
+                             f"(partial rotary embeddings are not supported)")
+        if "token_embd.weight" not in tensors:
+            raise ValueError(f"{path}: tensor 'token_embd.weight' is missing: the file is incomplete")
+        kw = dict(
+            vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml dims: [d, vocab]
+            hidden_size=d,
+            intermediate_size=int(gguf_value(reader, "llama.feed_forward_length")),
+            num_hidden_layers=int(gguf_value(reader, "llama.block_count")),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(gguf_value(reader, "llama.attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            rms_norm_eps=float(gguf_value(reader, "llama.attention.layer_norm_rms_epsilon")),
+            rope_theta=float(gguf_value(reader, "llama.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(gguf_value(reader, "llama.context_length")),
+            tie_word_embeddings="output.weight" not in tensors,  # llama.cpp then reuses token_embd
+            bos_token_id=gguf_value(reader, "tokenizer.ggml.bos_token_id", None),
+            eos_token_id=gguf_value(reader, "tokenizer.ggml.eos_token_id", None),
+        )
+    except KeyError as e:
+        raise ValueError(f"{path}: metadata key {e.args[0]!r} is missing: the file is not a complete llama "
+                         f"GGUF; convert the model again") from None
+    kw["rope_scaling"] = gguf_rope_scaling(reader, path, kw, tensors.get("rope_freqs.weight"))
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:  # sizes that do not fit together
+        raise ValueError(f"{path}: {e}") from None
+
+
+def gguf_rope_scaling(reader, path, kw, rope_freqs):
+    """The rope_scaling dict ModelConfig understands, from llama.rope.scaling.* or a rope_freqs tensor."""
+    kind = gguf_value(reader, "llama.rope.scaling.type", "none")
+    factor = gguf_value(reader, "llama.rope.scaling.factor", 1.0)
+    if kind == "linear" and factor != 1.0:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind not in ("none", "linear"):
+        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (only linear, and "
+                         f"LLaMA-3.1's scaling stored as rope_freqs)")
+    if rope_freqs is None:
+        return None
+    # LLaMA-3.1/3.2: the converter stores per-frequency divisors instead of the parameters. They follow
+    # from factor, low/high_freq_factor and the original context; Meta's releases all use low 1, high 4 and
+    # 8192 positions, with factor = the largest divisor. Check that this reproduces the stored divisors.
+    import gguf
+    divisors = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).copy()).float()
+    scaling = {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    base = rope_inv_freq(ModelConfig(**dict(kw, rope_scaling=None)))
+    ours = rope_inv_freq(ModelConfig(**dict(kw, rope_scaling=scaling)))
+    if divisors.shape != base.shape or not torch.allclose(ours, base / divisors, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: tensor 'rope_freqs.weight' holds rotary scaling factors that are not "
+                         f"LLaMA-3's (factor {scaling['factor']}, low 1, high 4, 8192 positions); convert the "
+                         f"model to a Hugging Face folder with its rope_scaling instead")
+    return scaling
+
+
+def read_gguf(path):
+    """-> (ModelConfig, a generator of (our name, float32 tensor, path)) dequantizing one tensor at a time."""
+    import gguf
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    try:  # the tokenizer fingerprint, when tokenizer.py can read this file's vocabulary
+        from tokenizer import Tokenizer
+        config.tokenizer_sha256 = Tokenizer(path).fingerprint
+    except Exception:
+        config.tokenizer_sha256 = None
+
+    def tensors():
+        for t in reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue  # already folded into config.rope_scaling
+            layer, key = None, t.name
+            if t.name.startswith("blk."):
+                _, layer, rest = t.name.split(".", 2)
+                key = f"blk.L.{rest}"
+            if key not in GGUF_NAMES:
+                raise ValueError(f"{path}: unexpected tensor {t.name!r} of type {t.tensor_type.name} for a "
+                                 f"LLaMA model (biases, MoE experts or another layout): not supported")
+            name = GGUF_NAMES[key].replace(".L.", f".{layer}.")
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) float32
+            except NotImplementedError:
+                raise ValueError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the gguf "
+                                 f"package cannot dequantize: convert the model with a supported type "
+                                 f"(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_K, Q6_K, ...)") from None
+            if not w.flags.writeable:  # F32 comes back as a view of the read-only file mapping
+                w = w.copy()
+            w = torch.from_numpy(w.astype(np.float32, copy=False))
+            if key == "blk.L.attn_q.weight":
+                w = unpermute_rope_rows(w, config.num_attention_heads)
+            elif key == "blk.L.attn_k.weight":
+                w = unpermute_rope_rows(w, config.num_key_value_heads)
+            yield name, w, f"{path} (tensor {t.name!r})"
+
+    return config, tensors()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Writing
+
+def export_tensors(model, format):
+    """(name, tensor) pairs in the target format's naming, one at a time."""
+    config = model.config
+    scales = config.layer_list("score_scale") if config.is_moe else None
+    for name, t in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if format in ("llama", "native") or ".mlp." not in name or ".mlp.shared." in name:
+            yield name, t
+            continue
+        layer = int(name.split(".")[2])
+        head = name.split(".mlp.")[0]
+        if format == "mixtral":
+            if name.endswith("gate.gate_network.weight"):
+                yield f"{head}.block_sparse_moe.gate.weight", t
+            elif ".mlp.experts." in name:
+                which = name.rsplit(".", 1)[1]
+                w = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[which]
+                for j in range(t.size(0)):
+                    # Fold the rescale factor into w2: Mixtral's routing is our eval routing with s = 1.
+                    yield (f"{head}.block_sparse_moe.experts.{j}.{w}.weight",
+                           t[j] * scales[layer] if which == "down_proj" else t[j])
+            # gate.weight_noise is dropped: Mixtral has no noise, and eval never used it
+        elif format == "llama_moe":
+            if ".mlp.experts." in name:
+                which = name.rsplit(".", 1)[1].replace("_proj", "")
+                for j in range(t.size(0)):
+                    yield f"{head}.mlp.calculator.experts.weight_{which}.{j}", t[j]
+            else:
+                yield name, t
+
+
+def export_config(model, format):
+    c = model.config
+    dense = {k: getattr(c, k) for k in LLAMA_KEYS}
+    base = dict(dense, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                torch_dtype=str(model.lm_head.weight.dtype).replace("torch.", ""))
+    if c.tokenizer_sha256:  # extra key, ignored by transformers: which tokenizer's ids the model expects
+        base["tokenizer_sha256"] = c.tokenizer_sha256
+    if format == "llama":
+        return dict(base, architectures=["LlamaForCausalLM"], model_type="llama")
+    if format == "native":
+        return dict(asdict(c), architectures=["LlamaMoEStacked"], model_type=NATIVE_MODEL_TYPE,
+                    torch_dtype=base["torch_dtype"])
+    widths = c.layer_list("expert_intermediate_size")
+    if format == "mixtral":
+        problems = []
+        if c.gate_type != "linear":
+            problems.append("an MLP gate (Mixtral's router is one linear layer)")
+        if c.shared_intermediate_size:
+            problems.append("an always-on shared block (Mixtral has none)")
+        if len(set(widths)) != 1:
+            problems.append("expert widths that differ between layers")
+        if problems:
+            raise ValueError("cannot export to Mixtral format: the model has " + " and ".join(problems)
+                             + "; save it with format='native' or 'llama_moe' instead")
+        base.pop("intermediate_size")
+        return dict(base, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=widths[0],
+                    num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                    router_aux_loss_coef=c.balance_loss_weight, output_router_logits=False,
+                    sliding_window=None, router_jitter_noise=0.0)
+    if format == "llama_moe":
+        if c.shared_intermediate_size:
+            raise ValueError("cannot save a shared (SharingInter) block in llama_moe format: use format='native'")
+        scales = c.layer_list("score_scale")
+        return dict(base, architectures=["LlamaMoEForCausalLM"], model_type="llama_moe",
+                    num_experts=c.num_experts, num_selects=c.num_experts_per_tok,
+                    size_experts=[[w] * c.num_experts for w in widths], gate_type="TopKBalancedNoisyGate",
+                    gate_network=c.gate_type, gate_use_softmax=True, gate_use_balance=True,
+                    gate_balance_loss_weight=c.balance_loss_weight, gate_add_noise=c.gate_noise,
+                    gate_noise_epsilon=c.gate_noise_eps, calculator_type="UniversalCalculator",
+                    multiply_gate_scores=True, score_scale_factor=scales[0] if len(set(scales)) == 1 else scales,
+                    add_weight_norm=False, drop_tokens=True, dropped_padding="zero", capacity_factor=1.25)
+    raise ValueError(f"unknown checkpoint format {format!r}: use llama, native, mixtral or llama_moe")
+
+
+def unshare(tensors):
+    """safetensors writes no two tensors of one file that view the same memory (older releases refuse it
+    even for disjoint slices): copy all but the first of each group that shares storage - the per-expert
+    slices of a stacked tensor - and nothing else, so saving a model needs no second copy of it."""
+    seen = set()
+    out = {}
+    for name, t in tensors.items():
+        key = (t.device, t.untyped_storage().data_ptr())
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def save_pretrained(model, path, format="auto", max_shard_bytes=MAX_SHARD_BYTES):
+    """Write config.json + safetensors (shards of at most max_shard_bytes, 5 GiB by default) atomically:
+    into a temporary folder renamed into place (fileio.atomic_dir), so a killed process never leaves a
+    half-written checkpoint under `path`, and the temporaries of dead processes are cleaned."""
+    from safetensors.torch import save_file
+    if format == "auto":
+        format = "native" if model.config.is_moe else "llama"
+    if format == "llama" and model.config.is_moe:
+        raise ValueError("an MoE model cannot be saved in dense llama format: use native, mixtral or llama_moe")
+    if format != "llama" and not model.config.is_moe:
+        raise ValueError(f"format {format!r} is for MoE models; a dense model saves as 'llama'")
+    config = export_config(model, format)  # raises before anything is written
+    # Greedy sharding in state-dict order, as transformers does: a new shard starts when the next tensor
+    # would push the current one past the limit. A first pass plans the shards from sizes alone, so that
+    # each shard is then written and freed before the next is gathered: peak memory = model + one shard.
+    plan, size = [[]], 0
+    for name, t in export_tensors(model, format):
+        nbytes = t.numel() * t.element_size()
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    shard_of = {n: i for i, shard in enumerate(plan) for n in shard}
+    with atomic_dir(path) as tmp:
+        weight_map, total, current = {}, 0, {}
+        for name, t in export_tensors(model, format):
+            current[name] = t.detach().to("cpu").contiguous()  # no copy for a contiguous CPU tensor
+            total += t.numel() * t.element_size()
+            weight_map[name] = names[shard_of[name]]
+            if len(current) == len(plan[shard_of[name]]):
+                save_file(unshare(current), os.path.join(tmp, names[shard_of[name]]), metadata={"format": "pt"})
+                current = {}
+        if len(plan) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
