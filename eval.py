@@ -450,7 +450,7 @@ def loglikelihoods(model, groups, batch_size=8):
         r_at, c_at = torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)
         with logits_only_at(model, r_at, c_at):
             logits, _ = model(idx.to(device))                                     # (N, V), N = choice tokens
-        logp = F.log_softmax(logits.float(), dim=-1)                              # (N, V)
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
         targets = torch.tensor(targets, device=device)                            # (N,)
         token_lp = logp.gather(-1, targets[:, None])[:, 0].cpu()                  # (N,)
         hit = (logp.argmax(-1) == targets).cpu()                                  # (N,)

@@ -116,14 +116,13 @@ def test_empty_context_is_scored_after_the_prefix_token():
     begins with that very token - by the continuation's first token. Used to raise RuntimeError."""
     tok, model = CharTokenizer(), Bigram()
     assert ev.encode_request(tok, "", "ab") == ([0], [1, 2])
-    assert ev.encode_request(tok, "", "<eos>"[:0] + "a", start=[]) == ([0], [1])
+    assert ev.encode_request(tok, "", "ab", start=[5]) == ([5], [1, 2])  # a start token is enough context
     tok.encode = lambda text: [0] + [CHARS.index(ch) for ch in text]  # a continuation starting with the token
     assert ev.encode_request(tok, "", "ab") == ([0], [1, 2])
     r = ev.score_task(model, CharTokenizer(), [{"context": "", "choices": ["b", "c"], "label": 0,
                                                 "target_delimiter": ""}], start=[])
     np.testing.assert_allclose(r["details"][0]["loglikelihoods"], [L["<eos>"]["b"], L["<eos>"]["c"]], atol=1e-6)
-    # generation from an empty prompt starts after the same token instead of failing
-    assert ev.encode_request(tok, "a", "b", start=[5]) == ([5, 0, 1], [2])
+    assert ev.encode_request(tok, "a", "b", start=[5]) == ([5, 0, 1], [2])  # (this tok encodes a leading 0)
 
 
 def test_start_token_follows_the_tokenizers_default():
@@ -159,6 +158,48 @@ def test_loglikelihoods_padding_truncation_greedy_and_one_pass_per_question():
     assert by_one[0][1][0] == pytest.approx(L["a"]["c"], abs=1e-6)
     # greedy: "b" after "a" is the argmax, "bb" continues with argmax "b"; "c" after "a" is not
     assert [[g for _, g in q] for q in by_one] == [[True, False], [False]]
+
+
+def tiny(moe, **kw):
+    torch.manual_seed(0)
+    cfg = dict(TINY_MOE, initializer_range=0.3, **kw)
+    if not moe:
+        cfg = {k: v for k, v in cfg.items() if "expert" not in k}
+    return Transformer(ModelConfig(**cfg)).double().eval()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_choice_scores_equal_full_logits_whatever_the_batch(moe):
+    """What the docstring promises: scores from logits at the choice tokens only equal the plain full-logits
+    computation, and batch-mates and padding do not change them - exactly so in exact arithmetic; in float64
+    (no near-tie of expert scores at this precision) to 1e-10 for a dense model and an MoE alike."""
+    model = tiny(moe)
+    rng = np.random.default_rng(0)
+    groups = [[(rng.integers(0, 16, n_ctx).tolist(), rng.integers(0, 16, rng.integers(1, 5)).tolist())
+               for _ in range(4)] for n_ctx in (3, 11, 7)]
+    want = []
+    for group in groups:
+        want.append([])
+        for ctx, cont in group:
+            idx = torch.tensor([ctx + cont[:-1]])
+            logp = torch.log_softmax(model(idx)[0][0, -len(cont):], -1)              # (n, V) full logits
+            want[-1].append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+    for batch_size in (1, 4, 12):  # each question alone, then all three padded to 11 + 4 positions
+        got = ev.loglikelihoods(model, groups, batch_size)
+        np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
+
+
+def test_validation_loss_is_the_lm_loss_without_the_balance_loss(tmp_path):
+    data = planted_data(tmp_path)
+    model = tiny(True, balance_loss_weight=10.0)
+    val, _ = ev.validation(model, data, seq_len=16, batch_size=4, max_windows=5)
+    nll = count = 0
+    for x, y in ev.eval_windows(data, "alpha", 16, 4, 5):
+        logits, _ = model(x)
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    assert model.aux_loss.item() > 0.1
+    assert val["alpha"]["loss"] == pytest.approx(nll / count, rel=1e-6) and val["alpha"]["tokens"] == count
 
 
 def test_encode_pair_moves_trailing_space_into_the_choice():
