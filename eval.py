@@ -53,7 +53,7 @@ class EvalConfig:
     tasks: str | None = None          # folder of *.jsonl or comma-separated files; None -> {data}/tasks; "none"
     tokenizer: str | None = None      # None -> the checkpoint's own (.gguf, tokenizer.model/.json), else the data's
     seq_len: int = 256                # validation window length (capped by the model's max positions)
-    batch_size: int = 8               # sequences per forward pass: validation windows, or choice rows
+    batch_size: int = 8               # validation windows per forward pass (a question's choices run together)
     max_windows: int = 32             # validation windows per domain, spread evenly; 0 = every window
     shots: int = 0                    # few-shot examples per multiple-choice question
     max_items: int = 100              # questions per task, spread evenly over the file; 0 = all
@@ -396,23 +396,21 @@ def logits_only_at(model, rows, cols):
 
 
 @torch.no_grad()
-def loglikelihoods(model, groups, batch_size=8):
+def loglikelihoods(model, groups):
     """groups: one list of (context ids, continuation ids) per question -> the same nesting of
     (sum of the continuation's log-probs, is_greedy).
 
     Each row is context + continuation, cut from the left to the model's window; position p's log-softmax
-    scores token p+1. A question's choices always share a forward pass, padded on the right to a common
-    width; questions are packed whole, longest first (as lm-eval orders its requests), up to batch_size rows.
+    scores token p+1. A question's shared context runs once, then its choices run together, right-padded.
 
-    What batching can change: under a causal mask a position never sees the padding after it nor another
+    What this batching can change: under a causal mask a position never sees the padding after it nor another
     row, and both dense FFNs and our dropless routing (model.py) act on each token alone - so a score does
-    not depend, in exact arithmetic, on its batch-mates or on the padding. In floating point a different
-    batch shape (rows, width) may run the matmuls in another order: the last digits of a dense model's
-    log-likelihood move (~1e-6 relative). In an MoE those last digits also reach the gate, and a token whose
-    k-th and (k+1)-th expert scores are within rounding of each other can switch experts: its layer output
-    then changes by a whole expert, and the log-likelihood by much more (0.08 was seen on one choice of the
-    split SmolLM2 between --batch_size 8 and 16). Scores are bit-reproducible for the same settings; compare
-    two checkpoints with the same --batch_size, --max_items and --shots."""
+    not depend, in exact arithmetic, on the other choices or on the padding. In floating point a different
+    batch shape may run the matmuls in another order: the last digits of a dense model's log-likelihood move
+    (~1e-6 relative). In an MoE those last digits also reach the gate, and a token whose k-th and (k+1)-th
+    expert scores are within rounding of each other can switch experts: its layer output then changes by a
+    whole expert, and the log-likelihood by much more (0.08 was seen on one choice of the split SmolLM2 when
+    questions were packed 8 vs 16 rows to a batch). Scores are bit-reproducible for the same items and shots."""
     max_len = model.config.max_position_embeddings
     device = model.lm_head.weight.device
     rows = []  # per question: [(input ids, continuation ids)]
@@ -427,38 +425,47 @@ def loglikelihoods(model, groups, batch_size=8):
             rows[-1].append((seq[:-1], cont))
     width = [max(len(inp) for inp, _ in r) for r in rows]
     order = sorted(range(len(rows)), key=lambda q: -width[q])
-    batches, current = [], []
-    for q in order:
-        if current and sum(len(rows[p]) for p in current) + len(rows[q]) > batch_size:
-            batches.append(current)
-            current = []
-        current.append(q)
-    if current:
-        batches.append(current)
-
     out = [[None] * len(r) for r in rows]
-    for batch in batches:
-        members = [(q, c) for q in batch for c in range(len(rows[q]))]
-        idx = torch.zeros(len(members), width[batch[0]], dtype=torch.int64)      # (b, S), right-padded with 0
+    # Shared context (the speed-up that makes evaluating a 30-layer model on CPU practical): a question's
+    # choices share their context, so its first P tokens (P <= every choice's first scored position) run once
+    # into the KV cache, and the choices continue from there as one batch, each query seeing the cached
+    # context and its own earlier tokens (model.py's cached attention). Same positions, same keys: the same
+    # scores as running each full row (tests/test_eval.py checks it against the full rows).
+    for q in order:
+        group = rows[q]
+        P = min(len(inp) - len(cont) for inp, cont in group)                     # positions before any scored one
+        first = group[0][0]
+        while P and any(inp[:P] != first[:P] for inp, _ in group[1:]):
+            P -= 1
+        suffix = [(inp[P:], cont) for inp, cont in group]
+        S = max(len(s) for s, _ in suffix)
+        idx = torch.zeros(len(group), S, dtype=torch.int64)                      # (C, S), right-padded with 0
         r_at, c_at, targets = [], [], []
-        for b, (q, c) in enumerate(members):
-            inp, cont = rows[q][c]
+        for b, (inp, cont) in enumerate(suffix):
             idx[b, :len(inp)] = torch.tensor(inp)
             r_at += [b] * len(cont)
             c_at += range(len(inp) - len(cont), len(inp))                         # predict the n choice tokens
             targets += cont
         r_at, c_at = torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)
-        with logits_only_at(model, r_at, c_at):
-            logits, _ = model(idx.to(device))                                     # (N, V), N = choice tokens
+        try:
+            if P:
+                model.setup_cache(len(group), P + S)
+                zero = torch.zeros(1, dtype=torch.int64, device=device)
+                with logits_only_at(model, zero, zero):                           # no logits needed here
+                    model(torch.tensor([first[:P]], device=device), start_pos=0)  # the context, once: (1, P)
+                model.share_cache_prefix(P)
+            with logits_only_at(model, r_at, c_at):
+                logits, _ = model(idx.to(device), start_pos=P if P else None)     # (N, V), N = choice tokens
+        finally:
+            model.clear_cache()
         logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
         targets = torch.tensor(targets, device=device)                            # (N,)
         token_lp = logp.gather(-1, targets[:, None])[:, 0].cpu()                  # (N,)
         hit = (logp.argmax(-1) == targets).cpu()                                  # (N,)
         at = 0
-        for q, c in members:
-            n = len(rows[q][c][1])
-            out[q][c] = (token_lp[at:at + n].sum().item(), bool(hit[at:at + n].all()))
-            at += n
+        for c, (_, cont) in enumerate(group):
+            out[q][c] = (token_lp[at:at + len(cont)].sum().item(), bool(hit[at:at + len(cont)].all()))
+            at += len(cont)
     return out
 
 
@@ -476,7 +483,7 @@ def mean_stderr(xs):
     return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else float("nan")
 
 
-def score_task(model, tok, items, shots=0, seed=1234, start=(), batch_size=8, indices=None):
+def score_task(model, tok, items, shots=0, seed=1234, start=(), indices=None):
     """Score items[i] for i in indices (default: all) -> {"acc", "acc_norm", "acc_bytes", their "_stderr",
     "n", "chance"} plus per-question details. Few-shot examples come from the whole file (minus the question)."""
     indices = list(range(len(items))) if indices is None else list(indices)
@@ -484,7 +491,7 @@ def score_task(model, tok, items, shots=0, seed=1234, start=(), batch_size=8, in
     for i in indices:
         context, delim = fewshot_context(items, i, shots, seed), items[i]["target_delimiter"]
         groups.append([encode_request(tok, context, delim + choice, start) for choice in items[i]["choices"]])
-    results = loglikelihoods(model, groups, batch_size)
+    results = loglikelihoods(model, groups)
     hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
     details = []
     for i, scored in zip(indices, results):
@@ -687,7 +694,7 @@ def evaluate(cfg):
         results["shots"], results["tasks"] = cfg.shots, {}
         for name, path in tasks.items():
             items = read_task(path)
-            results["tasks"][name] = score_task(model, tok, items, cfg.shots, cfg.seed, start, cfg.batch_size,
+            results["tasks"][name] = score_task(model, tok, items, cfg.shots, cfg.seed, start,
                                                 pick_items(len(items), cfg.max_items))
         results["tasks_mean"] = {m: float(np.mean([r[m] for r in results["tasks"].values()]))
                                  for m in ("acc", "acc_norm", "acc_bytes")}

@@ -175,17 +175,19 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.v_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = True
-        if start_pos is not None:  # generation: append to the cache, attend over everything so far
+        causal, mask = True, None
+        if start_pos is not None:  # cached: append to the cache, attend over everything so far
             cache_k, cache_v = self.kv_cache
             cache_k[:B, :, start_pos:start_pos + S] = k
             cache_v[:B, :, start_pos:start_pos + S] = v
             k, v = cache_k[:B, :, :start_pos + S], cache_v[:B, :, :start_pos + S]
-            causal = start_pos == 0  # prefill is causal; one new token may see the whole cache
-            if S > 1 and start_pos > 0:
-                raise ValueError("the KV cache takes a prompt once (start_pos 0), then one token at a time")
+            if start_pos > 0:  # new query i (position start_pos + i) sees cached keys 0 .. start_pos + i
+                causal = False
+                if S > 1:
+                    mask = torch.ones(S, start_pos + S, dtype=torch.bool, device=x.device).tril(start_pos)
         # Grouped-query attention: each group of H/Hkv query heads shares one key/value head.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.hd))
 
 
@@ -334,7 +336,7 @@ class Transformer(nn.Module):
         moe = self.moe_layers()
         self.aux_loss = sum(m.last_gate.balance_loss for m in moe) if moe else x.new_zeros(())
         if targets is None:
-            return self.lm_head(x[:, -1:] if start_pos is not None else x), None
+            return self.lm_head(x), None                                 # (B, S, vocab)
         logits = self.lm_head(x)                                         # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss  # the LM loss alone; training adds self.aux_loss (SPEC.md section 3) itself
@@ -350,11 +352,7 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()  # no gate noise, no dropout-like randomness: greedy decoding must be reproducible
         if use_cache:
-            w = self.lm_head.weight
-            for block in self.model.layers:
-                a = block.self_attn
-                a.kv_cache = tuple(torch.zeros(B, a.n_kv, total, a.hd, dtype=w.dtype, device=w.device)
-                                   for _ in range(2))
+            self.setup_cache(B, total)
         try:
             pos = 0
             for _ in range(max_new_tokens):
@@ -374,10 +372,29 @@ class Transformer(nn.Module):
                     nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
                 idx = torch.cat((idx, nxt), dim=1)
         finally:
-            for block in self.model.layers:
-                block.self_attn.kv_cache = None
+            self.clear_cache()
             self.train(was_training)
         return idx
+
+    def setup_cache(self, batch, length):
+        """Give every layer a KV cache of `batch` rows and `length` positions; forward(..., start_pos=p) then
+        writes positions p.. and attends over 0..p+S (generation, and eval.py's shared-context scoring)."""
+        w = self.lm_head.weight
+        for block in self.model.layers:
+            a = block.self_attn
+            a.kv_cache = tuple(torch.zeros(batch, a.n_kv, length, a.hd, dtype=w.dtype, device=w.device)
+                               for _ in range(2))
+
+    def share_cache_prefix(self, length):
+        """Copy row 0's first `length` cached positions into every row: a prefix (a question's context) run
+        once, then continued by each row (its choices) with forward(..., start_pos=length)."""
+        for block in self.model.layers:
+            for t in block.self_attn.kv_cache:
+                t[1:, :, :length] = t[:1, :, :length]
+
+    def clear_cache(self):
+        for block in self.model.layers:
+            block.self_attn.kv_cache = None
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).

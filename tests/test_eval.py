@@ -51,12 +51,23 @@ class Bigram(torch.nn.Module):
         self.config = SimpleNamespace(max_position_embeddings=max_positions)
         self.calls, self.head_rows = 0, []
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, start_pos=None):
+        # A bigram's logits at a position depend on that position's token alone, so running a continuation
+        # after a cached context (start_pos) needs no cache at all: the methods below have nothing to keep.
         self.calls += 1
         x = torch.nn.functional.one_hot(idx, len(CHARS)).float()   # (B, S, V)
         logits = self.lm_head(x)
         self.head_rows.append(logits.shape[:-1])
         return logits, None
+
+    def setup_cache(self, batch, length):
+        pass
+
+    def share_cache_prefix(self, length):
+        pass
+
+    def clear_cache(self):
+        pass
 
 
 L = {ch: {nxt: math.log(p) for nxt, p in zip(CHARS, PROBS[i])} for i, ch in enumerate(CHARS)}  # L[prev][next]
@@ -141,23 +152,22 @@ def test_start_token_follows_the_tokenizers_default():
     assert ev.prefix_token(tok) == 4  # no bos: an empty context is scored after eos
 
 
-def test_loglikelihoods_padding_truncation_greedy_and_one_pass_per_question():
+def test_loglikelihoods_padding_truncation_greedy_and_the_context_once():
     tok = CharTokenizer()
     groups = [[ev.encode_pair(tok, "a", "bb"), ev.encode_pair(tok, "a", "c")], [ev.encode_pair(tok, "ccccca", "c")]]
     groups = [[([0] + ctx, cont) for ctx, cont in g] for g in groups]
-    one = Bigram()
-    by_one = ev.loglikelihoods(one, groups, batch_size=1)
-    assert one.calls == 2  # a question's choices are never split over two passes, even at batch_size 1
-    both = Bigram()
-    batched = ev.loglikelihoods(both, groups, batch_size=3)  # both questions, right-padded, one pass
-    assert both.calls == 1
-    assert both.head_rows == [(4,)]  # the output projection ran at the 2 + 1 + 1 choice tokens only, not 3 x 7
-    short = ev.loglikelihoods(Bigram(max_positions=3), groups, batch_size=3)  # long context cut from the left
-    assert by_one == batched
-    np.testing.assert_allclose([x[0] for g in short for x in g], [x[0] for g in by_one for x in g], atol=1e-6)
-    assert by_one[0][1][0] == pytest.approx(L["a"]["c"], abs=1e-6)
+    model = Bigram()
+    got = ev.loglikelihoods(model, groups)
+    # Per question two passes: its shared context once (into the KV cache), then all its choices together.
+    # The output projection ran at one context position (ignored) and at the choice tokens only.
+    assert model.calls == 4
+    assert model.head_rows == [(1,), (1,), (1,), (3,)]  # longest question first: 1 choice token; then 2 + 1
+    short = ev.loglikelihoods(Bigram(max_positions=3), groups)  # long context cut from the left
+    np.testing.assert_allclose([x[0] for g in short for x in g], [x[0] for g in got for x in g], atol=1e-6)
+    assert got[0][1][0] == pytest.approx(L["a"]["c"], abs=1e-6)
+    assert got[0][0][0] == pytest.approx(L["a"]["b"] + L["b"]["b"], abs=1e-6)
     # greedy: "b" after "a" is the argmax, "bb" continues with argmax "b"; "c" after "a" is not
-    assert [[g for _, g in q] for q in by_one] == [[True, False], [False]]
+    assert [[g for _, g in q] for q in got] == [[True, False], [False]]
 
 
 def tiny(moe, **kw):
@@ -169,10 +179,11 @@ def tiny(moe, **kw):
 
 
 @pytest.mark.parametrize("moe", [False, True])
-def test_choice_scores_equal_full_logits_whatever_the_batch(moe):
-    """What the docstring promises: scores from logits at the choice tokens only equal the plain full-logits
-    computation, and batch-mates and padding do not change them - exactly so in exact arithmetic; in float64
-    (no near-tie of expert scores at this precision) to 1e-10 for a dense model and an MoE alike."""
+def test_choice_scores_equal_full_logits(moe):
+    """What the docstring promises: scores from the context run once into the KV cache, the choices padded
+    into one batch after it, and logits at the choice tokens only, equal the plain full-row computation -
+    exactly in exact arithmetic; in float64 (no near-tie of expert scores at this precision) to 1e-10 for a
+    dense model and an MoE alike. Contexts that differ (few-shot) only share their common prefix."""
     model = tiny(moe)
     rng = np.random.default_rng(0)
     groups = [[(rng.integers(0, 16, n_ctx).tolist(), rng.integers(0, 16, rng.integers(1, 5)).tolist())
@@ -184,9 +195,12 @@ def test_choice_scores_equal_full_logits_whatever_the_batch(moe):
             idx = torch.tensor([ctx + cont[:-1]])
             logp = torch.log_softmax(model(idx)[0][0, -len(cont):], -1)              # (n, V) full logits
             want[-1].append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
-    for batch_size in (1, 4, 12):  # each question alone, then all three padded to 11 + 4 positions
-        got = ev.loglikelihoods(model, groups, batch_size)
-        np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
+    groups[2][1] = ([1] + groups[2][1][0][1:], groups[2][1][1])  # one choice with another context: no prefix
+    idx = torch.tensor([groups[2][1][0] + groups[2][1][1][:-1]])
+    logp = torch.log_softmax(model(idx)[0][0, -len(groups[2][1][1]):], -1)
+    want[2][1] = logp.gather(-1, torch.tensor(groups[2][1][1])[:, None]).sum().item()
+    got = ev.loglikelihoods(model, groups)
+    np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
 
 
 def test_validation_loss_is_the_lm_loss_without_the_balance_loss(tmp_path):
