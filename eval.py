@@ -251,17 +251,18 @@ def validation(model, data_dir, seq_len, batch_size=8, max_windows=32, routing=T
     top1 = torch.zeros_like(selected)
     results = {}
     for di, domain in enumerate(domains):
-        nll, count = 0.0, 0
+        nll, count, batch_losses = 0.0, 0, []
         for x, y in eval_windows(data_dir, domain, seq_len, batch_size, max_windows or None):
             _, loss = model(x.to(device), y.to(device))                     # mean over the b*T targets
             nll += loss.item() * y.numel()
             count += y.numel()
+            batch_losses.append(loss.item())  # --batch_size=1: one per window, for the standard error
             for li, layer in enumerate(layers):
                 ids = model.model.layers[layer].mlp.last_gate.expert_ids       # (b*T, k), best first
                 selected[li, di] += torch.bincount(ids.flatten(), minlength=E).cpu()
                 top1[li, di] += torch.bincount(ids[:, 0], minlength=E).cpu()
         loss = nll / count
-        results[domain] = {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+        results[domain] = {"loss": loss, "ppl": math.exp(loss), "tokens": count, "batch_losses": batch_losses}
     counts = {"layers": layers, "domains": domains, "selected": selected, "top1": top1} if layers else None
     return results, counts
 

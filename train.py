@@ -542,7 +542,7 @@ def run(cfg, d):
         handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     STOP["signal"] = None
 
-    step, exit_code, ckpt, losses, window = start.step, 0, start.resume_from, [], [0.0, 0]
+    step, exit_code, ckpt, losses, window, train_s = start.step, 0, start.resume_from, [], [0.0, 0], 0.0
     try:
         if cfg.eval_interval and step == 0:
             evaluate_and_log(cfg, d, 0, eval_model, streams, autocast, load_counts, log)
@@ -581,6 +581,7 @@ def run(cfg, d):
                 torch.cuda.synchronize()
             window[0] += time.perf_counter() - t0
             window[1] += 1
+            train_s += time.perf_counter() - t0
             losses.append(lm)
 
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -591,7 +592,7 @@ def run(cfg, d):
                     f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.2f}% | ETA {format_eta((cfg.max_steps - step) * step_time)}",
                     dict(kind="train", step=step, loss=lm, balance_loss=balance, **(dict(kl=kl) if parent else {}),
                          lr=lr, grad_norm=norm, tokens=step * tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
-                         step_time_s=step_time))
+                         step_time_s=step_time, train_s=train_s))
                 window = [0.0, 0]
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 evaluate_and_log(cfg, d, step, eval_model, streams, autocast, load_counts, log)
