@@ -391,13 +391,3 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):  # shards of at most 5 GiB
         import checkpoint
         checkpoint.save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
-
-
-def __getattr__(name):
-    # Old home of the checkpoint functions: `from model import config_from_hf` still works (delete once no
-    # caller uses it; checkpoint.py is where they live).
-    if name in ("config_from_hf", "export_config", "read_config_json", "set_tensor", "load_pretrained",
-                "save_pretrained", "export_tensors", "read_safetensors", "from_hf_names", "llama_moe_config"):
-        import checkpoint
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from configurator import UserError
 from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside, replace_dir
-from model import ModelConfig, Transformer, config_from_hf
+from checkpoint import config_from_hf
+from model import ModelConfig, Transformer
 
 CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
