@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SMOLLM2_GGUF, smollm2_gguf
 from model import Transformer
 
 gguf = pytest.importorskip("gguf")
@@ -280,9 +281,9 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # The real file: SmolLM2-135M-Instruct, Q4_1 (skipped when it is not on this machine).
 
-SMOLLM2 = os.environ.get("LLAMA_MOE_SMOLLM2_GGUF", "/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
-needs_smollm2 = pytest.mark.skipif(not os.path.exists(SMOLLM2), reason=f"{SMOLLM2} not present "
-                                   f"(set LLAMA_MOE_SMOLLM2_GGUF to the SmolLM2-135M-Instruct Q4_1 file)")
+SMOLLM2 = SMOLLM2_GGUF
+needs_smollm2 = pytest.mark.skipif(smollm2_gguf() is None, reason=f"{SMOLLM2} not present "
+                                   f"(python data/smollm2.py fetches it; or set LLAMA_MOE_SMOLLM2_GGUF)")
 # "The capital of France is" in SmolLM2's tokenizer (the ids transformers' tokenizer gives for this file)
 PROMPT = [504, 3575, 282, 4649, 314]
 

