@@ -373,6 +373,7 @@ def export_documents(data, path):
     from tokenizer import Tokenizer
     meta = load_meta(data)
     tok = Tokenizer(os.path.join(data, meta["tokenizer"]))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for domain, ids in iter_docs(data, meta):
             f.write(json.dumps({"text": tok.decode(ids[:-1].tolist()), "domain": domain}) + "\n")
@@ -413,7 +414,11 @@ def filtered_shards(cfg, kind):
         shutil.copy(os.path.join(src, meta["tokenizer"]), os.path.join(tmp, meta["tokenizer"]))
         if os.path.isdir(os.path.join(src, "tasks")):
             shutil.copytree(os.path.join(src, "tasks"), os.path.join(tmp, "tasks"))
-        write_shards(Path(tmp), encoded(), Tokenizer(os.path.join(src, meta["tokenizer"])), meta["tokenizer"])
+        new = write_shards(Path(tmp), encoded(), Tokenizer(os.path.join(src, meta["tokenizer"])), meta["tokenizer"])
+        if meta.get("tokenizer_sha256"):  # the same tokenizer file: keep the source's record of it verbatim
+            new["tokenizer_sha256"] = meta["tokenizer_sha256"]
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(new, f, indent=2)
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
     return (f"(kept documents of filter/{kind}/kept.jsonl -> shards in filter/{kind}/data)", go)
@@ -861,7 +866,7 @@ def write_results(cfg):
     # --- commands and wall times
     w("## Commands and wall times\n")
     w("Run everything (stages already finished are skipped):\n")
-    w(f"```\npython experiments/ablations.py --out={cfg.out} --parent={cfg.parent}\n```\n")
+    w(f"```\npython experiments/ablations.py --out={cfg.out} --parent={cfg.parent} --data={cfg.data}\n```\n")
     w("| stage | wall (s) | 5-min load average at its end |")
     w("|---|---|---|")
     for name in sorted(R.stages):
