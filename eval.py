@@ -1,29 +1,31 @@
 """
 Chapter: evaluation. What did the MoE gain, and where do its experts specialise?
 
-Three questions, asked of any checkpoint folder (ours, Hugging Face LLaMA, Mixtral, the paper's llama_moe):
+Three questions, asked of any checkpoint (a folder: ours, Hugging Face LLaMA, Mixtral, the paper's llama_moe;
+or a llama.cpp .gguf file):
 
   1. Language modelling: per-domain validation loss and perplexity on the held-out shards that
      data/prepare.py wrote (the number the paper's continual-pretraining curves track, SPEC §4-5).
-  2. Downstream: multiple-choice tasks scored by log-likelihood, exactly the way lm-eval-harness scores
-     SciQ, PIQA, ARC, HellaSwag... (SPEC §6): acc and length-normalised acc_norm, 0 or k shots.
+  2. Downstream: multiple-choice tasks scored by log-likelihood exactly as lm-evaluation-harness 0.4 scores
+     SciQ, PIQA, ARC, HellaSwag... (SPEC §6): acc, acc_norm (per character) and acc_bytes, with standard
+     errors, 0 or k shots.
   3. Routing: which experts each domain's tokens go to, per layer, and how different the domains are
      (SPEC §6: "deeper layers show stronger routing preference per domain than shallow layers").
 
 Plus --generate, to read what the model writes. Everything is printed as tables and, with --out, written
 as json (the experiment scripts in experiments/ read that json).
 
-    python eval.py --ckpt out/demo_moe_cpt/final --data data/embedded
-    python eval.py --ckpt out/demo_moe_cpt/final --data data/embedded --shots 3 --out runs/eval.json
-    python eval.py --ckpt /models/Llama-2-7b-hf --data data/llama2_tokenized --dtype bfloat16 --max_windows 8
-    python eval.py --ckpt out/demo_moe_cpt/final --generate "def fibonacci(n):" --max_new_tokens 64
+    python eval.py --ckpt=out/demo_moe_cpt/final --data=data/embedded
+    python eval.py --ckpt=out/demo_moe_cpt/final --shots=3 --out=runs/eval.json
+    python eval.py --ckpt=SmolLM2-135M-Instruct.Q4_1.gguf --data=data/smollm --max_items=200
+    python eval.py --ckpt=out/demo_moe_cpt/final --data=none --generate="def fibonacci(n):"
 
-Read top to bottom: the settings, loading, validation loss (+ routing counts from the same forward passes),
+Settings are `--key=value` (configurator.py); `python eval.py --help` lists them. Read top to bottom: the
+settings, loading and the identity checks, validation loss (+ routing counts from the same forward passes),
 multiple choice, the routing statistics, generation, the tables, main.
 """
 
-import argparse
-import filecmp
+import contextlib
 import json
 import math
 import os
@@ -34,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from configurator import UserError, load_config, run_cli
+from fileio import atomic_file, atomic_write
 from model import Transformer, MoEFeedForward
 from sample import load_meta, eval_windows
 from tokenizer import Tokenizer
@@ -44,17 +48,17 @@ from tokenizer import Tokenizer
 
 @dataclass
 class EvalConfig:
-    ckpt: str                         # checkpoint folder: config.json + safetensors
-    data: str = "data/embedded"       # shard folder (meta.json, {domain}.val.bin, tokenizer.model, tasks/)
+    ckpt: str = ""                    # checkpoint folder (config.json + safetensors) or a .gguf file
+    data: str = "data/embedded"       # shard folder (meta.json, {domain}.val.bin, tasks/); "none": no data
     tasks: str | None = None          # folder of *.jsonl or comma-separated files; None -> {data}/tasks; "none"
-    tokenizer: str | None = None      # None -> {ckpt}/tokenizer.model, {ckpt}/original/..., {data}/tokenizer.model
+    tokenizer: str | None = None      # None -> the checkpoint's own (.gguf, tokenizer.model/.json), else the data's
     seq_len: int = 256                # validation window length (capped by the model's max positions)
-    batch_size: int = 8               # windows (or choices) per forward pass
+    batch_size: int = 8               # sequences per forward pass: validation windows, or choice rows
     max_windows: int = 32             # validation windows per domain, spread evenly; 0 = every window
     shots: int = 0                    # few-shot examples per multiple-choice question
     max_items: int = 100              # questions per task, spread evenly over the file; 0 = all
     seed: int = 1234                  # few-shot draws (lm-eval-harness's default seed is 1234 too)
-    doc_start: str = "auto"           # token before every prompt: auto | bos | eos | none (see doc_start_id)
+    start_token: str = "auto"         # before every prompt: auto (lm-eval: bos iff the tokenizer adds it) | bos | eos | none
     routing: bool = True              # count routed experts during the validation pass (MoE only)
     heatmap: str | None = None        # PNG path; None -> next to --out (routing.png) when --out is given
     generate: str | None = None       # prompt to sample from
@@ -67,66 +71,156 @@ class EvalConfig:
     dtype: str = "float32"            # float32 | bfloat16 | float16
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+START_TOKENS = ("auto", "bos", "eos", "none")
+
+
+def check_settings(cfg):
+    """Everything that can be checked before a model is loaded: bad values, missing inputs, and outputs that
+    could not be written (a folder, a read-only place) fail now, not after an hour of evaluation."""
+    if not cfg.ckpt:
+        raise UserError("--ckpt is required: a checkpoint folder (config.json + safetensors) or a .gguf file")
+    if not os.path.exists(cfg.ckpt):
+        raise UserError(f"--ckpt={cfg.ckpt}: no such checkpoint folder or .gguf file")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype={cfg.dtype}: use one of {', '.join(DTYPES)}")
+    if cfg.start_token not in START_TOKENS:
+        raise UserError(f"--start_token={cfg.start_token}: use one of {', '.join(START_TOKENS)}")
+    for key in ("seq_len", "batch_size", "num_samples"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key}={getattr(cfg, key)} must be at least 1")
+    for key in ("max_windows", "shots", "max_items", "max_new_tokens"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"--{key}={getattr(cfg, key)} must be 0 or more")
+    if cfg.data != "none":
+        if not os.path.isdir(cfg.data) or not os.path.isfile(os.path.join(cfg.data, "meta.json")):
+            what = "does not exist" if not os.path.exists(cfg.data) else "is not a shard folder (no meta.json)"
+            raise UserError(f"--data={cfg.data} {what}: pass a folder made by data/prepare.py, "
+                            f"or --data=none to skip validation loss and the data's tasks")
+        try:
+            load_meta(cfg.data)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data={cfg.data}: {e}") from None
+    elif cfg.tasks is None and cfg.generate is None:
+        raise UserError("--data=none with no --tasks and no --generate: nothing to evaluate")
+    for key in ("out", "heatmap"):
+        if getattr(cfg, key):
+            check_output(getattr(cfg, key), f"--{key}")
+
+
+def check_output(path, flag):
+    """An output file must be creatable: not an existing folder, in a folder we can write into."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag}={path} is a folder: pass a file path, e.g. {os.path.join(path, 'eval.json')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag}={path}: cannot create its folder ({e.strerror}): pick another path") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag}={path} is not writable: pick another path or fix the permissions")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 2. Loading: the model (any format model.py reads) and the tokenizer that goes with it
+# 2. Loading: the model, its tokenizer, and the checks that model, tokenizer and data speak the same ids
+#
+# A token id means something only under the tokenizer that made it. Three records of "which tokenizer" can
+# meet here: Tokenizer.fingerprint (the tokenizer we load), meta.json's "tokenizer_sha256" (the one that
+# wrote the data's shards) and config.json's "tokenizer_sha256" (the one the model was trained on). Any two
+# that are present must agree, else the loss and the scores are silently meaningless.
 
 def load_model(cfg):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise ValueError(f"--dtype {cfg.dtype!r} is not supported: use one of {', '.join(dtypes)}")
-    # from_pretrained reads config.json's model_type: llama, mixtral, llama_moe or our native MoE.
-    return Transformer.from_pretrained(cfg.ckpt, dtype=dtypes[cfg.dtype], device=device).eval()
+    try:
+        # from_pretrained reads config.json's model_type (llama, mixtral, llama_moe, ours) or a .gguf file.
+        model = Transformer.from_pretrained(cfg.ckpt, dtype=DTYPES[cfg.dtype], device=device)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--ckpt={cfg.ckpt}: {e}") from None
+    return model.eval()
+
+
+def model_format(ckpt):
+    if os.path.isfile(ckpt):
+        return "gguf"
+    with open(os.path.join(ckpt, "config.json")) as f:
+        return json.load(f).get("model_type", "?")
+
+
+def data_tokenizer_path(data):
+    """The tokenizer meta.json names: a file in the data folder, or an absolute path (a .gguf, a folder)."""
+    return os.path.join(data, load_meta(data).get("tokenizer", "tokenizer.model"))
 
 
 def find_tokenizer(cfg):
-    """The tokenizer file: --tokenizer, else one inside the checkpoint (Hugging Face LLaMA-2 keeps
-    tokenizer.model at the top, LLaMA-3 under original/), else the data folder's (our demo models)."""
+    """--tokenizer; else the checkpoint's own (a .gguf carries one; a folder may hold tokenizer.model,
+    tokenizer.json, or LLaMA-3's original/tokenizer.model); else the data folder's (our demo models)."""
     if cfg.tokenizer:
         return cfg.tokenizer
-    candidates = [os.path.join(cfg.ckpt, "tokenizer.model"), os.path.join(cfg.ckpt, "original", "tokenizer.model")]
-    if cfg.data and os.path.isfile(os.path.join(cfg.data, "meta.json")):
-        candidates.append(os.path.join(cfg.data, load_meta(cfg.data).get("tokenizer", "tokenizer.model")))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"no tokenizer.model found (looked at {', '.join(candidates)}): pass "
-                            f"--tokenizer path/to/tokenizer.model, or --data a folder made by data/prepare.py")
+    if os.path.isfile(cfg.ckpt):
+        return cfg.ckpt
+    for name in ("tokenizer.model", "tokenizer.json", os.path.join("original", "tokenizer.model")):
+        if os.path.isfile(os.path.join(cfg.ckpt, name)):
+            return os.path.join(cfg.ckpt, name)
+    if cfg.data != "none" and os.path.exists(data_tokenizer_path(cfg.data)):
+        return data_tokenizer_path(cfg.data)
+    raise UserError(f"no tokenizer found in {cfg.ckpt}" + ("" if cfg.data == "none" else f" or {cfg.data}") +
+                    ": pass --tokenizer=path/to/tokenizer.model (or tokenizer.json, or the model's .gguf)")
 
 
-def doc_start_id(cfg, tok, tokenizer_path):
-    """The token every prompt (question or --generate text) starts after.
+def load_tokenizer(path):
+    try:
+        return Tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {path}: {e}") from None
 
-    lm-eval-harness feeds a prefix token only when the context is empty; otherwise the prompt starts cold.
-    A tiny model trained on our shards has never seen a cold start: data/prepare.py writes each document
-    followed by eos, so every document it learnt from began right after an eos. We give it that eos.
-    A Hugging Face LLaMA was trained with bos at document starts, so it gets bos. 'auto' tells the two
-    apart by the tokenizer: the data folder's own file (same bytes) means a model of our shards."""
-    choice = cfg.doc_start
+
+def check_same_tokenizer(cfg, tok, model):
+    """Refuse a tokenizer, data folder or checkpoint that disagree on the vocabulary (see above)."""
+    mine = tok.fingerprint
+    have = {"the tokenizer " + tok.path: mine}
+    if model.config.tokenizer_sha256:
+        have[f"the checkpoint {cfg.ckpt} (config.json tokenizer_sha256)"] = model.config.tokenizer_sha256
+    if cfg.data != "none":
+        meta = load_meta(cfg.data)
+        data_sha = meta.get("tokenizer_sha256")
+        if data_sha is None and os.path.isfile(data_tokenizer_path(cfg.data)):  # a dataset from before the hash
+            data_sha = load_tokenizer(data_tokenizer_path(cfg.data)).fingerprint
+        if data_sha:
+            have[f"the data {cfg.data} (meta.json)"] = data_sha
+        if meta["vocab_size"] > model.config.vocab_size:
+            raise UserError(f"--data={cfg.data} holds token ids up to {meta['vocab_size'] - 1} but the model has "
+                            f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+    if len(set(have.values())) > 1:
+        listed = "; ".join(f"{who}: {sha[:12]}" for who, sha in have.items())
+        raise UserError(f"tokenizer mismatch ({listed}): the scores would be meaningless. Prepare the data with "
+                        f"the model's tokenizer (python data/prepare.py --tokenizer=...) and pass --data=DIR, "
+                        f"or pass the model's own tokenizer with --tokenizer")
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only "
+                        f"{model.config.vocab_size}: pass the model's own tokenizer with --tokenizer")
+
+
+def start_tokens(choice, tok):
+    """The token(s) every prompt (question or --generate text) starts after, and why.
+
+    auto follows lm-evaluation-harness 0.4 (`--model hf`): a prompt is encoded the way the model's Hugging
+    Face tokenizer encodes by default, i.e. with BOS in front when the tokenizer adds it (LLaMA-1/2/3: yes;
+    GPT-2-style byte-level BPE such as SmolLM2: no) - Tokenizer.add_bos. `eos` is what a model of our own
+    shards saw before each document (data/prepare.py ends every document with eos); `bos` / `none` force."""
     if choice == "auto":
-        ours = None
-        if cfg.data and os.path.isfile(os.path.join(cfg.data, "meta.json")):
-            ours = os.path.join(cfg.data, load_meta(cfg.data).get("tokenizer", "tokenizer.model"))
-        same = ours is not None and os.path.isfile(ours) and filecmp.cmp(ours, tokenizer_path, shallow=False)
-        choice = "eos" if same else "bos"
-    if choice == "none":
-        return []
+        return ([tok.bos_id], "auto: bos (the tokenizer adds it, as lm-eval)") if tok.add_bos else \
+            ([], "auto: none (the tokenizer adds no bos, as lm-eval)")
     if choice in ("bos", "eos"):
-        return [tok.bos_id if choice == "bos" else tok.eos_id]
-    raise ValueError(f"--doc_start {cfg.doc_start!r}: use auto, bos, eos or none")
+        token = tok.bos_id if choice == "bos" else tok.eos_id
+        if token is None or token < 0:
+            raise UserError(f"--start_token={choice}: tokenizer {tok.path} has no {choice} token")
+        return [token], choice
+    return [], "none"
 
 
-def check_data_tokenizer(cfg):
-    """Validation shards are token ids: they mean something only under the tokenizer that wrote them. A
-    checkpoint that ships its own tokenizer.model (Hugging Face LLaMA) must match the data folder's, i.e. the
-    data must have been prepared with it (data/prepare.py --tokenizer copies it in)."""
-    theirs = [p for p in (os.path.join(cfg.ckpt, "tokenizer.model"),
-                          os.path.join(cfg.ckpt, "original", "tokenizer.model")) if os.path.isfile(p)]
-    ours = os.path.join(cfg.data, load_meta(cfg.data).get("tokenizer", "tokenizer.model"))
-    if theirs and os.path.isfile(ours) and not filecmp.cmp(theirs[0], ours, shallow=False):
-        raise ValueError(f"{cfg.data} was tokenised with {ours}, but the checkpoint's tokenizer is {theirs[0]}: "
-                         f"its validation loss would be meaningless. Prepare the data with the model's tokenizer "
-                         f"(python data/prepare.py --jsonl ... --tokenizer {theirs[0]} --out DIR) and pass --data DIR")
+def prefix_token(tok):
+    """lm-eval's prefix_token_id: what an empty context is scored after (its bos, else its eos)."""
+    return tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else tok.eos_id
 
 
 def moe_layer_ids(model):
@@ -137,11 +231,10 @@ def moe_layer_ids(model):
 # ----------------------------------------------------------------------------------------------------------
 # 3. Validation loss per domain, and routing counts from the same forward passes
 #
-# The loss is the plain next-token cross-entropy in nats, averaged over every target token of the windows.
-# model(x, targets) would add the MoE balance loss (SPEC §3) - a training signal, not a property of the
-# language model - so we compute the cross-entropy from the logits ourselves: a dense model and its MoE are
-# then compared on the same quantity. Windows come from sample.eval_windows: a fixed, evenly spread set of
-# slots per domain, so two checkpoints are always scored on the same tokens.
+# The loss is the plain next-token cross-entropy in nats, averaged over every target token of the windows:
+# model(x, y) returns exactly that (the MoE balance loss, a training signal, is kept apart in model.aux_loss),
+# so a dense model and its MoE are compared on the same quantity. Windows come from sample.eval_windows: a
+# fixed, evenly spread set of slots per domain, so two checkpoints are always scored on the same tokens.
 
 @torch.no_grad()
 def validation(model, data_dir, seq_len, batch_size=8, max_windows=32, routing=True):
@@ -160,8 +253,8 @@ def validation(model, data_dir, seq_len, batch_size=8, max_windows=32, routing=T
     for di, domain in enumerate(domains):
         nll, count = 0.0, 0
         for x, y in eval_windows(data_dir, domain, seq_len, batch_size, max_windows or None):
-            logits, _ = model(x.to(device))                                   # (b, T, V)
-            nll += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+            _, loss = model(x.to(device), y.to(device))                     # mean over the b*T targets
+            nll += loss.item() * y.numel()
             count += y.numel()
             for li, layer in enumerate(layers):
                 ids = model.model.layers[layer].mlp.last_gate.expert_ids       # (b*T, k), best first
@@ -174,21 +267,27 @@ def validation(model, data_dir, seq_len, batch_size=8, max_windows=32, routing=T
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Multiple choice by log-likelihood (lm-eval-harness's `loglikelihood` requests)
+# 4. Multiple choice by log-likelihood, as lm-evaluation-harness 0.4 does it
 #
-# For a question with context c and choices a_1..a_n, the model's answer is the choice with the highest
-#     log P(a_i | c) = sum over the tokens of a_i of log p(token | everything before it).
-# acc compares raw sums, which favours short choices (fewer tokens, fewer negative terms). acc_norm divides
-# each sum by the choice's length before comparing; we use the UTF-8 byte length (lm-eval-harness divides
-# by len(choice) in characters, identical for ASCII text; bytes do not depend on the script, and do not
-# depend on the tokenizer either, which is why neither harness divides by the token count).
+# An item is a context c, bare choices a_1..a_n and a target delimiter (" " by default). Choice i is scored as
+#     ll_i = log P(delimiter + a_i | c) = sum over the continuation's tokens of log p(token | everything before)
+# and three metrics compare the n scores (ties go to the first, np.argmax):
+#     acc        argmax_i ll_i                       favours short choices (fewer negative terms)
+#     acc_norm   argmax_i ll_i / len(a_i)            length in characters of the bare choice (no delimiter)
+#     acc_bytes  argmax_i ll_i / len(a_i in UTF-8)   the same in bytes (differs from acc_norm off ASCII)
+# Each with lm-eval's standard error of a mean, sample standard deviation / sqrt(n) = sqrt(p(1-p) / (n-1)).
 #
-# Tokenisation follows lm-eval-harness's _encode_pair: encode context+choice as one string and take the
-# tokens after the context's own encoding as the continuation; spaces that end the context are moved to
-# the front of the choice first, because BPE vocabularies glue a space to the word after it (" Paris").
+# Tokenisation follows lm-eval's _encode_pair: spaces that end the context move to the front of the
+# continuation (BPE glues a space to the word after it: " Paris"), context+continuation is encoded as one
+# string, and the continuation is what follows the context's own encoding. An empty context (possible with
+# --start_token=none or a tokenizer without bos) is scored after lm-eval's prefix token (bos, else eos).
 
 def read_task(path):
-    """A jsonl file of {"context": str, "choices": [str, ...], "label": int} -> list of items, checked."""
+    """A jsonl file of {"context": str, "choices": [str, ...], "label": int, "target_delimiter": str
+    (optional, default " ")} -> list of items, checked, choices bare.
+
+    Files that predate bare choices wrote every choice with its leading space (" Paris") and no delimiter;
+    such an item is read as delimiter " " + the bare choice: the same text, lm-eval's lengths for acc_norm."""
     items = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -197,42 +296,50 @@ def read_task(path):
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid json ({e})") from None
+                raise UserError(f"{path}:{lineno}: not valid json ({e})") from None
             ok = (isinstance(item, dict) and isinstance(item.get("context"), str)
                   and isinstance(item.get("choices"), list) and len(item["choices"]) >= 2
                   and all(isinstance(c, str) and c for c in item["choices"])
-                  and isinstance(item.get("label"), int) and 0 <= item["label"] < len(item["choices"]))
+                  and isinstance(item.get("label"), int) and 0 <= item["label"] < len(item["choices"])
+                  and isinstance(item.get("target_delimiter", " "), str))
             if not ok:
-                raise ValueError(f"{path}:{lineno}: expected {{\"context\": str, \"choices\": [>= 2 non-empty str], "
-                                 f"\"label\": index into choices}}, got {line.strip()[:120]!r}")
-            items.append(item)
+                raise UserError(f"{path}:{lineno}: expected {{\"context\": str, \"choices\": [>= 2 non-empty str], "
+                                f"\"label\": index into choices}}, got {line.strip()[:120]!r}")
+            choices, delimiter = item["choices"], item.get("target_delimiter")
+            if delimiter is None:
+                legacy = all(c.startswith(" ") and len(c) > 1 for c in choices)
+                choices, delimiter = ([c[1:] for c in choices] if legacy else choices), " "
+            items.append({"context": item["context"], "choices": choices, "label": item["label"],
+                          "target_delimiter": delimiter})
     if not items:
-        raise ValueError(f"{path}: no questions in the file")
+        raise UserError(f"{path}: no questions in the file")
     return items
 
 
 def find_tasks(cfg):
-    """{task name: jsonl path}. A missing default folder is not an error (the data may have no tasks)."""
+    """{task name: jsonl path}: --tasks, else the data folder's tasks/ (which may be absent)."""
     if cfg.tasks == "none":
         return {}
     if cfg.tasks is None:
-        folder = os.path.join(cfg.data, "tasks") if cfg.data else None
+        folder = os.path.join(cfg.data, "tasks") if cfg.data != "none" else None
         if not folder or not os.path.isdir(folder):
             return {}
         paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")]
     elif os.path.isdir(cfg.tasks):
         paths = [os.path.join(cfg.tasks, f) for f in sorted(os.listdir(cfg.tasks)) if f.endswith(".jsonl")]
+        if not paths:
+            raise UserError(f"--tasks={cfg.tasks}: the folder holds no .jsonl files")
     else:
         paths = cfg.tasks.split(",")
     for p in paths:
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"task file {p} not found: --tasks takes a folder of .jsonl files or "
-                                    f"comma-separated .jsonl paths")
-    return {os.path.basename(p)[:-len(".jsonl")] if p.endswith(".jsonl") else os.path.basename(p): p for p in paths}
+            raise UserError(f"task file {p} not found: --tasks takes a folder of .jsonl files or "
+                            f"comma-separated .jsonl paths")
+    return {os.path.basename(p).removesuffix(".jsonl"): p for p in paths}
 
 
 def encode_pair(tok, context, continuation):
-    """(context ids, continuation ids) the way lm-eval-harness cuts them."""
+    """(context ids, continuation ids) the way lm-eval's _encode_pair cuts them (context not empty)."""
     n_space = len(context) - len(context.rstrip())
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation
@@ -241,58 +348,117 @@ def encode_pair(tok, context, continuation):
     return ctx, whole[len(ctx):]
 
 
+def encode_request(tok, context, continuation, start=()):
+    """-> (ids the model reads first, continuation ids to score): start + context, then the continuation.
+    With nothing to condition on (empty context, no start token) the continuation is scored after lm-eval's
+    prefix token - or, when the continuation itself begins with that token, after its own first token."""
+    if context:
+        ctx, cont = encode_pair(tok, context, continuation)
+        ctx = list(start) + ctx
+    else:
+        ctx, cont = list(start), tok.encode(continuation)
+    if not ctx:
+        first = prefix_token(tok)
+        ctx, cont = ([first], cont) if not cont or cont[0] != first else (cont[:1], cont[1:])
+    return ctx, cont
+
+
 def fewshot_context(items, i, shots, seed):
     """The prompt for question i: `shots` solved examples from the same file, then the question.
 
-    lm-eval-harness's layout: each example is its context followed by its correct choice, examples joined
-    by a blank line ("\\n\\n", its fewshot_delimiter). The examples are drawn without replacement from the
-    other questions (never the question itself), with a generator seeded by (seed, i): the prompt of a
-    question does not depend on which other questions are evaluated or in what order."""
+    lm-eval's layout: each example is its context, its target delimiter and its correct choice, followed by
+    a blank line ("\\n\\n", its fewshot_delimiter). The examples are drawn without replacement from the other
+    questions (never the question itself), with a generator seeded by (seed, i): the prompt of a question
+    does not depend on which other questions are evaluated or in what order."""
     if shots == 0:
         return items[i]["context"]
     pool = [j for j in range(len(items)) if j != i]
     if shots > len(pool):
-        raise ValueError(f"--shots {shots} needs at least {shots + 1} questions in the task, it has {len(items)}")
+        raise UserError(f"--shots={shots} needs at least {shots + 1} questions in the task, it has {len(items)}")
     picks = np.random.default_rng([seed, i]).choice(pool, size=shots, replace=False)
-    demos = [items[j]["context"] + items[j]["choices"][items[j]["label"]] for j in picks]
+    demos = [items[j]["context"] + items[j]["target_delimiter"] + items[j]["choices"][items[j]["label"]]
+             for j in picks]
     return "\n\n".join(demos + [items[i]["context"]])
 
 
-@torch.no_grad()
-def loglikelihoods(model, requests, prefix=(), batch_size=8):
-    """requests: [(context ids, continuation ids)] -> [(sum of log-probs of the continuation, is_greedy)].
+@contextlib.contextmanager
+def logits_only_at(model, rows, cols):
+    """Inside the block, model(idx) returns logits (N, V) only at positions (rows[j], cols[j]), not (B, S, V).
 
-    Each sequence is prefix + context + continuation, cut from the left to the model's window; the model
-    reads all but the last token, and position p's log-softmax scores token p+1. Requests are run longest
-    first (as lm-eval-harness does: similar lengths share a batch, little padding) and padded on the right:
-    causal attention never lets a position see the padding after it, and dropless routing (model.py)
-    routes each token on its own, so neither padding nor batch-mates change a score. (The paper's release
-    drops tokens over an expert's capacity; there the batch would matter.)"""
+    A choice is a few tokens after a long context: projecting every position onto the vocabulary (49,152
+    for SmolLM2: 0.2 GB of float32 per 1,000 positions) would spend most of the time and memory on logits
+    no one reads. The hook hands the output projection only the hidden states we score."""
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def loglikelihoods(model, groups, batch_size=8):
+    """groups: one list of (context ids, continuation ids) per question -> the same nesting of
+    (sum of the continuation's log-probs, is_greedy).
+
+    Each row is context + continuation, cut from the left to the model's window; position p's log-softmax
+    scores token p+1. A question's choices always share a forward pass, padded on the right to a common
+    width; questions are packed whole, longest first (as lm-eval orders its requests), up to batch_size rows.
+
+    What batching can change: under a causal mask a position never sees the padding after it nor another
+    row, and both dense FFNs and our dropless routing (model.py) act on each token alone - so a score does
+    not depend, in exact arithmetic, on its batch-mates or on the padding. In floating point a different
+    batch shape (rows, width) may run the matmuls in another order: the last digits of a dense model's
+    log-likelihood move (~1e-6 relative). In an MoE those last digits also reach the gate, and a token whose
+    k-th and (k+1)-th expert scores are within rounding of each other can switch experts: its layer output
+    then changes by a whole expert, and the log-likelihood by much more (0.08 was seen on one choice of the
+    split SmolLM2 between --batch_size 8 and 16). Scores are bit-reproducible for the same settings; compare
+    two checkpoints with the same --batch_size, --max_items and --shots."""
     max_len = model.config.max_position_embeddings
     device = model.lm_head.weight.device
-    rows = []
-    for ctx, cont in requests:
-        if not cont:
-            raise ValueError("a choice encodes to no tokens after its context: is it empty?")
-        if len(cont) > max_len:
-            raise ValueError(f"a choice of {len(cont)} tokens does not fit the model's {max_len} positions")
-        seq = (list(prefix) + list(ctx) + list(cont))[-(max_len + 1):]
-        rows.append((seq[:-1], cont))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = len(rows[batch[0]][0])                                       # longest first
-        idx = torch.zeros(len(batch), width, dtype=torch.int64)              # (b, S), right-padded with 0
-        for b, i in enumerate(batch):
-            idx[b, :len(rows[i][0])] = torch.tensor(rows[i][0])
-        logits, _ = model(idx.to(device))                                    # (b, S, V)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        for b, i in enumerate(batch):
-            (inp, cont), n = rows[i], len(rows[i][1])
-            target = torch.tensor(cont, device=device)                       # (n,)
-            lp = logp[b, len(inp) - n:len(inp)]                              # (n, V): predicts the n choice tokens
-            out[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+    rows = []  # per question: [(input ids, continuation ids)]
+    for group in groups:
+        rows.append([])
+        for ctx, cont in group:
+            if not cont:
+                raise UserError("a choice encodes to no tokens after its context: is it empty?")
+            if len(cont) > max_len:
+                raise UserError(f"a choice of {len(cont)} tokens does not fit the model's {max_len} positions")
+            seq = (list(ctx) + list(cont))[-(max_len + 1):]
+            rows[-1].append((seq[:-1], cont))
+    width = [max(len(inp) for inp, _ in r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda q: -width[q])
+    batches, current = [], []
+    for q in order:
+        if current and sum(len(rows[p]) for p in current) + len(rows[q]) > batch_size:
+            batches.append(current)
+            current = []
+        current.append(q)
+    if current:
+        batches.append(current)
+
+    out = [[None] * len(r) for r in rows]
+    for batch in batches:
+        members = [(q, c) for q in batch for c in range(len(rows[q]))]
+        idx = torch.zeros(len(members), width[batch[0]], dtype=torch.int64)      # (b, S), right-padded with 0
+        r_at, c_at, targets = [], [], []
+        for b, (q, c) in enumerate(members):
+            inp, cont = rows[q][c]
+            idx[b, :len(inp)] = torch.tensor(inp)
+            r_at += [b] * len(cont)
+            c_at += range(len(inp) - len(cont), len(inp))                         # predict the n choice tokens
+            targets += cont
+        r_at, c_at = torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)
+        with logits_only_at(model, r_at, c_at):
+            logits, _ = model(idx.to(device))                                     # (N, V), N = choice tokens
+        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
+        targets = torch.tensor(targets, device=device)                            # (N,)
+        token_lp = logp.gather(-1, targets[:, None])[:, 0].cpu()                  # (N,)
+        hit = (logp.argmax(-1) == targets).cpu()                                  # (N,)
+        at = 0
+        for q, c in members:
+            n = len(rows[q][c][1])
+            out[q][c] = (token_lp[at:at + n].sum().item(), bool(hit[at:at + n].all()))
+            at += n
     return out
 
 
@@ -305,31 +471,37 @@ def pick_items(n_items, max_items=0):
     return [(i * n_items) // max_items for i in range(max_items)]
 
 
-def score_task(model, tok, items, shots=0, seed=1234, prefix=(), batch_size=8, indices=None):
-    """Score items[i] for i in indices (default: all) -> {"acc", "acc_norm", their stderr, "n", "chance"}
-    plus per-question details. Few-shot examples come from the whole file (minus the question itself)."""
+def mean_stderr(xs):
+    """lm-eval's mean_stderr: sample standard deviation / sqrt(n); for 0/1 scores sqrt(p(1-p) / (n-1))."""
+    return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+
+
+def score_task(model, tok, items, shots=0, seed=1234, start=(), batch_size=8, indices=None):
+    """Score items[i] for i in indices (default: all) -> {"acc", "acc_norm", "acc_bytes", their "_stderr",
+    "n", "chance"} plus per-question details. Few-shot examples come from the whole file (minus the question)."""
     indices = list(range(len(items))) if indices is None else list(indices)
-    requests = []  # one per (question, choice), question by question
+    groups = []
     for i in indices:
-        context = fewshot_context(items, i, shots, seed)
-        requests += [encode_pair(tok, context, choice) for choice in items[i]["choices"]]
-    results = iter(loglikelihoods(model, requests, prefix, batch_size))
-    correct, correct_norm, details = [], [], []
-    for item in (items[i] for i in indices):
-        lls = np.array([next(results)[0] for _ in item["choices"]])
-        nbytes = np.array([len(choice.encode("utf-8")) for choice in item["choices"]], dtype=np.float64)
-        pred, pred_norm = int(np.argmax(lls)), int(np.argmax(lls / nbytes))  # ties: the first, as lm-eval
-        correct.append(pred == item["label"])
-        correct_norm.append(pred_norm == item["label"])
-        details.append({"loglikelihoods": lls.tolist(), "pred": pred, "pred_norm": pred_norm, "label": item["label"]})
-    n = len(indices)
-
-    def stderr(xs):  # lm-eval-harness's mean_stderr: sample standard deviation / sqrt(n)
-        return float(np.std(xs, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-
-    return {"acc": float(np.mean(correct)), "acc_stderr": stderr(correct),
-            "acc_norm": float(np.mean(correct_norm)), "acc_norm_stderr": stderr(correct_norm),
-            "n": n, "chance": float(np.mean([1.0 / len(items[i]["choices"]) for i in indices])), "details": details}
+        context, delim = fewshot_context(items, i, shots, seed), items[i]["target_delimiter"]
+        groups.append([encode_request(tok, context, delim + choice, start) for choice in items[i]["choices"]])
+    results = loglikelihoods(model, groups, batch_size)
+    hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
+    details = []
+    for i, scored in zip(indices, results):
+        item = items[i]
+        lls = np.array([ll for ll, _ in scored])
+        chars = np.array([len(c) for c in item["choices"]], dtype=np.float64)
+        nbytes = np.array([len(c.encode("utf-8")) for c in item["choices"]], dtype=np.float64)
+        pred, pred_norm, pred_bytes = int(np.argmax(lls)), int(np.argmax(lls / chars)), int(np.argmax(lls / nbytes))
+        for metric, p in (("acc", pred), ("acc_norm", pred_norm), ("acc_bytes", pred_bytes)):
+            hits[metric].append(float(p == item["label"]))
+        details.append({"index": i, "loglikelihoods": lls.tolist(), "is_greedy": [g for _, g in scored],
+                        "pred": pred, "pred_norm": pred_norm, "label": item["label"]})
+    out = {}
+    for metric, xs in hits.items():
+        out[metric], out[metric + "_stderr"] = float(np.mean(xs)), mean_stderr(xs)
+    return dict(out, n=len(indices), chance=float(np.mean([1.0 / len(items[i]["choices"]) for i in indices])),
+                details=details)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,7 +587,8 @@ def save_heatmap(report, path):
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of selections")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -423,12 +596,14 @@ def save_heatmap(report, path):
 # ----------------------------------------------------------------------------------------------------------
 # 6. Generation
 
-def generate_samples(model, tok, prompt, prefix=(), num_samples=1, max_new_tokens=64, temperature=0.8, top_k=50):
+def generate_samples(model, tok, prompt, start=(), num_samples=1, max_new_tokens=64, temperature=0.8, top_k=50):
     device = model.lm_head.weight.device
-    ids = list(prefix) + tok.encode(prompt)
+    ids = list(start) + tok.encode(prompt)
+    ids = ids or [prefix_token(tok)]  # an empty prompt with no start token: begin after bos (or eos)
     room = model.config.max_position_embeddings - len(ids)
     if room <= 0:
-        raise ValueError(f"the prompt has {len(ids)} tokens, the model holds {model.config.max_position_embeddings}")
+        raise UserError(f"--generate: the prompt has {len(ids)} tokens, the model holds "
+                        f"{model.config.max_position_embeddings}")
     idx = torch.tensor([ids] * num_samples, dtype=torch.int64, device=device)  # (n, S)
     out = model.generate(idx, min(max_new_tokens, room), temperature=temperature, top_k=top_k)
     return [prompt + tok.decode(row[len(ids):].tolist()) for row in out]
@@ -446,8 +621,8 @@ def print_tables(results):
             print(f"{d:<16}{r['loss']:>8.4f}{r['ppl']:>10.2f}{r['tokens']:>10,}")
         print(f"{'mean':<16}{v['mean_loss']:>8.4f}{math.exp(v['mean_loss']):>10.2f}")
     if results.get("tasks"):
-        print(f"\nmultiple choice ({results['shots']}-shot; acc_norm = by byte length; +- is the standard error; "
-              f"n per task: --max_items, 0 = all)")
+        print(f"\nmultiple choice ({results['shots']}-shot, start token {results['start_token']}; lm-eval's "
+              f"acc_norm = loglik / characters of the choice; +- one standard error)")
         print(f"{'task':<18}{'n':>5}{'acc':>16}{'acc_norm':>16}{'chance':>8}")
         for name, r in results["tasks"].items():
             print(f"{name:<18}{r['n']:>5}{r['acc']:>9.3f} +-{r['acc_stderr']:.3f}"
@@ -476,33 +651,22 @@ def print_tables(results):
 def evaluate(cfg):
     """Run every part the settings ask for -> a json-able dict (also written to cfg.out)."""
     t0 = time.time()
+    check_settings(cfg)
+    tasks = find_tasks(cfg)
     model = load_model(cfg)
-    with open(os.path.join(cfg.ckpt, "config.json")) as f:
-        model_type = json.load(f)["model_type"]
+    tok_path = find_tokenizer(cfg)
+    tok = load_tokenizer(tok_path)
+    check_same_tokenizer(cfg, tok, model)
+    start, start_how = start_tokens(cfg.start_token, tok)
+    print(f"[eval] {cfg.ckpt}: tokenizer {tok_path}; start token: {start_how} {start}")
     results = {"ckpt": cfg.ckpt, "settings": asdict(cfg), "model": {
-        "format": model_type,
+        "format": model_format(cfg.ckpt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "num_experts": model.config.num_experts,
-        "num_experts_per_tok": model.config.num_experts_per_tok if model.config.is_moe else 0}}
-    has_data = cfg.data and os.path.isfile(os.path.join(cfg.data, "meta.json"))
-    tasks = find_tasks(cfg) if (cfg.data or cfg.tasks) else {}
-    need_tok = bool(tasks) or cfg.generate is not None
-    tok = prefix = None
-    if need_tok:
-        tok_path = find_tokenizer(cfg)
-        tok = Tokenizer(tok_path)
-        if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model only "
-                             f"{model.config.vocab_size}: pass the model's own tokenizer with --tokenizer")
-        prefix = doc_start_id(cfg, tok, tok_path)
-        results["tokenizer"], results["doc_start"] = tok_path, prefix
+        "num_experts_per_tok": model.config.num_experts_per_tok if model.config.is_moe else 0},
+        "tokenizer": tok_path, "start_token": start_how, "start_ids": start}
 
-    if has_data:
-        meta = load_meta(cfg.data)
-        if meta["vocab_size"] > model.config.vocab_size:
-            raise ValueError(f"{cfg.data} was tokenised with {meta['vocab_size']} token ids but the model has "
-                             f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
-        check_data_tokenizer(cfg)
+    if cfg.data != "none":
         t = time.time()
         val, counts = validation(model, cfg.data, cfg.seq_len, cfg.batch_size, cfg.max_windows, cfg.routing)
         seq = min(cfg.seq_len, model.config.max_position_embeddings)
@@ -517,50 +681,32 @@ def evaluate(cfg):
                                       if cfg.out else None)
             results["heatmap"] = (save_heatmap(results["routing"], heatmap) if heatmap
                                   else "not written (no --out or --heatmap)")
-    elif cfg.data and cfg.tasks is None:
-        print(f"[eval] no shard folder at {cfg.data!r} (meta.json missing): skipping validation loss and routing")
 
     if tasks:
         t = time.time()
         results["shots"], results["tasks"] = cfg.shots, {}
         for name, path in tasks.items():
             items = read_task(path)
-            results["tasks"][name] = score_task(model, tok, items, cfg.shots, cfg.seed, prefix, cfg.batch_size,
+            results["tasks"][name] = score_task(model, tok, items, cfg.shots, cfg.seed, start, cfg.batch_size,
                                                 pick_items(len(items), cfg.max_items))
         results["tasks_mean"] = {m: float(np.mean([r[m] for r in results["tasks"].values()]))
-                                 for m in ("acc", "acc_norm")}
+                                 for m in ("acc", "acc_norm", "acc_bytes")}
         results["wall_s_tasks"] = round(time.time() - t, 2)
+        n = sum(r["n"] for r in results["tasks"].values())
+        print(f"[eval] multiple choice: {n} questions in {results['wall_s_tasks']:.1f} s "
+              f"({n / max(results['wall_s_tasks'], 1e-9):.2f} questions/s)")
 
     if cfg.generate is not None:
-        results["samples"] = generate_samples(model, tok, cfg.generate, prefix, cfg.num_samples,
+        results["samples"] = generate_samples(model, tok, cfg.generate, start, cfg.num_samples,
                                               cfg.max_new_tokens, cfg.temperature, cfg.top_k)
     results["wall_s"] = round(time.time() - t0, 2)
     if cfg.out:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write(cfg.out, json.dumps(results, indent=1))
     return results
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint: per-domain loss, multiple choice, routing.")
-    defaults = EvalConfig(ckpt="")
-    for name, value in asdict(defaults).items():
-        flag = f"--{name}"
-        if name == "routing":
-            p.add_argument("--no_routing", dest="routing", action="store_false", help="skip the routing counts")
-        elif name == "ckpt":
-            p.add_argument(flag, required=True, help="checkpoint folder (config.json + safetensors)")
-        else:
-            kind = {"int": int, "float": float}.get(type(value).__name__, str)
-            if name == "top_k":
-                kind = int
-            p.add_argument(flag, type=kind, default=value)
-    return EvalConfig(**vars(p.parse_args(argv)))
-
-
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = load_config(EvalConfig(), argv or [], doc=__doc__)
     results = evaluate(cfg)
     print_tables(results)
     print(f"\n[eval] {results['wall_s']:.1f} s" + (f", json: {cfg.out}" if cfg.out else ""))
@@ -568,4 +714,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
