@@ -29,6 +29,18 @@ Settings are `--key=value` (configurator.py); `--help` lists them. The parts, in
              wall time (steps scaled by the measured plain/distill step time)
   (4, routing by layer, needs no runs of its own: eval.py's routing statistics of the construct/cpt stages)
 
+Time (2 idle CPU cores; measured here 2026-11-27 on the SmolLM2 parent, one process, fp32, 2048-token steps):
+training 16/4 MoE 288 tok/s (7.1 s/step), dense 196 tok/s (10.4 s/step), distillation ~2x the MoE's step
+(147 tok/s); split.py 4 s (sharing methods add an importance pass of E x importance_seqs x seq_len tokens,
+~40 s at 16/4). Estimates with the defaults (30 steps = 61k tokens per CPT run), q = eval.py's seconds per
+multiple-choice question (measure it: the parent stage prints it; `--eval_items` and friends scale it):
+  data 0.2 min | parent 1 + 600 q s | construct 18 splits: ~15 min + 18 x 90 q s | cpt 7 runs: ~32 min + 7 x 180 q s
+  mixture 3 runs: ~13 min + 3 x 180 q s | filter: ~4 min + 2 runs ~9 min + 2 x 180 q s
+  active: ~5 min + 2 x 180 q s | distill: ~13 min + 2 x 180 q s
+  => ~91 min of training, splitting and validation loss + 5100 q s of multiple choice: q = 0.2 s -> 1.8 h,
+  q = 0.5 s -> 2.2 h, q = 1 s -> 2.9 h. Over budget? --split_eval_items=0 (loss only after a split, where the
+  models are near chance anyway) saves 1620 q s; --eval_items=40 another 960 q s.
+
 A stage = a folder with log.txt (every command's output) and done.json (commands, wall time, load average);
 a finished stage is skipped, so an interrupted run continues where it stopped; delete a folder to redo it.
 Each stage prints its wall time when it ends.
