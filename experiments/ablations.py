@@ -31,15 +31,15 @@ Settings are `--key=value` (configurator.py); `--help` lists them. The parts, in
 
 Time (2 idle CPU cores; measured here 2026-11-27 on the SmolLM2 parent, one process, fp32, 2048-token steps):
 training 16/4 MoE 288 tok/s (7.1 s/step), dense 196 tok/s (10.4 s/step), distillation ~2x the MoE's step
-(147 tok/s); split.py 4 s (sharing methods add an importance pass of E x importance_seqs x seq_len tokens,
-~40 s at 16/4). Estimates with the defaults (30 steps = 61k tokens per CPT run), q = eval.py's seconds per
-multiple-choice question (measure it: the parent stage prints it; `--eval_items` and friends scale it):
-  data 0.2 min | parent 1 + 600 q s | construct 18 splits: ~15 min + 18 x 90 q s | cpt 7 runs: ~32 min + 7 x 180 q s
-  mixture 3 runs: ~13 min + 3 x 180 q s | filter: ~4 min + 2 runs ~9 min + 2 x 180 q s
-  active: ~5 min + 2 x 180 q s | distill: ~13 min + 2 x 180 q s
-  => ~91 min of training, splitting and validation loss + 5100 q s of multiple choice: q = 0.2 s -> 1.8 h,
-  q = 0.5 s -> 2.2 h, q = 1 s -> 2.9 h. Over budget? --split_eval_items=0 (loss only after a split, where the
-  models are near chance anyway) saves 1620 q s; --eval_items=40 another 960 q s.
+(147 tok/s); split.py 4 s (sharing methods add an importance pass, ~40 s at 16/4); eval.py's validation
+loss ~10 s. Multiple choice dominates: eval.py (merged 2026-11-27 07:48) took q = 3.95 s per question on the
+parent (180 questions in 712 s, one core busy); a forward of the ~4 x 190 tokens of a question needs ~1.3 s.
+Estimates with the defaults (30 steps = 61k tokens per CPT run):
+  data 0.2 min | parent 1 min + 450 q | construct 18 splits ~15 min + 4 x 90 q | cpt 7 runs ~32 min + 7 x 120 q
+  mixture 3 runs ~13 min + 3 x 120 q | filter ~4 min + 2 runs ~9 min + 2 x 120 q
+  active ~5 min + 2 x 120 q | distill ~13 min + 2 x 120 q
+  => ~91 min of training, splitting and validation loss + 2730 questions: q = 1 s -> 2.3 h; q = 4 s -> 4.5 h.
+  --eval_items, --parent_eval_items, --split_eval_items scale the questions; 0 = loss only.
 
 A stage = a folder with log.txt (every command's output) and done.json (commands, wall time, load average);
 a finished stage is skipped, so an interrupted run continues where it stopped; delete a folder to redo it.
@@ -94,9 +94,11 @@ class ExpConfig:
     distill_alpha: float = 1.0         # loss = lm + balance + alpha * KL(parent || student)
     # eval.py
     eval_windows: int = 4              # validation windows per domain (x seq_len tokens)
-    parent_eval_items: int = 200       # questions per task for the dense parent (the reference: tight SE)
-    eval_items: int = 60               # questions per task after CPT
-    split_eval_items: int = 30         # questions per task right after a split (near chance there; time)
+    parent_eval_items: int = 150       # questions per task for the dense parent (the reference: tight SE)
+    eval_items: int = 40               # questions per task after CPT
+    split_eval_items: int = 30         # questions per task right after a split, for the models CPT starts from
+                                       # (the other splits: loss only; set split_tasks_all=True for all)
+    split_tasks_all: bool = False
     batch_size: int = 8
     importance_seqs: int = 2           # sharing methods / pruning: sample sequences per importance cluster
 
@@ -323,8 +325,9 @@ def part_construct(st):
             folder = P(cfg, "construct", shape_name(s), name)
             model = os.path.join(folder, "model")
             keep = s == cfg.cpt_shape and name in CPT_METHODS      # the starting point of a CPT run
+            items = cfg.split_eval_items if keep or cfg.split_tasks_all else 0
             steps = [split_cmd(cfg, model, s, method, scale),
-                     eval_cmd(cfg, model, os.path.join(folder, "eval.json"), cfg.split_eval_items)]
+                     eval_cmd(cfg, model, os.path.join(folder, "eval.json"), items)]
             if not keep:
                 steps.append((f"(remove {model})", lambda m=model: shutil.rmtree(m, ignore_errors=True)))
             st.run(folder, steps, f"split {shape_name(s)} {name} + eval")
