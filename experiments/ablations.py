@@ -832,9 +832,11 @@ def write_results(cfg):
         w("| first third (mean) | " + " | ".join(fmt(js_summary(r)[0]) for _, r in series) + " |")
         w("| last third (mean) | " + " | ".join(fmt(js_summary(r)[1]) for _, r in series) + " |")
         w("| Spearman rho(JS, depth) | " + " | ".join(fmt(js_summary(r)[2], 2) for _, r in series) + " |")
-        png = os.path.join(os.path.dirname(os.path.abspath(cfg.results)), "results_routing.png")
+        # experiments/results_routing.png next to RESULTS.md (so the repository's copy can be committed with it)
+        png = os.path.join(os.path.dirname(os.path.abspath(cfg.results)), "experiments", "results_routing.png")
+        os.makedirs(os.path.dirname(png), exist_ok=True)
         caption = routing_plot(series, png)
-        w(f"\n![JS per layer]({os.path.basename(png)})\n\n{caption}\n")
+        w(f"\n![JS per layer](experiments/results_routing.png)\n\n{caption}\n")
     else:
         w("(no routing statistics yet)\n")
 
