@@ -19,6 +19,7 @@ Under torch.compile and during CUDA-graph capture the value checks are skipped a
 """
 import hashlib
 import os
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -258,6 +259,13 @@ def _build_extension(name: str):
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + repr(cflags + cuda_flags).encode())
     build_dir = cache_dir() / f"{name}-{digest.hexdigest()[:12]}"
     build_dir.mkdir(exist_ok=True)
+    # torch's builder holds `lock` in the build folder while it compiles and waits for it forever: a build
+    # killed midway (Ctrl-C, SIGKILL) would hang every later process. A build takes about a minute here, so a
+    # lock older than 15 minutes belongs to a dead build.
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > 15 * 60:
+        warnings.warn(f"removing a stale kernel build lock {lock} (a build that was killed)")
+        lock.unlink(missing_ok=True)
     cpp_extension.load(
         name=f"llama_moe_permute_{name}", sources=[str(s) for s in sources], build_directory=str(build_dir),
         extra_cflags=cflags, extra_cuda_cflags=cuda_flags, extra_ldflags=ldflags,
