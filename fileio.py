@@ -28,7 +28,7 @@ def _fix_mode(path):
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -43,7 +43,7 @@ def clean_stale_temporaries(path):
     path = os.path.abspath(path)
     for cand in glob.glob(glob.escape(path) + ".tmp*") + glob.glob(glob.escape(path) + ".old*"):
         m = _TMP_RE.search(cand)
-        if m and cand[:m.start()] == path and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and cand[:m.start()] == path and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             if os.path.isdir(cand) and not os.path.islink(cand):
                 shutil.rmtree(cand, ignore_errors=True)
             else:
@@ -62,24 +62,6 @@ def fsync_tree(path):
                 os.close(fd)
 
 
-def atomic_write(path, data):
-    """Write bytes or text to `path` atomically (temporary file, fsync, rename)."""
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(data, (bytes, bytearray)) else "w"
-    try:
-        with open(tmp, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _fix_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def atomic_file(path, mode="w", **kw):
     """`with atomic_file(p) as f: f.write(...)`: `p` appears only if the block finishes."""
@@ -96,6 +78,13 @@ def atomic_file(path, mode="w", **kw):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_write(path, data):
+    """Write bytes or text to `path` atomically (temporary file, fsync, rename)."""
+    binary = isinstance(data, (bytes, bytearray))
+    with atomic_file(path, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        f.write(data)
 
 
 def replace_dir(tmp, path):

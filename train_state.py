@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import UserError
-from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside, replace_dir
+from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside, pid_alive, replace_dir
 from checkpoint import config_from_hf
 from model import ModelConfig, Transformer
 
@@ -117,16 +117,6 @@ def latest_checkpoint(out_dir):
 # ----------------------------------------------------------------------------------------------------------
 # 1. The lock: two runs writing one out_dir would interleave log.jsonl and delete each other's checkpoints.
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def acquire_lock(out_dir):
     """Create out_dir/train.lock holding 'PID@host'. A lock of a dead process on this host is taken over;
     a live one (or one from another host, which we cannot check) is refused. -> the lock's path."""
@@ -143,7 +133,7 @@ def acquire_lock(out_dir):
             except FileNotFoundError:
                 continue  # released meanwhile: try again
             pid, _, host = holder.partition("@")
-            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                 os.remove(path)  # the process that held it is gone: a stale lock
                 continue
             raise UserError(f"{out_dir!r} is in use by another training run (process {holder}, lock file {path}): "
