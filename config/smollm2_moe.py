@@ -15,7 +15,7 @@ data_dir = "data/smollm2"
 learning_rate = 1e-3
 min_lr_ratio = 0.1
 warmup_steps = 4
-max_steps = 24
+max_steps = 36
 weight_decay = 0.1
 grad_clip = 1.0
 
@@ -26,5 +26,5 @@ global_batch_tokens = 2048   # 2 ranks x 2 sequences x 256 tokens x 2 accumulati
 
 eval_interval = 0            # eval.py measures before and after; no mid-run evaluation in the demo
 log_interval = 5
-checkpoint_interval = 12
+checkpoint_interval = 18
 keep_checkpoints = 2
