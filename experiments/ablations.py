@@ -1,5 +1,5 @@
 """
-Experiment: the paper's ablations on a real pretrained parent, SmolLM2-135M-Instruct (SPEC.md §2-§6, issue 15).
+Experiment: the paper's ablations on a real pretrained parent, SmolLM2-135M-Instruct (SPEC.md §2-§6).
 Not part of CI. Every number RESULTS.md shows is read from the run folders this script writes.
 
     python experiments/ablations.py                                  # everything (~2.5 h on 2 idle cores)
@@ -85,7 +85,7 @@ class ExpConfig:
     seq_len: int = 256
     micro_batch: int = 4
     batch_tokens: int = 2048           # tokens per optimizer step
-    cpt_steps: int = 30                # 61k tokens (the issue's probe: 16/4 random 15.3 -> 7.8 nats)
+    cpt_steps: int = 30                # 61k tokens (the demo: 16/4 random 15.3 -> 7.8 nats after 49k tokens)
     cpt_lr: float = 1e-3               # the demo's (config/smollm2_moe.py): a split starts far above its parent
     cpt_warmup: int = 4
     eval_every: int = 10               # train.py's own validation: the curves, the dynamic weights
@@ -905,7 +905,7 @@ def write_results(cfg):
     if os.path.isfile(old):
         with open(old) as f:
             text = f.read().strip()
-        w("---\n\n# Earlier results on the from-scratch demo base (4 layers, d = 128; issue 8)\n")
+        w("---\n\n# Earlier results on the from-scratch demo base (4 layers, d = 128)\n")
         w("Kept for the record; produced by the earlier version of this script on a 5M-parameter model trained "
           "from scratch, where every multiple-choice score was at chance. Its headings are demoted by one level.\n")
         w("\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines()))

@@ -1,5 +1,5 @@
 """
-Experiment tool: a dense LLaMA whose FFN keeps only its most important neurons (issue 15, part 5).
+Experiment tool: a dense LLaMA whose FFN keeps only its most important neurons (the active-parameter control of experiments/ablations.py).
 
 The paper's headline compares LLaMA-MoE with dense models of about the same *activated* size. Our closest
 control: the parent itself, every FFN cut to the width one MoE token activates (k * d_h / E neurons: 384 of

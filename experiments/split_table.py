@@ -1,6 +1,6 @@
 """
 How much does each way of cutting experts cost right after the split, before any continual pretraining?
-(SPEC.md section 2; issue 6's table.)
+(SPEC.md section 2.)
 
 A small dense LLaMA is trained for a few minutes on the embedded corpus (or given with --dense), then cut with
 every method of split.py for 8/2 and 16/4 experts, with the rescale factor s = E/k and without (s = 1), and each

@@ -562,7 +562,7 @@ def test_cli_text_input_and_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Nothing lost (issue 12): the input is never touched, every document lands in kept or removed
+# Nothing lost: the input is never touched, every document lands in kept or removed
 
 
 def snapshot(folder):

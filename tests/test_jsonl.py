@@ -1,6 +1,6 @@
 """data/jsonl.py: the one jsonl / jsonl.zst reader of data/prepare.py and filter.py.
 
-Issue 12: a truncated .jsonl.zst was read as a shorter file (143 of 400 documents, one "line skipped"
+A truncated .jsonl.zst was read as a shorter file (143 of 400 documents, one "line skipped"
 warning) and a file that is not zstd raised a raw ZstdError. Both are now errors that name the file.
 """
 

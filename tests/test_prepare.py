@@ -469,7 +469,7 @@ def old_dataset(built, tmp_path):
 
 @pytest.mark.parametrize("where, exc", [("write_shards", KeyboardInterrupt), ("write_tasks", RuntimeError)])
 def test_failure_or_ctrl_c_leaves_old_dataset(sources, old_dataset, monkeypatch, where, exc):
-    """Issue 12: prepare.py used to replace tokenizer.model (then the shards) before the rest existed, so a
+    """prepare.py used to replace tokenizer.model (then the shards) before the rest existed, so a
     failure or Ctrl-C left a new tokenizer beside old shards. Now the old folder is byte-identical."""
     before = snapshot(old_dataset)
 
@@ -501,7 +501,7 @@ def test_out_that_is_not_a_dataset_is_refused(sources, tmp_path):
 
 @pytest.mark.parametrize("content", [b"", b"{not json\n\n[1, 2]\n", b'{"text": "x", "meta": {"redpajama_set_name": "Web"}}\n'])
 def test_jsonl_without_documents_is_an_error_and_keeps_old_dataset(built, old_dataset, tmp_path, content):
-    """Issue 12: empty or unusable --jsonl input exited 0 and replaced meta.json with "domains": {}."""
+    """Empty or unusable --jsonl input exited 0 and replaced meta.json with "domains": {}."""
     _, out, _ = built
     before = snapshot(old_dataset)
     (tmp_path / "in.jsonl").write_bytes(content)

@@ -1,4 +1,4 @@
-"""Tokenizer: both LLaMA tokenizer formats, built in the test, round-trip any text (issue 3)."""
+"""Tokenizer: both LLaMA tokenizer formats, built in the test, round-trip any text."""
 
 import base64
 import os
@@ -227,7 +227,7 @@ def test_train_sentencepiece_errors(tmp_path):
         train_sentencepiece([small], tmp_path / "m", vocab_size=5000, num_threads=1)
 
 
-# --- byte-level BPE: Hugging Face tokenizer.json and GGUF (issue 14) -------------------------
+# --- byte-level BPE: Hugging Face tokenizer.json and GGUF -------------------------
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
