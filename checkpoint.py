@@ -160,7 +160,7 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.named_parameters())  # a tied lm_head is the embedding and is listed once
-    loaded = {}  # our name -> how many tensors (experts) arrived for it
+    loaded = {}  # our name -> the set of expert indices (None for a whole tensor) that arrived for it
     for stored_name, tensor, fpath in tensors:
         mapped = from_hf_names(stored_name, mtype)
         if mapped is None:
@@ -176,6 +176,10 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
         if tuple(tensor.shape) != want:
             raise ValueError(f"{fpath}: tensor {stored_name!r} has shape {tuple(tensor.shape)}, the config "
                              f"implies {want}")
+        if expert in loaded.get(name, set()) or (expert is not None and not 0 <= expert < full_shape[0]):
+            raise ValueError(f"{fpath}: tensor {stored_name!r} is " + ("stored twice" if expert in loaded.get(name, ())
+                             else f"expert {expert}, but the config has {full_shape[0]} experts")
+                             + ": the checkpoint's shards or config are inconsistent; export it again")
         tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
         if expert is None:
             set_tensor(model, name, tensor)
@@ -184,19 +188,19 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
             if param.is_meta:
                 param = set_tensor(model, name, torch.empty(full_shape, dtype=tensor.dtype, device=device))
             param.data[expert] = tensor
-        loaded[name] = loaded.get(name, 0) + 1
+        loaded.setdefault(name, set()).add(expert)
     missing = []
     for name, p in expected.items():
         # Mixtral and llama_moe store one tensor per expert; our native format stores the stack once.
         want = config.num_experts if ".mlp.experts." in name and mtype in ("mixtral", "llama_moe") else 1
-        if loaded.get(name, 0) == want:
+        if len(loaded.get(name, ())) == want:
             continue
         if name.endswith("gate.weight_noise.weight") and name not in loaded:
             # Mixtral has no noise projection; SPEC.md section 3 starts it at zero anyway.
             set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.model.embed_tokens.weight.dtype,
                                                 device=device))
             continue
-        missing.append(name if want == 1 else f"{name} ({loaded.get(name, 0)} of {want} experts)")
+        missing.append(name if want == 1 else f"{name} ({len(loaded.get(name, ()))} of {want} experts)")
     if missing:
         raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} in all): the checkpoint is incomplete or does not match its config; "

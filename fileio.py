@@ -39,8 +39,16 @@ def pid_alive(pid):
 
 
 def clean_stale_temporaries(path):
-    """Remove `<path>.tmp<PID>` / `<path>.old<PID>` left by processes that no longer run."""
+    """Remove `<path>.tmp<PID>` / `<path>.old<PID>` left by processes that no longer run. A writer killed
+    between the two renames of replace_dir leaves no `path` but a complete `<path>.old<PID>`: that one is
+    put back instead, so the old output is never lost."""
     path = os.path.abspath(path)
+    if not os.path.exists(path):
+        for old in sorted(glob.glob(glob.escape(path) + ".old*")):
+            m = _TMP_RE.search(old)
+            if m and old[:m.start()] == path and not pid_alive(int(m.group(1))):
+                os.replace(old, path)
+                break
     for cand in glob.glob(glob.escape(path) + ".tmp*") + glob.glob(glob.escape(path) + ".old*"):
         m = _TMP_RE.search(cand)
         if m and cand[:m.start()] == path and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):

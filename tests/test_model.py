@@ -403,3 +403,27 @@ def test_saved_files_share_one_mode_and_stale_temporaries_go(tmp_path):
     modes = {f: os.stat(tmp_path / "ck" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "ck")}
     assert len(modes) > 3 and set(modes.values()) == {0o644}, modes
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_an_expert_stored_twice_or_out_of_range_is_refused(tmp_path):
+    """Per-expert checkpoints (Mixtral): an expert written twice (another one then missing) used to pass the
+    per-name count and leave uninitialised memory; an index past the config's experts was a raw IndexError."""
+    from safetensors.torch import load_file, save_file
+    tiny_moe(gate_noise=False).save_pretrained(tmp_path / "mx", format="mixtral")
+    path = tmp_path / "mx" / "model.safetensors"
+    tensors = load_file(path)
+    name = next(k for k in tensors if ".experts.1.w1." in k)
+    first = {k: v for k, v in tensors.items() if k != name}              # expert 1 missing here ...
+    copy = {name.replace(".experts.1.", ".experts.0."): tensors[name]}    # ... and expert 0 again in a shard
+    save_file(first, path, metadata={"format": "pt"})
+    save_file(copy, tmp_path / "mx" / "extra.safetensors", metadata={"format": "pt"})
+    with open(tmp_path / "mx" / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {**{k: "model.safetensors" for k in first}, **{k: "extra.safetensors" for k in copy}}}, f)
+    with pytest.raises(ValueError, match="stored twice"):
+        Transformer.from_pretrained(tmp_path / "mx")
+    beyond = dict(tensors)
+    beyond[name.replace(".experts.1.", ".experts.9.")] = beyond.pop(name)
+    os.remove(tmp_path / "mx" / "model.safetensors.index.json")
+    save_file(beyond, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="expert 9, but the config has"):
+        Transformer.from_pretrained(tmp_path / "mx")
