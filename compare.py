@@ -47,7 +47,10 @@ def training(log_path):
     tokens, seconds = 0, 0.0
     with open(log_path) as f:
         for line in f:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run (train.py drops such lines on resume)
             if rec.get("kind") == "train":
                 tokens = rec["tokens"]
                 seconds = rec.get("train_s", 0.0)  # time in training steps (after a resume: since the resume)
@@ -84,10 +87,18 @@ def main(argv):
     for path in files:
         if not os.path.isfile(path):
             raise UserError(f"{path} not found: write it with python eval.py ... --out={path}")
-        with open(path) as f:
-            results.append(json.load(f))
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not an eval.py json ({e}): run eval.py ... --out={path} again") from None
         if "val" not in results[-1]:
             raise UserError(f"{path} has no validation losses: run eval.py with --data")
+        for key in ("val", "tasks"):
+            if set(results[-1].get(key, {}).get("domains", results[-1].get(key, {}))) != \
+                    set(results[0].get(key, {}).get("domains", results[0].get(key, {}))):
+                raise UserError(f"{path} and {files[0]} evaluated different {'domains' if key == 'val' else 'tasks'}: "
+                                f"compare evaluations made with the same --data and --tasks")
     names = cfg.names.split(",") if cfg.names else [os.path.basename(p)[:-5] for p in files]
     logs = cfg.train_logs.split(",") if cfg.train_logs else [""] * len(files)
     if len(names) != len(files) or len(logs) != len(files):

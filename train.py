@@ -125,8 +125,8 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 3
 CPU_FLOPS_PER_CORE = 2 * 8 * 2 * 3.0e9
 
 DEMO_MOE_HINT = ("the demo MoE is made by the README's pipeline: `python data/prepare.py`, "
-                 "`python train.py config/demo_dense.py`, then `python split.py --src out/demo_dense/final "
-                 "--dst out/demo_moe --num_experts 16 --top_k 4`")
+                 "`python train.py config/demo_dense.py`, then `python split.py --src=out/demo_dense/final "
+                 "--dst=out/demo_moe --num_experts=16 --top_k=4`")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -252,8 +252,8 @@ def resolve_start(cfg, meta, n_streams, scratch_config, hint=""):
         if cfg.num_experts and cfg.num_experts != mc.num_experts:
             kind = f"an MoE of {mc.num_experts} experts" if mc.is_moe else "a dense model"
             raise UserError(f"--num_experts={cfg.num_experts}, but --init_from={init_from} is {kind}, which the "
-                            f"run would train unchanged: make the MoE with split.py (python split.py --src "
-                            f"{init_from} --dst DST --num_experts {cfg.num_experts} ...) and start from DST, "
+                            f"run would train unchanged: make the MoE with split.py (python split.py --src="
+                            f"{init_from} --dst=DST --num_experts={cfg.num_experts} ...) and start from DST, "
                             f"or drop --num_experts")
     if start.resume_from:
         problems = shape_mismatch(start.config, mc) if mc else []
@@ -276,7 +276,7 @@ def resolve_start(cfg, meta, n_streams, scratch_config, hint=""):
         where = start.weights or init_from
         raise UserError(f"the data ({data_meta}: tokenizer_sha256 {data_tok[:12]}...) was tokenized with another "
                         f"tokenizer than the model ({where}/config.json: {mc.tokenizer_sha256[:12]}...): "
-                        f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer {where})")
+                        f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer={where})")
     if data_tok:
         mc.tokenizer_sha256 = data_tok  # every checkpoint of this run records the data's tokenizer
     return start
@@ -485,5 +485,5 @@ def export(cfg, d, model, raw):
         try:
             full.save_pretrained(os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral")
             print(f"[export] {cfg.out_dir}/final_mixtral (Mixtral format, rescale factor folded into w2)", flush=True)
-        except ValueError as err:  # e.g. an MLP gate or a shared block: model.py says which
+        except ValueError as err:  # e.g. an MLP gate or a shared block: checkpoint.export_config says which
             print(f"[export] Mixtral format skipped: {err}", flush=True)

@@ -1,7 +1,7 @@
 # The demo's dense base: a small LLaMA trained from scratch on the embedded corpus (data/prepare.py), so
 # that split.py has a real dense model to cut into experts (SPEC.md section 2). ~4 minutes on 2 CPU cores:
 #   python train.py config/demo_dense.py                                  (or torchrun --nproc_per_node=2)
-# Then: python split.py --src out/demo_dense/final --dst out/demo_moe --num_experts 16 --top_k 4
+# Then: python split.py --src=out/demo_dense/final --dst=out/demo_moe --num_experts=16 --top_k=4 --method=random
 init_from = "scratch"
 out_dir = "out/demo_dense"
 data_dir = "data/embedded"

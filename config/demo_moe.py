@@ -3,7 +3,7 @@
 # written out so the recipe reads in one place:
 #   torchrun --standalone --nproc_per_node=2 train.py          (= ... train.py config/demo_moe.py)
 # It needs out/demo_moe: python train.py config/demo_dense.py, then
-#   python split.py --src out/demo_dense/final --dst out/demo_moe --num_experts 16 --top_k 4
+#   python split.py --src=out/demo_dense/final --dst=out/demo_moe --num_experts=16 --top_k=4 --method=random
 init_from = "out/demo_moe"
 out_dir = "out/demo_moe_cpt"
 data_dir = "data/embedded"

@@ -3,10 +3,10 @@
 #   torchrun --nnodes=14 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 --rdzv_id=moe \
 #       train.py config/llama2_7b_moe_4of16.py
 # Inputs (made once, beforehand):
-#   python split.py --src /models/Llama-2-7b-hf --dst checkpoints/llama2_7b_moe_4of16 \
-#       --num_experts 16 --top_k 4 --method random                  # IndependentRandom, the paper's best
-#   python data/prepare.py --jsonl 'SlimPajama-627B/train/chunk*/*.jsonl.zst' \
-#       --tokenizer /models/Llama-2-7b-hf/tokenizer.model --out data/slimpajama
+#   python split.py --src=/models/Llama-2-7b-hf --dst=checkpoints/llama2_7b_moe_4of16 \
+#       --num_experts=16 --top_k=4 --method=random                  # IndependentRandom, the paper's best
+#   python data/prepare.py --jsonl='SlimPajama-627B/train/chunk*/*.jsonl.zst' \
+#       --tokenizer=/models/Llama-2-7b-hf/tokenizer.model --out=data/slimpajama
 init_from = "checkpoints/llama2_7b_moe_4of16"
 out_dir = "out/llama2_7b_moe_4of16"
 data_dir = "data/slimpajama"

