@@ -319,11 +319,12 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, start_pos=None):
         B, S = idx.shape
-        # (A host sync; skipped under torch.compile, where it would break the graph.)
-        if not torch.compiler.is_compiling() and idx.numel() and (
-                int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) but range over "
-                             f"[{int(idx.min())}, {int(idx.max())}]: is the tokenizer the model's own?")
+        # (One host sync; skipped under torch.compile, where it would break the graph.)
+        if not torch.compiler.is_compiling() and idx.numel():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) but range over "
+                                 f"[{lo}, {hi}]: is the tokenizer the model's own?")
         offset = start_pos or 0
         if offset + S > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {offset + S} positions exceeds max_position_embeddings "
