@@ -488,7 +488,13 @@ def train(cfg):
                 error = e
         if not agree(error is None, d):
             raise error or UserError(f"rank 0 could not lock {cfg.out_dir!r} (its message says why)")
-        return run(cfg, d)
+        result = run(cfg, d)
+        if d.distributed:
+            # Every rank done before any tears its process group down: a rank that destroyed gloo while
+            # another still used it aborted at exit now and then ("terminate called without an active
+            # exception", SIGABRT) after a complete run.
+            dist.barrier()
+        return result
     finally:
         train_state.release_lock(lock)
         if d.distributed and dist.is_initialized():
