@@ -500,6 +500,17 @@ def test_moe_pipeline_with_all_experts_equals_dense_ffn(backend):
 # CUDA (skipped without a GPU)
 # ---------------------------------------------------------------------------------------------
 
+def assert_cuda_equals_reference(monkeypatch, x, ids, scores, E):
+    """permute + unpermute through the CUDA extension equal the plain-torch reference bit for bit."""
+    results = {}
+    for name in ("cuda", "reference"):
+        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
+        x_perm, row_map, counts = permute(x, ids, E)
+        results[name] = (x_perm, row_map, counts, unpermute(x_perm, row_map, scores))
+    for a, b in zip(results["cuda"], results["reference"]):
+        assert torch.equal(a, b)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [512, 67])  # 16-byte vector path and the scalar fallback
@@ -508,13 +519,7 @@ def test_cuda_extension_equals_reference(monkeypatch, dtype, d):
     x = torch.randn(T, d, device="cuda").to(dtype)
     ids = routing(T, E, k, device="cuda", dtype=torch.int32)
     scores = torch.rand(T, k, device="cuda")
-    results = {}
-    for name in ("cuda", "reference"):
-        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
-        x_perm, row_map, counts = permute(x, ids, E)
-        results[name] = (x_perm, row_map, counts, unpermute(x_perm, row_map, scores))
-    for a, b in zip(results["cuda"], results["reference"]):
-        assert torch.equal(a, b)
+    assert_cuda_equals_reference(monkeypatch, x, ids, scores, E)
 
 
 @needs_cuda
@@ -621,13 +626,7 @@ def test_cuda_many_experts_many_tokens(monkeypatch):
     x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
     ids = routing(T, E, k, device="cuda")
     scores = torch.rand(T, k, device="cuda")
-    results = {}
-    for name in ("cuda", "reference"):
-        monkeypatch.setenv("LLAMA_MOE_KERNELS", name)
-        x_perm, row_map, counts = permute(x, ids, E)
-        results[name] = (x_perm, row_map, counts, unpermute(x_perm, row_map, scores))
-    for a, b in zip(results["cuda"], results["reference"]):
-        assert torch.equal(a, b)
+    assert_cuda_equals_reference(monkeypatch, x, ids, scores, E)
 
 
 @needs_cuda
