@@ -124,21 +124,22 @@ def make_router(cfg, dtype):
     return route, gate.parameters(), "gate.TopKGate(noise=False)"
 
 
-def moe_layer(route, w_gate, w_up, w_down, cfg):
+def moe_layer(route, w_gate_up, w_down, cfg):
     """The MoE feed-forward as model.py builds it: gate -> permute -> grouped_swiglu -> unpermute."""
     scale = cfg.experts / cfg.top_k  # SPEC §2 rescaling
 
     def forward(x):
         ids, scores, aux = route(x)
         x_perm, row_map, counts = permute(x, ids, cfg.experts)                 # (T*k, d)
-        y_perm = grouped_swiglu(x_perm, counts, w_gate, w_up, w_down)          # (T*k, d)
+        y_perm = grouped_swiglu(x_perm, counts, w_gate_up, w_down)             # (T*k, d)
         return unpermute(y_perm, row_map, (scores * scale).to(x.dtype)), aux  # (T, d)
     return forward
 
 
-def naive_moe_layer(route, w_gate, w_up, w_down, cfg):
+def naive_moe_layer(route, w_gate_up, w_down, cfg):
     """transformers' Mixtral loop: a boolean mask per expert, gather its tokens, index_add the outputs."""
     scale = cfg.experts / cfg.top_k
+    w_gate, w_up = w_gate_up.chunk(2, dim=1)                                   # 2 x (E, d_e, d), views
 
     def forward(x):
         ids, scores, aux = route(x)
@@ -240,8 +241,7 @@ def main(argv):
     route, router_params, router_name = make_router(cfg, dtype)
     router_params = list(router_params)
     std = d ** -0.5
-    w_gate = (torch.randn(E, d_e, d, device=dev) * std).to(dtype).requires_grad_()   # (E, d_e, d)
-    w_up = (torch.randn(E, d_e, d, device=dev) * std).to(dtype).requires_grad_()
+    w_gate_up = (torch.randn(E, 2 * d_e, d, device=dev) * std).to(dtype).requires_grad_()   # (E, 2 d_e, d)
     w_down = (torch.randn(E, d, d_e, device=dev) * (k * d_e) ** -0.5).to(dtype).requires_grad_()
     # The dense FFN of equal active width: k experts' worth of neurons.
     dense_w = [(torch.randn(k * d_e, d, device=dev) * std).to(dtype).requires_grad_(),
@@ -249,13 +249,13 @@ def main(argv):
                (torch.randn(d, k * d_e, device=dev) * (k * d_e) ** -0.5).to(dtype).requires_grad_()]
     xl = torch.randn(T, d, device=dev, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, d, device=dev, dtype=dtype)
-    expert_params = [w_gate, w_up, w_down, xl] + router_params
-    moe = moe_layer(route, w_gate, w_up, w_down, cfg)
+    expert_params = [w_gate_up, w_down, xl] + router_params
+    moe = moe_layer(route, w_gate_up, w_down, cfg)
     layers = {
         f"dense SwiGLU FFN, width {k * d_e}": forward_backward(dense_swiglu(*dense_w), xl, grad, dense_w + [xl]),
         "MoE layer (these kernels)": forward_backward(moe, xl, grad, expert_params),
         "MoE layer, plain torch (=reference)": with_backend("reference", forward_backward(moe, xl, grad, expert_params)),
-        "naive loop, masks + index_add": forward_backward(naive_moe_layer(route, w_gate, w_up, w_down, cfg),
+        "naive loop, masks + index_add": forward_backward(naive_moe_layer(route, w_gate_up, w_down, cfg),
                                                           xl, grad, expert_params),
     }
     times, best = time_side_by_side(layers, cfg)

@@ -6,7 +6,7 @@ The model chapter (model.py) knows nothing of files; `Transformer.from_pretraine
 of at most 5 GiB + model.safetensors.index.json, as transformers writes them):
 
     "llama"      Hugging Face LlamaForCausalLM (dense models). Tensor names equal ours.
-    "native"     our MoE: the LLaMA names plus mlp.gate.*, stacked mlp.experts.{gate,up,down}_proj, mlp.shared.*
+    "native"     our MoE: the LLaMA names plus mlp.gate.*, stacked mlp.experts.{gate_up,down}_proj, mlp.shared.*
     "mixtral"    Hugging Face MixtralForCausalLM (linear gate, no shared block; scale folded into w2).
     "llama_moe"  the paper's released format (model_type llama_moe), one tensor per expert.
 
@@ -160,47 +160,55 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.named_parameters())  # a tied lm_head is the embedding and is listed once
-    loaded = {}  # our name -> the set of expert indices (None for a whole tensor) that arrived for it
+    loaded = {}  # our name -> the (expert, half) cells that arrived for it (see cells())
     for stored_name, tensor, fpath in tensors:
         mapped = from_hf_names(stored_name, mtype)
         if mapped is None:
             continue
-        name, expert = mapped
+        name, expert, half = mapped
         if name not in expected:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some exporters write the tied head anyway
             raise ValueError(f"{fpath}: unexpected tensor {stored_name!r} for a {mtype} model with this "
                              f"config (wrong checkpoint, or config and weights disagree)")
         full_shape = tuple(expected[name].shape)
-        want = full_shape[1:] if expert is not None else full_shape
+        if expert is not None and not 0 <= expert < full_shape[0]:
+            raise ValueError(f"{fpath}: tensor {stored_name!r} is expert {expert}, but the config has "
+                             f"{full_shape[0]} experts: the checkpoint's shards or config are inconsistent; "
+                             f"export it again")
+        index, want = piece(full_shape, expert, half)
         if tuple(tensor.shape) != want:
             raise ValueError(f"{fpath}: tensor {stored_name!r} has shape {tuple(tensor.shape)}, the config "
                              f"implies {want}")
-        if expert in loaded.get(name, set()) or (expert is not None and not 0 <= expert < full_shape[0]):
-            raise ValueError(f"{fpath}: tensor {stored_name!r} is " + ("stored twice" if expert in loaded.get(name, ())
-                             else f"expert {expert}, but the config has {full_shape[0]} experts")
-                             + ": the checkpoint's shards or config are inconsistent; export it again")
+        new_cells = cells(full_shape, name, expert, half)
+        if new_cells & loaded.get(name, set()):
+            raise ValueError(f"{fpath}: tensor {stored_name!r} is stored twice: the checkpoint's shards are "
+                             f"inconsistent; export it again")
         tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        if expert is None:
+        if expert is None and half is None:
             set_tensor(model, name, tensor)
-        else:  # one tensor per expert on disk: stack into (E, ...) as they stream in
+        else:  # one expert (or one half) per stored tensor: assemble the stack as they stream in
             param = model.get_parameter(name)
             if param.is_meta:
                 param = set_tensor(model, name, torch.empty(full_shape, dtype=tensor.dtype, device=device))
-            param.data[expert] = tensor
-        loaded.setdefault(name, set()).add(expert)
+            param.data[index] = tensor
+        loaded.setdefault(name, set()).update(new_cells)
     missing = []
     for name, p in expected.items():
-        # Mixtral and llama_moe store one tensor per expert; our native format stores the stack once.
-        want = config.num_experts if ".mlp.experts." in name and mtype in ("mixtral", "llama_moe") else 1
-        if len(loaded.get(name, ())) == want:
+        want = cells(tuple(p.shape), name, None, None)
+        have = loaded.get(name, set())
+        if have == want:
             continue
-        if name.endswith("gate.weight_noise.weight") and name not in loaded:
+        if name.endswith("gate.weight_noise.weight") and not have:
             # Mixtral has no noise projection; SPEC.md section 3 starts it at zero anyway.
             set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.model.embed_tokens.weight.dtype,
                                                 device=device))
             continue
-        missing.append(name if want == 1 else f"{name} ({len(loaded.get(name, ()))} of {want} experts)")
+        if len(want) == 1:
+            missing.append(name)
+        else:
+            gone = sorted({j for j, h in want - have if j is not None})
+            missing.append(f"{name} (experts {gone} incomplete)" if gone else name)
     if missing:
         raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} in all): the checkpoint is incomplete or does not match its config; "
@@ -244,24 +252,54 @@ def read_safetensors(path):
 
 
 def from_hf_names(name, mtype):
-    """Map one stored tensor name to (our name, expert index or None); None for tensors to skip."""
+    """Map one stored tensor name to (our name, expert, half), or None for a tensor to skip.
+
+    expert: the index of the one expert the tensor holds (None: all of them, or not an expert tensor);
+    half: 0 / 1 for the gate / up half of experts.gate_up_proj (None: the whole tensor)."""
     if name.endswith("rotary_emb.inv_freq"):  # a buffer some exporters store; it carries no learned state
         return None
+    which = expert = None
     if mtype == "mixtral":
         # model.layers.L.block_sparse_moe.gate.weight / .experts.J.w{1,2,3}.weight
         name = name.replace("block_sparse_moe.gate.weight", "mlp.gate.gate_network.weight")
         if ".block_sparse_moe.experts." in name:
             head, rest = name.split(".block_sparse_moe.experts.")
             j, w = rest.split(".")[:2]
-            which = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[w]
-            return f"{head}.mlp.experts.{which}", int(j)
+            which, expert = {"w1": "gate", "w3": "up", "w2": "down"}[w], int(j)
     elif mtype == "llama_moe":
         # model.layers.L.mlp.calculator.experts.weight_{gate,up,down}.J
         if ".mlp.calculator.experts.weight_" in name:
             head, rest = name.split(".mlp.calculator.experts.weight_")
             which, j = rest.split(".")
-            return f"{head}.mlp.experts.{which}_proj", int(j)
-    return name, None
+            expert = int(j)
+    elif mtype == NATIVE_MODEL_TYPE and name.endswith((".mlp.experts.gate_proj", ".mlp.experts.up_proj")):
+        # written before gate and up were stored as one tensor: still read
+        head, rest = name.split(".mlp.experts.")
+        which = rest[:-len("_proj")]
+    if which is None:
+        return name, None, None
+    if which == "down":
+        return f"{head}.mlp.experts.down_proj", expert, None
+    return f"{head}.mlp.experts.gate_up_proj", expert, {"gate": 0, "up": 1}[which]
+
+
+def piece(full_shape, expert, half):
+    """Where a stored tensor goes in our parameter of full_shape: (index, the shape it must have)."""
+    index = [slice(None)] * len(full_shape)
+    if expert is not None:        # one expert of the (E, ...) stack
+        index[0] = expert
+    if half is not None:          # the gate or the up half of (E, 2 d_e, d)
+        width = full_shape[1] // 2
+        index[1] = slice(half * width, (half + 1) * width)
+    return tuple(index), tuple(torch.empty(full_shape, device="meta")[tuple(index)].shape)
+
+
+def cells(full_shape, name, expert, half):
+    """The (expert, half) cells of a parameter that a stored tensor covers; a complete parameter is covered
+    exactly once (this is how a missing or a twice-stored expert is found)."""
+    experts = [expert] if expert is not None else (range(full_shape[0]) if ".mlp.experts." in name else [None])
+    halves = [half] if half is not None else ((0, 1) if name.endswith("gate_up_proj") else [None])
+    return {(j, h) for j in experts for h in halves}
 
 
 def set_tensor(model, name, tensor):
@@ -485,18 +523,23 @@ def export_tensors(model, format):
             if name.endswith("gate.gate_network.weight"):
                 yield f"{head}.block_sparse_moe.gate.weight", t
             elif ".mlp.experts." in name:
-                which = name.rsplit(".", 1)[1]
-                w = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[which]
                 for j in range(t.size(0)):
-                    # Fold the rescale factor into w2: Mixtral's routing is our eval routing with s = 1.
-                    yield (f"{head}.block_sparse_moe.experts.{j}.{w}.weight",
-                           t[j] * scales[layer] if which == "down_proj" else t[j])
+                    if name.endswith("gate_up_proj"):
+                        gate, up = t[j].chunk(2)                                 # 2 x (d_e, d), views
+                        yield f"{head}.block_sparse_moe.experts.{j}.w1.weight", gate
+                        yield f"{head}.block_sparse_moe.experts.{j}.w3.weight", up
+                    else:  # Fold the rescale factor into w2: Mixtral's routing is our eval routing with s = 1.
+                        yield f"{head}.block_sparse_moe.experts.{j}.w2.weight", t[j] * scales[layer]
             # gate.weight_noise is dropped: Mixtral has no noise, and eval never used it
         elif format == "llama_moe":
             if ".mlp.experts." in name:
-                which = name.rsplit(".", 1)[1].replace("_proj", "")
                 for j in range(t.size(0)):
-                    yield f"{head}.mlp.calculator.experts.weight_{which}.{j}", t[j]
+                    if name.endswith("gate_up_proj"):
+                        gate, up = t[j].chunk(2)                                 # 2 x (d_e, d), views
+                        yield f"{head}.mlp.calculator.experts.weight_gate.{j}", gate
+                        yield f"{head}.mlp.calculator.experts.weight_up.{j}", up
+                    else:
+                        yield f"{head}.mlp.calculator.experts.weight_down.{j}", t[j]
             else:
                 yield name, t
 

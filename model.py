@@ -209,13 +209,16 @@ class FeedForward(nn.Module):
 
 class Experts(nn.Module):
     """E SwiGLU experts of width d_e, stacked so that one grouped matmul runs them all.
-    Expert j's row i of gate_proj / up_proj and column i of down_proj are one neuron of the dense FFN it was cut from."""
+
+    gate_up_proj[j] = [W_gate; W_up] of expert j, one (2 d_e, d) tensor: its rows i and d_e + i and column i
+    of down_proj[j] are one neuron of the dense FFN it was cut from. Gate and up live in one tensor because
+    the grouped matmul wants them so: stored apart, every forward would copy both into one (~180 MB per
+    layer at 7B). Checkpoints keep the usual names (Mixtral w1/w3, llama_moe weight_gate/weight_up)."""
 
     def __init__(self, num_experts, dim, width):
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, width, dim))  # (E, d_e, d)
-        self.up_proj = nn.Parameter(torch.empty(num_experts, width, dim))    # (E, d_e, d)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, width))  # (E, d, d_e)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, dim))  # (E, 2 d_e, d)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, width))         # (E, d, d_e)
 
 
 class MoEFeedForward(nn.Module):
@@ -229,7 +232,8 @@ class MoEFeedForward(nn.Module):
         for j in range(E):
             tok, slot = (g.expert_ids == j).nonzero(as_tuple=True)   # the tokens_per_expert[j] rows for j
             h = x[tok]                                               # (n_j, d)
-            h = (F.silu(h @ e.gate_proj[j].T) * (h @ e.up_proj[j].T)) @ e.down_proj[j].T  # (n_j, d_e) -> (n_j, d)
+            gate, up = (h @ e.gate_up_proj[j].T).chunk(2, dim=-1)   # (n_j, 2 d_e) -> 2 x (n_j, d_e)
+            h = (F.silu(gate) * up) @ e.down_proj[j].T                # (n_j, d_e) -> (n_j, d)
             y.index_add_(0, tok, h * (g.scores[tok, slot] * s)[:, None])     # weight by score * s
         y = y + self.shared(x)                               # SharingInter only: always on, unscaled
     """
@@ -253,7 +257,7 @@ class MoEFeedForward(nn.Module):
         # Dropless grouping: every (token, expert) pair gets a row; rows of one expert are contiguous.
         x_perm, row_map, counts = permute(x, g.expert_ids, self.num_experts)  # (T*k, d)
         e = self.experts
-        y_perm = grouped_swiglu(x_perm, counts, e.gate_proj, e.up_proj, e.down_proj)  # (T*k, d)
+        y_perm = grouped_swiglu(x_perm, counts, e.gate_up_proj, e.down_proj)  # (T*k, d)
         # Rescaling (SPEC.md section 2): only k of E experts fire, so their weighted sum is scaled by s (= E/k).
         y = unpermute(y_perm, row_map, (g.scores * self.score_scale).to(y_perm.dtype))  # (T, d)
         if self.shared is not None:  # SharingInter: the shared block is always on and unscaled

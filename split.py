@@ -430,8 +430,11 @@ def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, 
         wg, wu, wd = (w.weight.detach() for w in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj))
         ix = torch.stack(list(expert_indices[layer])).to(wg.device)         # (E, d_e)
         head = f"model.layers.{layer}.mlp"
-        state[f"{head}.experts.gate_proj"] = wg[ix]                         # (d_h, d)[(E, d_e)] -> (E, d_e, d)
-        state[f"{head}.experts.up_proj"] = wu[ix]                           # (E, d_e, d)
+        gate_up = wg.new_empty(num_experts, 2 * d_e, wg.shape[1])          # (E, 2 d_e, d) = [W_gate[ix]; W_up[ix]]
+        for j in range(num_experts):  # gathered straight into place: no (E, d_e, d) temporaries
+            torch.index_select(wg, 0, ix[j], out=gate_up[j, :d_e])         # (d_e, d)
+            torch.index_select(wu, 0, ix[j], out=gate_up[j, d_e:])         # (d_e, d)
+        state[f"{head}.experts.gate_up_proj"] = gate_up
         state[f"{head}.experts.down_proj"] = wd[:, ix].permute(1, 0, 2).contiguous()  # (d, E, d_e) -> (E, d, d_e)
         if shared:
             s = shared_indices[layer].to(wg.device)                         # (shared,)

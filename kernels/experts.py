@@ -27,9 +27,9 @@ Which path runs the matmuls (`expert_path(device, dtype)` says, `last_expert_pat
 LLAMA_MOE_GROUPED_MM=0 forces the loop; =1 forces torch._grouped_mm wherever torch has it (also on the
 CPU, where the tests use it to run this file's grouped code).
 
-Weights: the custom op takes W_gu as one (E, 2 d_e, d) tensor, so that neither path concatenates weights
-in forward or backward. grouped_swiglu(w_gate, w_up, ...) builds W_gu with one torch.cat per forward (its
-backward is a free split of the gradient); grouped_swiglu_fused takes a stored W_gu and copies nothing.
+Weights: W_gu is one stored (E, 2 d_e, d) tensor (model.py's Experts.gate_up_proj), so that no path
+concatenates weights in forward or backward (separate W_gate / W_up would cost a copy of both per forward,
+~180 MB per layer at 7B, and a split of their gradient).
 torch._grouped_mm needs every row stride to be a multiple of 16 bytes: for bf16 d_e % 8 == 0 (true for
 common widths such as 688 or 1376). Other widths are padded with zero weights on every call (d_e = 86 ->
 88), a copy of the weights that choosing such a width costs. Padding changes nothing: zero weights give
@@ -285,7 +285,7 @@ for _device in ("cpu", "cuda"):
 # Public functions: the one place inputs are validated
 # ----------------------------------------------------------------------------------------------
 
-def grouped_swiglu_fused(x_perm: Tensor, tokens_per_expert: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+def grouped_swiglu(x_perm: Tensor, tokens_per_expert: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
     """Each expert's SwiGLU on its own contiguous rows, with the gate and up weights stored as one tensor.
 
     x_perm (N, d) grouped by expert (from permute), tokens_per_expert (E,) (sum N),
@@ -317,20 +317,3 @@ def grouped_swiglu_fused(x_perm: Tensor, tokens_per_expert: Tensor, w_gate_up: T
                              f"{x_perm.shape[0]} rows.")
     y, _gu = _grouped_swiglu_op(x_perm.contiguous(), tokens_per_expert, w_gate_up.contiguous(), w_down.contiguous())
     return y
-
-
-def grouped_swiglu(x_perm: Tensor, tokens_per_expert: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """Each expert's SwiGLU on its own contiguous rows.
-
-    x_perm (N, d) grouped by expert (from permute), tokens_per_expert (E,) rows per expert (sum N),
-    w_gate (E, d_e, d), w_up (E, d_e, d), w_down (E, d, d_e) -> (N, d). Differentiable in x and weights.
-    Stacks w_gate and w_up into one (E, 2 d_e, d) tensor (one copy per forward); models that store that
-    tensor call grouped_swiglu_fused and copy nothing.
-    """
-    if w_gate.dim() != 3 or w_up.shape != w_gate.shape:
-        raise ValueError(f"grouped_swiglu: need w_gate and w_up of one shape (E, d_e, d); got "
-                         f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}.")
-    if w_gate.dtype != w_up.dtype:
-        raise ValueError(f"grouped_swiglu: x and weights must share a dtype; got {x_perm.dtype}, {w_gate.dtype}, "
-                         f"{w_up.dtype}, {w_down.dtype}.")
-    return grouped_swiglu_fused(x_perm, tokens_per_expert, torch.cat([w_gate, w_up], dim=1), w_down)

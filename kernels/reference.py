@@ -98,25 +98,26 @@ def unpermute_bwd(grad_out, y_perm, row_map, scores, top_k: int, need_y: bool, n
 # compute, written for reading. The tests compare the kernels against these two functions.
 # ----------------------------------------------------------------------------------------------
 
-def swiglu(x, w_gate, w_up, w_down):
-    """One SwiGLU FFN: x (n, d), w_gate / w_up (d_e, d), w_down (d, d_e) -> (n, d)."""
-    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+def swiglu(x, w_gate_up, w_down):
+    """One SwiGLU FFN: x (n, d), w_gate_up (2 d_e, d) = [W_gate; W_up], w_down (d, d_e) -> (n, d)."""
+    g, u = (x @ w_gate_up.T).chunk(2, dim=-1)                             # (n, 2 d_e) -> 2 x (n, d_e)
+    return (F.silu(g) * u) @ w_down.T
 
 
-def moe_ffn(x, expert_ids, scores, w_gate, w_up, w_down):
+def moe_ffn(x, expert_ids, scores, w_gate_up, w_down):
     """out[t] = sum_j scores[t, j] * expert_{expert_ids[t, j]}(x[t]).
 
-    x (T, d), expert_ids (T, k), scores (T, k), w_gate / w_up (E, d_e, d), w_down (E, d, d_e) -> (T, d).
+    x (T, d), expert_ids (T, k), scores (T, k), w_gate_up (E, 2 d_e, d), w_down (E, d, d_e) -> (T, d).
     """
     T, k = expert_ids.shape
     out = torch.zeros(T, k, x.shape[1], dtype=x.dtype, device=x.device)   # (T, k, d): one row per choice
-    for e in range(w_gate.shape[0]):
+    for e in range(w_gate_up.shape[0]):
         t, j = torch.where(expert_ids == e)                                # the (token, slot) pairs of e
-        out[t, j] = swiglu(x[t], w_gate[e], w_up[e], w_down[e])            # (n_e, d)
+        out[t, j] = swiglu(x[t], w_gate_up[e], w_down[e])                  # (n_e, d)
     return (scores[:, :, None] * out).sum(1)                               # (T, k, d) -> (T, d)
 
 
-def naive_experts(x_perm, tokens_per_expert, w_gate, w_up, w_down):
+def naive_experts(x_perm, tokens_per_expert, w_gate_up, w_down):
     """grouped_swiglu in plain torch: expert e on its slice of the expert-grouped rows, (N, d) -> (N, d)."""
     rows = torch.split(x_perm, tokens_per_expert.tolist())                # E slices of (n_e, d)
-    return torch.cat([swiglu(r, w_gate[e], w_up[e], w_down[e]) for e, r in enumerate(rows)])
+    return torch.cat([swiglu(r, w_gate_up[e], w_down[e]) for e, r in enumerate(rows)])

@@ -56,7 +56,7 @@ def test_config_is_read(variant):
     c = model.config
     assert (c.num_experts, c.num_experts_per_tok, c.expert_intermediate_size) == (4, 2, 48)
     assert c.gate_type == variant and c.score_scale == 2.0 and c.gate_noise and c.gate_noise_eps == 0.01
-    assert model.model.layers[0].mlp.experts.gate_proj.shape == (4, 48, 64)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 96, 64)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

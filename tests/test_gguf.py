@@ -331,8 +331,7 @@ def split_random(dense, E, k, seed=0):
         for layer, block in enumerate(dense.model.layers):
             ix = torch.randperm(c.intermediate_size, generator=g).view(E, -1)        # (E, d_e)
             e, ffn = moe.model.layers[layer].mlp.experts, block.mlp
-            e.gate_proj.copy_(ffn.gate_proj.weight[ix])                              # (E, d_e, d)
-            e.up_proj.copy_(ffn.up_proj.weight[ix])                                  # (E, d_e, d)
+            e.gate_up_proj.copy_(torch.cat([ffn.gate_proj.weight[ix], ffn.up_proj.weight[ix]], dim=1))  # (E, 2 d_e, d)
             e.down_proj.copy_(ffn.down_proj.weight[:, ix].permute(1, 0, 2))          # (d, E, d_e) -> (E, d, d_e)
             moe.model.layers[layer].mlp.gate.gate_network.weight.normal_(0.0, 0.1, generator=g)
     return moe.eval()

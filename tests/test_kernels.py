@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import experts, grouped_swiglu, grouped_swiglu_fused, ops, permute, reference, unpermute
+from kernels import experts, grouped_swiglu, ops, permute, reference, unpermute
 from kernels.reference import moe_ffn, naive_experts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,9 +357,9 @@ def test_zero_tokens(backend):
 # ---------------------------------------------------------------------------------------------
 
 def expert_weights(E, d_e, d, dtype=torch.float32, seed=0):
+    """[w_gate_up (E, 2 d_e, d), w_down (E, d, d_e)], as model.py's Experts stores them."""
     gen = torch.Generator().manual_seed(seed)
-    w = [torch.randn(E, d_e, d, generator=gen) / d ** 0.5, torch.randn(E, d_e, d, generator=gen) / d ** 0.5,
-         torch.randn(E, d, d_e, generator=gen) / d_e ** 0.5]
+    w = [torch.randn(E, 2 * d_e, d, generator=gen) / d ** 0.5, torch.randn(E, d, d_e, generator=gen) / d_e ** 0.5]
     return [t.to(dtype).requires_grad_() for t in w]
 
 
@@ -401,14 +401,6 @@ def test_moe_pipeline_matches_plain_moe_ffn(backend):
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(y, [x, scores, *w], g), torch.autograd.grad(y0, [x, scores, *w], g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_grouped_swiglu_fused_equals_separate_weights(backend):
-    counts = torch.tensor([4, 0, 5])
-    x = torch.randn(9, 6)
-    w_gate, w_up, w_down = [t.detach() for t in expert_weights(3, 4, 6)]
-    fused = grouped_swiglu_fused(x, counts, torch.cat([w_gate, w_up], dim=1), w_down)
-    assert torch.equal(fused, grouped_swiglu(x, counts, w_gate, w_up, w_down))
 
 
 def test_expert_path_choice(monkeypatch):
@@ -469,7 +461,7 @@ def test_grouped_swiglu_gradcheck(backend):
     counts = torch.tensor([3, 0, 4])
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     w = expert_weights(3, 4, 5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x, a, b, c: grouped_swiglu(x, counts, a, b, c), (x, *w))
+    assert torch.autograd.gradcheck(lambda x, a, b: grouped_swiglu(x, counts, a, b), (x, *w))
 
 
 def test_grouped_swiglu_bad_input():
@@ -487,10 +479,11 @@ def test_moe_pipeline_with_all_experts_equals_dense_ffn(backend):
     """k = E and every score 1: gate-free MoE == the dense SwiGLU FFN of the concatenated experts (SPEC §2)."""
     T, E, d_e, d = 10, 3, 4, 8
     x = torch.randn(T, d)
-    w_gate, w_up, w_down = [t.detach() for t in expert_weights(E, d_e, d)]
+    w_gate_up, w_down = [t.detach() for t in expert_weights(E, d_e, d)]
     ids = torch.stack([torch.randperm(E) for _ in range(T)])  # every expert, in a scrambled slot order
     x_perm, row_map, counts = permute(x, ids, E)
-    y = unpermute(grouped_swiglu(x_perm, counts, w_gate, w_up, w_down), row_map, torch.ones(T, E))
+    y = unpermute(grouped_swiglu(x_perm, counts, w_gate_up, w_down), row_map, torch.ones(T, E))
+    w_gate, w_up = w_gate_up[:, :d_e], w_gate_up[:, d_e:]                  # (E, d_e, d) each
     dense = F.linear(F.silu(F.linear(x, w_gate.reshape(E * d_e, d))) * F.linear(x, w_up.reshape(E * d_e, d)),
                      w_down.permute(1, 0, 2).reshape(d, E * d_e))
     torch.testing.assert_close(y, dense, rtol=1e-6, atol=1e-6)

@@ -374,8 +374,9 @@ def test_save_copies_only_storage_sharing_tensors(tmp_path, monkeypatch, format)
     model.save_pretrained(tmp_path / "ck", format=format)
     monkeypatch.undo()
     E, L = model.config.num_experts, model.config.num_hidden_layers
-    # mixtral folds the scale into w2 (new tensors already): gate/up stacks -> E - 1 copies each
-    expected = {"native": 0, "mixtral": 2 * (E - 1) * L, "llama_moe": 3 * (E - 1) * L}[format]
+    # gate_up_proj: 2E slices of one storage -> 2E - 1 copies; down_proj: E - 1, except in mixtral, which
+    # folds the scale into w2 (new tensors already)
+    expected = {"native": 0, "mixtral": (2 * E - 1) * L, "llama_moe": (3 * E - 2) * L}[format]
     assert len(clones) == expected
     back = Transformer.from_pretrained(tmp_path / "ck")
     if format != "mixtral":  # (mixtral holds s * w2 and s = 1)
@@ -387,7 +388,7 @@ def test_save_copies_only_storage_sharing_tensors(tmp_path, monkeypatch, format)
     if format == "llama_moe":  # bit-identical slices on disk
         saved = load_file(tmp_path / "ck" / "model.safetensors")
         assert torch.equal(saved["model.layers.1.mlp.calculator.experts.weight_up.3"],
-                           model.model.layers[1].mlp.experts.up_proj[3])
+                           model.model.layers[1].mlp.experts.gate_up_proj[3].chunk(2)[1])
 
 
 def test_saved_files_share_one_mode_and_stale_temporaries_go(tmp_path):
@@ -403,6 +404,40 @@ def test_saved_files_share_one_mode_and_stale_temporaries_go(tmp_path):
     modes = {f: os.stat(tmp_path / "ck" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "ck")}
     assert len(modes) > 3 and set(modes.values()) == {0o644}, modes
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_native_checkpoint_with_separate_gate_and_up_stacks_still_loads(tmp_path):
+    """Native checkpoints written before gate and up became one tensor store experts.gate_proj and
+    experts.up_proj (E, d_e, d) apart: they load into gate_up_proj's two halves, unchanged."""
+    from safetensors.torch import load_file, save_file
+    model = tiny_moe()
+    model.save_pretrained(tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(path)
+    for name in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
+        gate, up = tensors.pop(name).chunk(2, dim=1)
+        tensors[name.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
+        tensors[name.replace("gate_up_proj", "up_proj")] = up.contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    back = Transformer.from_pretrained(tmp_path / "ck")
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in back.state_dict().items())
+    del tensors[next(k for k in tensors if k.endswith("experts.up_proj"))]  # one half gone: refused
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors.*experts\.gate_up_proj"):
+        Transformer.from_pretrained(tmp_path / "ck")
+
+
+def test_a_missing_expert_half_is_named(tmp_path):
+    """Mixtral stores each expert's gate (w1) and up (w3) apart: one of them missing names the expert."""
+    from safetensors.torch import load_file, save_file
+    tiny_moe(gate_noise=False).save_pretrained(tmp_path / "mx", format="mixtral")
+    path = tmp_path / "mx" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj \(experts \[2\] incomplete\)"):
+        Transformer.from_pretrained(tmp_path / "mx")
 
 
 def test_an_expert_stored_twice_or_out_of_range_is_refused(tmp_path):

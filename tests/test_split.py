@@ -35,8 +35,9 @@ def neurons(w_gate, w_up, w_down):
 
 
 def expert_neurons(moe_layer):
-    e = moe_layer.experts  # (E, d_e, d), (E, d_e, d), (E, d, d_e) -> (E * d_e, 3d), expert-major
-    return neurons(e.gate_proj.flatten(0, 1), e.up_proj.flatten(0, 1), e.down_proj.permute(1, 0, 2).flatten(1))
+    e = moe_layer.experts  # (E, 2 d_e, d), (E, d, d_e) -> (E * d_e, 3d), expert-major
+    gate, up = e.gate_up_proj.chunk(2, dim=1)                             # 2 x (E, d_e, d)
+    return neurons(gate.flatten(0, 1), up.flatten(0, 1), e.down_proj.permute(1, 0, 2).flatten(1))
 
 
 def match_to_dense(rows, dense_ffn):

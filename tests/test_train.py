@@ -152,7 +152,7 @@ def test_weight_decay_skips_one_dimensional_parameters():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("norm.weight") for p in no_decay["params"])
     decayed = {names[id(p)] for p in decay["params"]}
-    assert "model.layers.0.mlp.gate.gate_network.weight" in decayed and "model.layers.1.mlp.experts.up_proj" in decayed
+    assert "model.layers.0.mlp.gate.gate_network.weight" in decayed and "model.layers.1.mlp.experts.gate_up_proj" in decayed
 
 
 # ---------------------------------------------------------------------------------------------------------
