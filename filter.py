@@ -27,8 +27,10 @@ Nothing is lost: every input document ends in exactly one of kept.jsonl / remove
 counts add up); a line that is not a JSON document is skipped and listed with file:line; undecodable bytes
 are replaced and counted. A text holding a lone surrogate ("\ud800": valid JSON, not encodable as UTF-8)
 is scored like any other text and written back with the same escape, so its record leaves unchanged; the
-report counts them. The outputs are written only after all documents are scored, each file atomically,
-and an --out file that would overwrite an input is refused. "Tokens" in the report are whitespace-separated
+report counts them. The three outputs are one result, written only after all documents are scored and as
+one folder (fileio.atomic_dir: a killed run leaves the previous --out as it was, never a new kept.jsonl
+beside an old removed.jsonl). So --out must be new or hold only a previous result, and an --out that
+would overwrite an input is refused. "Tokens" in the report are whitespace-separated
 words (no tokenizer needed). The whole input is held in memory (the percentile needs every score): for
 SlimPajama, run it per chunk file.
 """
@@ -46,7 +48,7 @@ import numpy as np
 
 from configurator import UserError, load_config, run_cli
 from data.jsonl import SLIMPAJAMA_SETS, decode_counting, read_jsonl, slimpajama_set
-from fileio import atomic_file
+from fileio import atomic_dir
 
 
 @dataclass
@@ -60,6 +62,9 @@ class FilterConfig:
     fluency_percentile: float = 15.0  # per domain, remove this % of documents with the highest bits/char
     order: int = 5  # n-gram order of the character reference model
     examples: int = 3  # removed examples per domain and filter in the report
+
+
+OUTPUTS = ("kept.jsonl", "removed.jsonl", "report.json")  # one result: written together (atomic_dir)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -385,7 +390,7 @@ def jsonl_line(rec):
 
 
 def write_jsonl(path, records):
-    with atomic_file(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(jsonl_line(rec))
 
@@ -416,8 +421,13 @@ def check_config(config, inputs):
         raise UserError(f"--order={config.order}: the n-gram order must be >= 1 (5 = characters in context + 1)")
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         raise UserError(f"--out={config.out} is a file, not a folder")
+    others = sorted(set(os.listdir(config.out)) - set(OUTPUTS)) if os.path.isdir(config.out) else []
+    if others:
+        raise UserError(f"--out={config.out} holds other files ({', '.join(others[:3])}"
+                        f"{' ...' if len(others) > 3 else ''}): the result replaces the whole folder; "
+                        f"choose a new folder, or one holding only a previous filter.py result")
     reads = {os.path.realpath(p) for p in inputs + ([config.reference] if config.reference else [])}
-    for name in ("kept.jsonl", "removed.jsonl", "report.json"):
+    for name in OUTPUTS:
         if os.path.realpath(os.path.join(config.out, name)) in reads:
             raise UserError(f"--out={config.out} would overwrite the input {os.path.join(config.out, name)}: "
                             f"inputs are never modified; choose another --out")
@@ -433,11 +443,11 @@ def main(argv=None):
     kept, removed = filter_documents(docs, config, reference)
     assert len(kept) + len(removed) == len(docs)  # every document ends in exactly one of the two
     report = build_report(kept, removed, stats, config, inputs)
-    os.makedirs(config.out, exist_ok=True)
-    write_jsonl(os.path.join(config.out, "kept.jsonl"), kept)
-    write_jsonl(os.path.join(config.out, "removed.jsonl"), removed)
-    with atomic_file(os.path.join(config.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=True)
+    with atomic_dir(config.out) as tmp:  # the three files appear together, or not at all
+        write_jsonl(os.path.join(tmp, "kept.jsonl"), kept)
+        write_jsonl(os.path.join(tmp, "removed.jsonl"), removed)
+        with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=True)
     print_report(report)
     return report
 

@@ -348,26 +348,18 @@ def load_tokenizer(path):
     return tok
 
 
-def keeps_own_copy(tok, path):
-    """Does the dataset get its own copy of the tokenizer (else it names the path)?"""
-    return (os.path.isfile(path) and not path.endswith(".gguf")) or hasattr(tok, "save")
-
-
 def install_tokenizer(tok, path, out_dir):
     """Put the tokenizer into the dataset, so that the dataset is self-describing -> the value of
     meta.json "tokenizer". A tokenizer.model / tokenizer.json is copied; a .gguf (the whole model) or a
-    checkpoint folder is written out as its tokenizer alone (Tokenizer.save: same ids, same fingerprint)
-    or, where the Tokenizer cannot save, named by its absolute path (its fingerprint still identifies it)."""
+    checkpoint folder is written out as its tokenizer alone (Tokenizer.save: same ids, same fingerprint)."""
     if os.path.isfile(path) and not path.endswith(".gguf"):
         name = "tokenizer.json" if path.endswith(".json") else "tokenizer.model"
         shutil.copyfile(path, Path(out_dir) / name)
         config = Path(path).with_name("tokenizer_config.json")  # BOS / EOS settings beside a tokenizer.json
         if name == "tokenizer.json" and config.is_file():
             shutil.copyfile(config, Path(out_dir) / config.name)
-    elif keeps_own_copy(tok, path):
-        name = os.path.basename(tok.save(out_dir))
     else:
-        return os.path.abspath(path)
+        name = os.path.basename(tok.save(out_dir))
     assert Tokenizer(Path(out_dir) / name).fingerprint == tok.fingerprint  # the copy IS the tokenizer
     return name
 
@@ -494,8 +486,10 @@ def prepare(cfg):
     check_config(cfg)
     files = jsonl_files(cfg.jsonl) if cfg.jsonl else []
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    named_only = tok is not None and not keeps_own_copy(tok, cfg.tokenizer)
-    for what, f in [("--tokenizer", cfg.tokenizer)] * named_only + [("--jsonl file", f) for f in files]:
+    inputs = [("--jsonl file", f) for f in files]
+    if cfg.tokenizer and (os.path.isdir(cfg.tokenizer) or cfg.tokenizer.endswith(".gguf")):
+        inputs.append(("--tokenizer", cfg.tokenizer))  # only its tokenizer is copied; a tokenizer file is kept whole
+    for what, f in inputs:
         if is_inside(f, cfg.out):  # it would be read now and deleted with the old folder
             raise UserError(f"{what} {f} lies inside --out={cfg.out}, which is about to be replaced as a whole; "
                             f"move it out first")

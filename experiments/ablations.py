@@ -407,7 +407,7 @@ def filtered_shards(cfg, kind):
         meta = load_meta(src)
         docs = dict(enumerate(iter_docs(src, meta), start=1))          # jsonl line -> (domain, ids)
         kept = []
-        with open(P(cfg, "filter", kind, "kept.jsonl"), encoding="utf-8") as f:
+        with open(P(cfg, "filter", kind, "result", "kept.jsonl"), encoding="utf-8") as f:
             for rec in f:
                 kept.append(int(json.loads(rec)["source"].rsplit(":", 1)[1]))  # "path:line"
         val = load_shards(src, "val")
@@ -436,7 +436,7 @@ def filtered_shards(cfg, kind):
                 json.dump(new, f, indent=2)
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
-    return (f"(kept documents of filter/{kind}/kept.jsonl -> shards in filter/{kind}/data)", go)
+    return (f"(kept documents of filter/{kind}/result/kept.jsonl -> shards in filter/{kind}/data)", go)
 
 
 def iter_docs(data, meta):
@@ -458,7 +458,7 @@ def part_filter(st):
              lambda: export_documents(P(cfg, "data"), docs_path))], "filter: export the training documents")
     for kind, other in (("ads", "fluency"), ("fluency", "ads")):
         folder = P(cfg, "filter", kind)
-        st.run(folder, [py("filter.py", f"--input={docs_path}", f"--out={folder}", f"--{other}=False"),
+        st.run(folder, [py("filter.py", f"--input={docs_path}", f"--out={folder}/result", f"--{other}=False"),
                         filtered_shards(cfg, kind)], f"filter.py --{kind} only")
         cpt_stage(st, f"random-filter_{kind}", split_model_path(cfg, "random"), 0, data=os.path.join(folder, "data"))
 
@@ -810,7 +810,7 @@ def write_results(cfg):
     w(header("filter", tasks, domains, ["documents removed", "training loss (2nd half)"]))
     for label, n, kind in (("none", "random", None), ("ads", "random-filter_ads", "ads"),
                            ("fluency", "random-filter_fluency", "fluency")):
-        rep = load_json(P(cfg, "filter", kind, "report.json")) if kind else None
+        rep = load_json(P(cfg, "filter", kind, "result", "report.json")) if kind else None
         w(row(label, R.c(n), tasks, domains, [describe_removed(rep) if kind else "0",
                                               fmt(late_train_loss(cfg, n))]))
     w("")

@@ -94,19 +94,20 @@ def _check_in_range(ids: Tensor, upper: int, what: str):
         raise ValueError(f"{what} must lie in [0, {upper}); found values from {lo} to {hi}.")
 
 
-# Tensors permute returned (row_map, tokens_per_expert), remembered by identity while they live: their
-# values are valid by construction, so unpermute and grouped_swiglu need not read them again.
-_made_by_permute = {}  # id(tensor) -> weakref to it
+# Tensors permute returned (row_map, tokens_per_expert), remembered by identity while they live, with
+# their version counter (bumped by every in-place write): while unchanged, their values are valid by
+# construction, so unpermute and grouped_swiglu need not read them again. Edited in place, they are checked.
+_made_by_permute = {}  # id(tensor) -> (weakref to it, its _version then)
 
 
 def _remember(t: Tensor):
     key = id(t)
-    _made_by_permute[key] = weakref.ref(t, lambda _ref, key=key: _made_by_permute.pop(key, None))
+    _made_by_permute[key] = (weakref.ref(t, lambda _ref, key=key: _made_by_permute.pop(key, None)), t._version)
 
 
 def made_by_permute(t: Tensor) -> bool:
-    ref = _made_by_permute.get(id(t))
-    return ref is not None and ref() is t
+    ref, version = _made_by_permute.get(id(t), (None, None))
+    return ref is not None and ref() is t and t._version == version
 
 
 # ----------------------------------------------------------------------------------------------

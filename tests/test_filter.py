@@ -16,6 +16,7 @@ The fluency model is trained on the docstrings of Python's own standard library,
 import importlib
 import inspect
 import json
+import os
 import random
 
 import pytest
@@ -599,6 +600,39 @@ def test_out_that_would_overwrite_the_input_is_refused(tmp_path):
     with pytest.raises(UserError, match="would overwrite the input"):
         flt.main([f"--input={tmp_path / 'kept.jsonl'}", f"--out={tmp_path}"])
     assert snapshot(tmp_path) == before
+
+
+def test_the_three_outputs_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """kept.jsonl, removed.jsonl and report.json are one result: a failure while writing removed.jsonl
+    used to leave a new kept.jsonl beside the old removed.jsonl. Now the old folder stays byte-identical."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ORDINARY[:10] + ADS[:3]))
+    out = tmp_path / "out"
+    flt.main([f"--input={src}", f"--out={out}", "--fluency=False"])
+    before = snapshot(out)
+    real, calls = flt.write_jsonl, []
+
+    def fail_on_the_second(path, records):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(path, records)
+    monkeypatch.setattr(flt, "write_jsonl", fail_on_the_second)
+    with pytest.raises(OSError, match="disk full"):
+        flt.main([f"--input={src}", f"--out={out}", "--ads=False"])
+    assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["in.jsonl", "out"]
+
+
+def test_out_holding_other_files_is_refused(tmp_path):
+    """The result replaces the whole --out folder, so a folder with anything else in it is refused."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ORDINARY[:10]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out=.*holds other files \(notes\.txt\)"):
+        flt.main([f"--input={src}", f"--out={out}"])
+    assert snapshot(out) == {"notes.txt": b"mine"}
 
 
 def test_empty_reference_and_order_0_are_user_errors(tmp_path):

@@ -324,6 +324,13 @@ def test_values_are_read_once_at_the_boundary(backend, monkeypatch):
     grouped_swiglu(x_perm, counts.clone(), *w)
     assert checked[1:] == ["unpermute: row_map", "grouped_swiglu: tokens_per_expert"]
     assert torch.isfinite(y).all()
+    # permute's own tensors, edited in place afterwards, are no longer trusted: checked, and refused
+    row_map[0] = 10 ** 6
+    with pytest.raises(ValueError, match="unpermute: row_map must lie in"):
+        unpermute(x_perm, row_map, torch.rand(8, 2))
+    counts[0] += 1
+    with pytest.raises(ValueError, match="grouped_swiglu: tokens_per_expert sum to"):
+        grouped_swiglu(x_perm, counts, *w)
 
 
 def test_storage_offset_views(backend):

@@ -577,6 +577,18 @@ def test_rebuild_with_the_datasets_own_tokenizer(sources, old_dataset):
     assert (old_dataset / "tokenizer.model").read_bytes() == tok_bytes
 
 
+def test_a_checkpoint_tokenizer_inside_out_is_refused(sources, old_dataset):
+    """A checkpoint folder (or .gguf) as --tokenizer gives the dataset only its tokenizer: inside --out the
+    rest of it would be deleted with the old folder. Refused before anything is written."""
+    import shutil
+    (old_dataset / "ck").mkdir()
+    shutil.copy(old_dataset / "tokenizer.model", old_dataset / "ck" / "tokenizer.model")
+    before = snapshot(old_dataset)
+    with pytest.raises(UserError, match=r"--tokenizer .*ck lies inside --out="):
+        P.prepare(config(sources, old_dataset, tokenizer=str(old_dataset / "ck")))
+    assert snapshot(old_dataset) == before
+
+
 SMOLLM2 = [p for p in (smollm2_gguf(),) if p]
 
 
