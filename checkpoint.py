@@ -133,8 +133,9 @@ def llama_moe_config(raw, path):
 # ----------------------------------------------------------------------------------------------------------
 # 2. Reading
 
-def load_pretrained(path, dtype=None, device=None):
-    """A checkpoint folder (any format above) or a .gguf file -> Transformer in eval mode."""
+def load_pretrained(path, dtype=None, device=None, own_memory=False):
+    """A checkpoint folder (any format above) or a .gguf file -> Transformer in eval mode.
+    own_memory: see read_safetensors (a GGUF is always dequantized into memory of its own)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         if not is_gguf(path):
@@ -145,7 +146,7 @@ def load_pretrained(path, dtype=None, device=None):
     elif os.path.isdir(path):
         raw = read_config_json(path)
         config = config_from_hf(raw, os.path.join(path, "config.json"))
-        mtype, tensors = raw["model_type"], read_safetensors(path)
+        mtype, tensors = raw["model_type"], read_safetensors(path, own_memory)
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint folder or .gguf file")
     return fill_model(config, mtype, tensors, path, dtype, device)
@@ -219,8 +220,13 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
     return model.eval()
 
 
-def read_safetensors(path):
-    """Yield (name, tensor, file) one at a time from model.safetensors or its shards: never the whole model."""
+def read_safetensors(path, own_memory=False):
+    """Yield (name, tensor, file) one at a time from model.safetensors or its shards: never the whole model.
+
+    By default the tensors are views of a memory map of each file (safetensors' zero-copy load): nothing is
+    read until used, but every page read stays resident while any view of that file lives. own_memory=True
+    copies each tensor out of a map of its own that closes at once, so the file is read once and only the
+    copies stay: what a program that makes new tensors from the old (split.py) needs to stay at one model."""
     from safetensors import SafetensorError, safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -244,8 +250,12 @@ def read_safetensors(path):
                              f"copy or export the checkpoint again")
         try:
             with safe_open(fpath, framework="pt") as f:
-                for name in f.keys():
+                names = list(f.keys())
+                for name in names if not own_memory else ():
                     yield name, f.get_tensor(name), fpath
+            for name in names if own_memory else ():
+                with safe_open(fpath, framework="pt") as f:
+                    yield name, f.get_tensor(name).clone(), fpath
         except (SafetensorError, OSError) as e:  # a damaged header, or data shorter than the header says
             raise ValueError(f"{fpath}: not a readable safetensors file ({e}); it is truncated or damaged "
                              f"({os.path.getsize(fpath)} bytes): copy or export the checkpoint again") from None

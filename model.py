@@ -405,10 +405,11 @@ class Transformer(nn.Module):
     # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode."""
+    def from_pretrained(cls, path, dtype=None, device=None, own_memory=False):
+        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode.
+        own_memory=True: tensors copied out of the files, not views of their memory maps (checkpoint.py)."""
         import checkpoint  # imported here: checkpoint.py builds Transformers, so it imports this file
-        return checkpoint.load_pretrained(path, dtype=dtype, device=device)
+        return checkpoint.load_pretrained(path, dtype=dtype, device=device, own_memory=own_memory)
 
     def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):  # shards of at most 5 GiB
         import checkpoint

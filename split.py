@@ -25,14 +25,13 @@ Read top to bottom:
 Shapes: d hidden, d_h dense intermediate size, E experts, k experts per token, d_e expert width,
 C importance clusters (= E), B batch, S sequence length, T = B*S tokens.
 
-Memory: about one model. The source is read one tensor at a time into memory of its own (own_memory), each
-layer's experts are gathered from the dense FFN, which is dropped right after, so the split holds one model
-plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB bf16 checkpoint, 16/4
-random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before: 2.4 GiB); writing
-adds only what save_pretrained copies. The sharing methods also run forward + backward passes over sample
+Memory: about one model. The source is read one tensor at a time into memory of its own (from_pretrained's
+own_memory=True), each layer's experts are gathered from the dense FFN, which is dropped right after, so the
+split holds one model plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB
+bf16 checkpoint, 16/4 random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before:
+2.4 GiB); writing adds only what save_pretrained copies. The sharing methods also run forward + backward passes over sample
 text first (section 3 says how much).
 """
-import json
 import os
 import resource
 from dataclasses import dataclass, replace
@@ -517,36 +516,15 @@ def check_paths(cfg):
          f"it, or choose another --dst")
 
 
-def own_memory(model, folder):
-    """Give every tensor of a model loaded from a safetensors folder memory of its own, one tensor at a time.
-
-    from_pretrained hands out views of a memory map of each file (safetensors' zero-copy load): nothing is read
-    until used, but every page read stays resident as long as any view of that file lives. Cutting experts (new
-    memory) out of such a model ends with the dense model in the page map *and* the MoE (a 7B split peaked at
-    19-21 GiB). Here each tensor is copied out of a map of its own that closes right after, so the file is read
-    once and the peak is one model plus one tensor."""
-    from safetensors import safe_open
-    index = os.path.join(folder, "model.safetensors.index.json")
-    where = {}
-    if os.path.exists(index):
-        with open(index) as f:
-            where = json.load(f)["weight_map"]                                 # name -> shard file
-    for name, p in model.named_parameters():   # a tied lm_head is the embedding and listed once
-        with safe_open(os.path.join(folder, where.get(name, "model.safetensors")), framework="pt") as f:
-            p.data = f.get_tensor(name).clone()
-
-
 def split_checkpoint(cfg):
     """Read cfg.src, split it, write the MoE checkpoint to cfg.dst (atomically). Returns the model.
     Everything is checked before the weights are read, and nothing is written before the split is done."""
     check_paths(cfg)
-    try:  # a checkpoint folder or a .gguf file; a safetensors folder is only mapped here, not yet read
-        dense = Transformer.from_pretrained(cfg.src, device=cfg.device)
+    try:  # a checkpoint folder or a .gguf file, each tensor copied out of its file (memory: one model)
+        dense = Transformer.from_pretrained(cfg.src, device=cfg.device, own_memory=True)
     except (OSError, ValueError) as e:  # missing, malformed or not a LLaMA: the loader's message names the file
         raise UserError(f"--src={cfg.src}: {e}") from None
     sizes = check_split(cfg, dense.config)
-    if os.path.isdir(cfg.src) and dense.lm_head.weight.device.type == "cpu":
-        own_memory(dense, cfg.src)
     moe = split_model(dense, cfg, sizes, free_dense=True)
     del dense
     moe.save_pretrained(cfg.dst, format=cfg.format)
