@@ -29,8 +29,8 @@ Memory: about one model. The source is read one tensor at a time into memory of 
 own_memory=True), each layer's experts are gathered from the dense FFN, which is dropped right after, so the
 split holds one model plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB
 bf16 checkpoint, 16/4 random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before:
-2.4 GiB); writing adds only what save_pretrained copies. The sharing methods also run forward + backward passes over sample
-text first (section 3 says how much).
+2.4 GiB); writing adds only what save_pretrained copies. The sharing methods also run forward + backward
+passes over sample text first (section 3 says how much).
 """
 import os
 import resource
