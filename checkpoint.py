@@ -517,6 +517,15 @@ def read_gguf(path):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Writing
 
+# One tensor per expert on disk: (gate, up, down) names of expert j of the MoE layer at `head`.
+EXPERT_NAMES = {
+    "mixtral": ("{head}.block_sparse_moe.experts.{j}.w1.weight", "{head}.block_sparse_moe.experts.{j}.w3.weight",
+                "{head}.block_sparse_moe.experts.{j}.w2.weight"),
+    "llama_moe": ("{head}.mlp.calculator.experts.weight_gate.{j}", "{head}.mlp.calculator.experts.weight_up.{j}",
+                  "{head}.mlp.calculator.experts.weight_down.{j}"),
+}
+
+
 def export_tensors(model, format):
     """(name, tensor) pairs in the target format's naming, one at a time."""
     config = model.config
@@ -529,29 +538,20 @@ def export_tensors(model, format):
             continue
         layer = int(name.split(".")[2])
         head = name.split(".mlp.")[0]
-        if format == "mixtral":
-            if name.endswith("gate.gate_network.weight"):
-                yield f"{head}.block_sparse_moe.gate.weight", t
-            elif ".mlp.experts." in name:
-                for j in range(t.size(0)):
-                    if name.endswith("gate_up_proj"):
-                        gate, up = t[j].chunk(2)                                 # 2 x (d_e, d), views
-                        yield f"{head}.block_sparse_moe.experts.{j}.w1.weight", gate
-                        yield f"{head}.block_sparse_moe.experts.{j}.w3.weight", up
-                    else:  # Fold the rescale factor into w2: Mixtral's routing is our eval routing with s = 1.
-                        yield f"{head}.block_sparse_moe.experts.{j}.w2.weight", t[j] * scales[layer]
-            # gate.weight_noise is dropped: Mixtral has no noise, and eval never used it
+        if ".mlp.experts." in name:
+            gate_name, up_name, down_name = EXPERT_NAMES[format]
+            for j in range(t.size(0)):
+                if name.endswith("gate_up_proj"):
+                    gate, up = t[j].chunk(2)                                     # 2 x (d_e, d), views
+                    yield gate_name.format(head=head, j=j), gate
+                    yield up_name.format(head=head, j=j), up
+                else:  # Mixtral: the rescale factor folded into w2 (its routing is our eval routing with s = 1)
+                    yield down_name.format(head=head, j=j), t[j] * scales[layer] if format == "mixtral" else t[j]
         elif format == "llama_moe":
-            if ".mlp.experts." in name:
-                for j in range(t.size(0)):
-                    if name.endswith("gate_up_proj"):
-                        gate, up = t[j].chunk(2)                                 # 2 x (d_e, d), views
-                        yield f"{head}.mlp.calculator.experts.weight_gate.{j}", gate
-                        yield f"{head}.mlp.calculator.experts.weight_up.{j}", up
-                    else:
-                        yield f"{head}.mlp.calculator.experts.weight_down.{j}", t[j]
-            else:
-                yield name, t
+            yield name, t
+        elif name.endswith("gate.gate_network.weight"):  # mixtral's linear router
+            yield f"{head}.block_sparse_moe.gate.weight", t
+        # (mixtral: gate.weight_noise is dropped: Mixtral has no noise, and eval never used it)
 
 
 def export_config(model, format):
