@@ -653,15 +653,19 @@ def routing_plot(series, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        for label, r in series:
-            ax.plot(r["layers"], r["js"], marker="o", markersize=3, label=label)
+        colours = {}
+        for label, r in series:  # one colour per method; dashed at the split, solid after CPT
+            method = label.split(" ")[0]
+            line, = ax.plot(r["layers"], r["js"], marker="o", markersize=3, label=label, color=colours.get(method),
+                            linestyle="--" if "at the split" in label else "-")
+            colours[method] = line.get_color()
         ax.set_xlabel("layer")
         ax.set_ylabel("JS of the domains' expert use (0-1)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
-        return "JS per layer (matplotlib)."
+        return "JS per layer: one colour per method, dashed at the split, solid after CPT."
     except ImportError:
         pass
     W, H, pad = 640, 320, 20
@@ -937,6 +941,12 @@ def acc_tie(a, b):
     return d, abs(d) <= 2 * math.sqrt(a["acc_norm_se"] ** 2 + b["acc_norm_se"] ** 2)
 
 
+def acc_verdict(a, b, better="agree", worse="disagree"):
+    """(difference of mean acc_norm a - b, verdict text): a tie within 2 SE cannot tell."""
+    d, is_tie = acc_tie(a, b)
+    return d, "cannot tell (within 2 SE)" if is_tie else better if d > 0 else worse
+
+
 def verdicts(cfg, R, tie):
     out = []
     sn = shape_name(cfg.cpt_shape)
@@ -953,7 +963,7 @@ def verdicts(cfg, R, tie):
         tied = [m for m in rank if after[m] - after[rank[0]] <= t]
         verdict = ("agree" if rank[0] == "random" and len(tied) == 1 else
                    "cannot tell (random ties with the best within the seed noise)" if "random" in tied else "disagree")
-        out.append(f"- **IndependentRandom is best after continual pretraining.** Measured (val loss after CPT): "
+        out.append("- **IndependentRandom is best after continual pretraining.** Measured (val loss after CPT): "
                    + ", ".join(f"{m} {after[m]:.3f}" for m in rank) + f"; ties within {t:.3f}: {', '.join(tied)}. "
                    f"**Verdict: {verdict}.**")
     else:
@@ -989,11 +999,11 @@ def verdicts(cfg, R, tie):
     # 4. sheared vs dynamic
     sh_, dy = R.c("random-sheared_like"), R.c("random-dynamic")
     if sh_ and dy:
-        d, is_tie = acc_tie(sh_, dy)
+        d, verdict = acc_verdict(sh_, dy)
         out.append(f"- **StaticSheared beats the dynamic strategies downstream (though not lowest loss).** "
                    f"acc_norm sheared_like {pm(sh_['acc_norm'], sh_['acc_norm_se'])} vs dynamic "
                    f"{pm(dy['acc_norm'], dy['acc_norm_se'])} ({d:+.3f}); val loss {sh_['val']:.3f} vs {dy['val']:.3f}. "
-                   f"**Verdict: {'cannot tell (within 2 SE)' if is_tie else 'agree' if d > 0 else 'disagree'}.**")
+                   f"**Verdict: {verdict}.**")
     if dy and R.c("random"):
         def rises(n):
             ev, _ = train_log(P(cfg, "cpt", n))
@@ -1004,16 +1014,16 @@ def verdicts(cfg, R, tie):
                    f"{'agree' if rd > ru else 'disagree at this scale (no more rises than static)'}** — with "
                    f"{nd} evaluations this is weak evidence either way.")
     # 5. filtering
-    f0, fa, ff = R.c("random"), R.c("random-filter_ads"), R.c("random-filter_fluency")
+    f0, ff = R.c("random"), R.c("random-filter_fluency")
     if f0 and ff:
-        d, is_tie = acc_tie(ff, f0)
+        d, verdict = acc_verdict(ff, f0)
         l0, la, lf = (late_train_loss(cfg, n) for n in ("random", "random-filter_ads", "random-filter_fluency"))
         out.append(f"- **Filtering lowered the training loss; the fluency-filtered data was better downstream.** "
                    f"Training loss (2nd half) none {fmt(l0)}, ads {fmt(la)}, fluency {fmt(lf)} (on each run's own "
                    f"data, so easier data alone lowers it); acc_norm fluency {pm(ff['acc_norm'], ff['acc_norm_se'])} "
                    f"vs none {pm(f0['acc_norm'], f0['acc_norm_se'])}. **Verdict: training loss "
                    f"{'lower' if lf is not None and l0 is not None and lf < l0 - t else 'not lower beyond the noise'}"
-                   f" with fluency; downstream {'cannot tell (within 2 SE)' if is_tie else 'agree' if d > 0 else 'disagree'}.**")
+                   f" with fluency; downstream {verdict}.**")
     # 6. routing depth
     r_after, r_split = (R.c("random") or {}).get("routing"), (R.split.get((sn, "random")) or {}).get("routing")
     if r_after:
@@ -1030,13 +1040,13 @@ def verdicts(cfg, R, tie):
     # 7. headline
     p, m = R.c("pruned-dense"), R.c("random")
     if p and m:
-        d, is_tie = acc_tie(m, p)
+        d, verdict = acc_verdict(m, p, "MoE better", "pruned dense better")
         out.append(f"- **LLaMA-MoE beats dense models of similar activated size (57.6 vs 55.6 for "
                    f"Open-LLaMA-3B-v2).** Our control is the parent pruned to the same active FFN width and trained "
                    f"on the same tokens: val loss MoE {m['val']:.3f} vs pruned dense {p['val']:.3f}; acc_norm "
                    f"{pm(m['acc_norm'], m['acc_norm_se'])} vs {pm(p['acc_norm'], p['acc_norm_se'])}. **Verdict: "
                    f"loss {'tie' if abs(m['val'] - p['val']) <= t else 'MoE better' if m['val'] < p['val'] else 'pruned dense better'}"
-                   f", downstream {'cannot tell (within 2 SE)' if is_tie else 'MoE better' if d > 0 else 'pruned dense better'}"
+                   f", downstream {verdict}"
                    f".** Not the paper's comparison: theirs are independently pretrained dense models, 200B tokens.")
     # upcycle sanity
     for s in cfg.upcycle_shapes.split(","):
