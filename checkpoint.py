@@ -133,23 +133,28 @@ def llama_moe_config(raw, path):
 # ----------------------------------------------------------------------------------------------------------
 # 2. Reading
 
-def load_pretrained(path, dtype=None, device=None, own_memory=False):
-    """A checkpoint folder (any format above) or a .gguf file -> Transformer in eval mode.
-    own_memory: see read_safetensors (a GGUF is always dequantized into memory of its own)."""
+def load_pretrained(path, dtype=None, device=None):
+    """A checkpoint folder (any format above) or a .gguf file -> Transformer in eval mode."""
+    config, mtype, tensors = open_checkpoint(path)
+    return fill_model(config, mtype, tensors, path, dtype, device)
+
+
+def open_checkpoint(path, own_memory=False):
+    """-> (ModelConfig, format, a lazy generator of its tensors): the config is read, no weight yet, so a
+    caller can check what it is about to load first. own_memory: see read_safetensors (a GGUF is always
+    dequantized into memory of its own)."""
     path = os.fspath(path)
     if os.path.isfile(path):
         if not is_gguf(path):
             raise ValueError(f"{path}: a single file is read only if it is GGUF; for Hugging Face / our "
                              f"checkpoints pass the folder holding config.json")
         config, tensors = read_gguf(path)
-        mtype = "llama"
-    elif os.path.isdir(path):
+        return config, "llama", tensors
+    if os.path.isdir(path):
         raw = read_config_json(path)
         config = config_from_hf(raw, os.path.join(path, "config.json"))
-        mtype, tensors = raw["model_type"], read_safetensors(path, own_memory)
-    else:
-        raise FileNotFoundError(f"{path}: no such checkpoint folder or .gguf file")
-    return fill_model(config, mtype, tensors, path, dtype, device)
+        return config, raw["model_type"], read_safetensors(path, own_memory)
+    raise FileNotFoundError(f"{path}: no such checkpoint folder or .gguf file")
 
 
 def fill_model(config, mtype, tensors, path, dtype=None, device=None):
@@ -183,8 +188,9 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
                              f"implies {want}")
         new_cells = cells(full_shape, name, expert, half)
         if new_cells & loaded.get(name, set()):
-            raise ValueError(f"{fpath}: tensor {stored_name!r} is stored twice: the checkpoint's shards are "
-                             f"inconsistent; export it again")
+            raise ValueError(f"{fpath}: tensor {stored_name!r} holds weights already read from another tensor "
+                             f"(stored twice, or in two layouts): the checkpoint's shards are inconsistent; "
+                             f"export it again")
         tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
         if expert is None and half is None:
             set_tensor(model, name, tensor)
@@ -207,9 +213,12 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
             continue
         if len(want) == 1:
             missing.append(name)
-        else:
-            gone = sorted({j for j, h in want - have if j is not None})
-            missing.append(f"{name} (experts {gone} incomplete)" if gone else name)
+            continue
+        for h, part in ((None, ""), (0, "gate half of "), (1, "up half of ")):
+            gone = sorted(j for j, hh in want - have if hh == h and j is not None)
+            if gone:
+                experts = f"{len(gone)} experts" if len(gone) > 8 else f"experts {gone}"
+                missing.append(f"{name} ({part}{experts})")
     if missing:
         raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} in all): the checkpoint is incomplete or does not match its config; "
@@ -249,12 +258,15 @@ def read_safetensors(path, own_memory=False):
             raise ValueError(f"{fpath}: the file is empty (0 bytes), probably an interrupted copy or save: "
                              f"copy or export the checkpoint again")
         try:
+            if not own_memory:
+                with safe_open(fpath, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name), fpath
+                continue
             with safe_open(fpath, framework="pt") as f:
                 names = list(f.keys())
-                for name in names if not own_memory else ():
-                    yield name, f.get_tensor(name), fpath
-            for name in names if own_memory else ():
-                with safe_open(fpath, framework="pt") as f:
+            for name in names:
+                with safe_open(fpath, framework="pt") as f:  # a map of its own, closed at once
                     yield name, f.get_tensor(name).clone(), fpath
         except (SafetensorError, OSError) as e:  # a damaged header, or data shorter than the header says
             raise ValueError(f"{fpath}: not a readable safetensors file ({e}); it is truncated or damaged "
@@ -274,13 +286,17 @@ def from_hf_names(name, mtype):
         name = name.replace("block_sparse_moe.gate.weight", "mlp.gate.gate_network.weight")
         if ".block_sparse_moe.experts." in name:
             head, rest = name.split(".block_sparse_moe.experts.")
-            j, w = rest.split(".")[:2]
+            j, w = (rest.split(".") + [""])[:2]
+            if w not in ("w1", "w2", "w3") or not j.isdigit():
+                return name, None, None  # not a tensor of this model: fill_model says so, naming it
             which, expert = {"w1": "gate", "w3": "up", "w2": "down"}[w], int(j)
     elif mtype == "llama_moe":
         # model.layers.L.mlp.calculator.experts.weight_{gate,up,down}.J
         if ".mlp.calculator.experts.weight_" in name:
             head, rest = name.split(".mlp.calculator.experts.weight_")
             which, j = rest.split(".")
+            if which not in ("gate", "up", "down") or not j.isdigit():
+                return name, None, None  # not a tensor of this model: fill_model says so, naming it
             expert = int(j)
     elif mtype == NATIVE_MODEL_TYPE and name.endswith((".mlp.experts.gate_proj", ".mlp.experts.up_proj")):
         # written before gate and up were stored as one tensor: still read
@@ -295,13 +311,14 @@ def from_hf_names(name, mtype):
 
 def piece(full_shape, expert, half):
     """Where a stored tensor goes in our parameter of full_shape: (index, the shape it must have)."""
-    index = [slice(None)] * len(full_shape)
+    index, shape = [slice(None)] * len(full_shape), list(full_shape)
+    if half is not None:          # the gate or the up half of (E, 2 d_e, d): rows [0, d_e) or [d_e, 2 d_e)
+        shape[1] //= 2
+        index[1] = slice(half * shape[1], (half + 1) * shape[1])
     if expert is not None:        # one expert of the (E, ...) stack
         index[0] = expert
-    if half is not None:          # the gate or the up half of (E, 2 d_e, d)
-        width = full_shape[1] // 2
-        index[1] = slice(half * width, (half + 1) * width)
-    return tuple(index), tuple(torch.empty(full_shape, device="meta")[tuple(index)].shape)
+        shape.pop(0)
+    return tuple(index), tuple(shape)
 
 
 def cells(full_shape, name, expert, half):
@@ -545,8 +562,10 @@ def export_tensors(model, format):
                     gate, up = t[j].chunk(2)                                     # 2 x (d_e, d), views
                     yield gate_name.format(head=head, j=j), gate
                     yield up_name.format(head=head, j=j), up
-                else:  # Mixtral: the rescale factor folded into w2 (its routing is our eval routing with s = 1)
-                    yield down_name.format(head=head, j=j), t[j] * scales[layer] if format == "mixtral" else t[j]
+                elif format == "mixtral":  # the rescale factor folded into w2: its routing is ours with s = 1
+                    yield down_name.format(head=head, j=j), t[j] * scales[layer]
+                else:  # llama_moe keeps score_scale_factor in its config
+                    yield down_name.format(head=head, j=j), t[j]
         elif format == "llama_moe":
             yield name, t
         elif name.endswith("gate.gate_network.weight"):  # mixtral's linear router

@@ -408,6 +408,15 @@ def input_files(spec):
     return files
 
 
+def check_only_outputs(out):
+    """The result replaces the whole --out folder: refuse one that holds anything else."""
+    others = sorted(set(os.listdir(out)) - set(OUTPUTS)) if os.path.isdir(out) else []
+    if others:
+        raise UserError(f"--out={out} holds other files ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''})"
+                        f": the result replaces the whole folder; choose a new folder, or one holding only a "
+                        f"previous filter.py result")
+
+
 def check_config(config, inputs):
     """Every setting and path is checked before any input is read or output written."""
     if not config.out:
@@ -421,11 +430,11 @@ def check_config(config, inputs):
         raise UserError(f"--order={config.order}: the n-gram order must be >= 1 (5 = characters in context + 1)")
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         raise UserError(f"--out={config.out} is a file, not a folder")
-    others = sorted(set(os.listdir(config.out)) - set(OUTPUTS)) if os.path.isdir(config.out) else []
-    if others:
-        raise UserError(f"--out={config.out} holds other files ({', '.join(others[:3])}"
-                        f"{' ...' if len(others) > 3 else ''}): the result replaces the whole folder; "
-                        f"choose a new folder, or one holding only a previous filter.py result")
+    check_only_outputs(config.out)
+    parent = os.path.dirname(os.path.realpath(config.out))
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK):
+        raise UserError(f"--out={config.out}: its folder {parent} is not writable (the result is written beside "
+                        f"--out and renamed into place); choose another --out")
     reads = {os.path.realpath(p) for p in inputs + ([config.reference] if config.reference else [])}
     for name in OUTPUTS:
         if os.path.realpath(os.path.join(config.out, name)) in reads:
@@ -443,11 +452,13 @@ def main(argv=None):
     kept, removed = filter_documents(docs, config, reference)
     assert len(kept) + len(removed) == len(docs)  # every document ends in exactly one of the two
     report = build_report(kept, removed, stats, config, inputs)
-    with atomic_dir(config.out) as tmp:  # the three files appear together, or not at all
+    # The three files appear together, or not at all. A symlinked --out: its target is replaced, not the link.
+    with atomic_dir(os.path.realpath(config.out)) as tmp:
         write_jsonl(os.path.join(tmp, "kept.jsonl"), kept)
         write_jsonl(os.path.join(tmp, "removed.jsonl"), removed)
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=True)
+        check_only_outputs(config.out)  # again: something may have been put there while we scored
     print_report(report)
     return report
 

@@ -213,7 +213,7 @@ class Experts(nn.Module):
     gate_up_proj[j] = [W_gate; W_up] of expert j, one (2 d_e, d) tensor: its rows i and d_e + i and column i
     of down_proj[j] are one neuron of the dense FFN it was cut from. Gate and up live in one tensor because
     the grouped matmul wants them so: stored apart, every forward would copy both into one (~180 MB per
-    layer at 7B). Checkpoints keep the usual names (Mixtral w1/w3, llama_moe weight_gate/weight_up)."""
+    layer at 7B). Mixtral and llama_moe checkpoints keep their per-expert names (w1/w3, weight_gate/weight_up)."""
 
     def __init__(self, num_experts, dim, width):
         super().__init__()
@@ -405,11 +405,10 @@ class Transformer(nn.Module):
     # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, own_memory=False):
-        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode.
-        own_memory=True: tensors copied out of the files, not views of their memory maps (checkpoint.py)."""
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode."""
         import checkpoint  # imported here: checkpoint.py builds Transformers, so it imports this file
-        return checkpoint.load_pretrained(path, dtype=dtype, device=device, own_memory=own_memory)
+        return checkpoint.load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):  # shards of at most 5 GiB
         import checkpoint

@@ -25,7 +25,7 @@ Read top to bottom:
 Shapes: d hidden, d_h dense intermediate size, E experts, k experts per token, d_e expert width,
 C importance clusters (= E), B batch, S sequence length, T = B*S tokens.
 
-Memory: about one model. The source is read one tensor at a time into memory of its own (from_pretrained's
+Memory: about one model. The source is read one tensor at a time into memory of its own (checkpoint.py's
 own_memory=True), each layer's experts are gathered from the dense FFN, which is dropped right after, so the
 split holds one model plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB
 bf16 checkpoint, 16/4 random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before:
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 from configurator import UserError, load_config, run_cli
 from fileio import is_inside
 from model import Transformer
@@ -520,11 +521,15 @@ def split_checkpoint(cfg):
     """Read cfg.src, split it, write the MoE checkpoint to cfg.dst (atomically). Returns the model.
     Everything is checked before the weights are read, and nothing is written before the split is done."""
     check_paths(cfg)
-    try:  # a checkpoint folder or a .gguf file, each tensor copied out of its file (memory: one model)
-        dense = Transformer.from_pretrained(cfg.src, device=cfg.device, own_memory=True)
+    try:  # a checkpoint folder or a .gguf file: its config first, the split checked against it, then the weights
+        config, mtype, tensors = checkpoint.open_checkpoint(cfg.src, own_memory=True)
     except (OSError, ValueError) as e:  # missing, malformed or not a LLaMA: the loader's message names the file
         raise UserError(f"--src={cfg.src}: {e}") from None
-    sizes = check_split(cfg, dense.config)
+    sizes = check_split(cfg, config)
+    try:  # each tensor copied out of its file, one at a time (memory: one model)
+        dense = checkpoint.fill_model(config, mtype, tensors, cfg.src, device=cfg.device)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--src={cfg.src}: {e}") from None
     moe = split_model(dense, cfg, sizes, free_dense=True)
     del dense
     moe.save_pretrained(cfg.dst, format=cfg.format)

@@ -944,6 +944,8 @@ def acc_tie(a, b):
 def acc_verdict(a, b, better="agree", worse="disagree"):
     """(difference of mean acc_norm a - b, verdict text): a tie within 2 SE cannot tell."""
     d, is_tie = acc_tie(a, b)
+    if d is None:
+        return None, "cannot tell (no task scores)"
     return d, "cannot tell (within 2 SE)" if is_tie else better if d > 0 else worse
 
 
@@ -1002,7 +1004,7 @@ def verdicts(cfg, R, tie):
         d, verdict = acc_verdict(sh_, dy)
         out.append(f"- **StaticSheared beats the dynamic strategies downstream (though not lowest loss).** "
                    f"acc_norm sheared_like {pm(sh_['acc_norm'], sh_['acc_norm_se'])} vs dynamic "
-                   f"{pm(dy['acc_norm'], dy['acc_norm_se'])} ({d:+.3f}); val loss {sh_['val']:.3f} vs {dy['val']:.3f}. "
+                   f"{pm(dy['acc_norm'], dy['acc_norm_se'])} ({'-' if d is None else f'{d:+.3f}'}); val loss {sh_['val']:.3f} vs {dy['val']:.3f}. "
                    f"**Verdict: {verdict}.**")
     if dy and R.c("random"):
         def rises(n):

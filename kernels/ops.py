@@ -101,13 +101,15 @@ _made_by_permute = {}  # id(tensor) -> (weakref to it, its _version then)
 
 
 def _remember(t: Tensor):
+    if t.is_inference():  # tensors made under torch.inference_mode have no version counter: always checked
+        return
     key = id(t)
     _made_by_permute[key] = (weakref.ref(t, lambda _ref, key=key: _made_by_permute.pop(key, None)), t._version)
 
 
 def made_by_permute(t: Tensor) -> bool:
     ref, version = _made_by_permute.get(id(t), (None, None))
-    return ref is not None and ref() is t and t._version == version
+    return ref is not None and ref() is t and not t.is_inference() and t._version == version
 
 
 # ----------------------------------------------------------------------------------------------

@@ -623,7 +623,7 @@ def test_the_three_outputs_are_replaced_together_or_not_at_all(tmp_path, monkeyp
     assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["in.jsonl", "out"]
 
 
-def test_out_holding_other_files_is_refused(tmp_path):
+def test_out_holding_other_files_is_refused(tmp_path, monkeypatch):
     """The result replaces the whole --out folder, so a folder with anything else in it is refused."""
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ORDINARY[:10]))
@@ -631,6 +631,17 @@ def test_out_holding_other_files_is_refused(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"--out=.*holds other files \(notes\.txt\)"):
+        flt.main([f"--input={src}", f"--out={out}"])
+    assert snapshot(out) == {"notes.txt": b"mine"}
+    # ... also when the file arrives while the documents are being scored (checked again before the swap)
+    (out / "notes.txt").unlink()
+    real = flt.filter_documents
+
+    def scoring_meanwhile(*args):
+        (out / "notes.txt").write_text("mine")
+        return real(*args)
+    monkeypatch.setattr(flt, "filter_documents", scoring_meanwhile)
+    with pytest.raises(UserError, match=r"holds other files \(notes\.txt\)"):
         flt.main([f"--input={src}", f"--out={out}"])
     assert snapshot(out) == {"notes.txt": b"mine"}
 

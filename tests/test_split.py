@@ -302,8 +302,12 @@ def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
     (["--num_experts=4", "--num_expert=4"], "did you mean --num_experts"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, match):
+    """... and before the weights are read (a 7B source is 13 GB): here they are unreadable, yet the settings'
+    error is the one reported."""
     src, dst = str(tmp_path / "dense"), str(tmp_path / "moe")
     tiny_dense().save_pretrained(src)
+    with open(os.path.join(src, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
     open(tmp_path / "x", "w").close()
     with pytest.raises(UserError, match=match):
         main([f"--src={src}", f"--dst={dst}", "--top_k=2"] + [a.replace("=x", f"={tmp_path / 'x'}") for a in args])
