@@ -359,6 +359,9 @@ def part_cpt(st):
             split = P(cfg, "splits", run_name("random", seed))
             cpt_stage(st, run_name("random", seed), split, seed,
                       pre=[split_cmd(cfg, split, cfg.cpt_shape, "random", seed=seed)])
+            folder = P(cfg, "stages", f"split_eval-{run_name('random', seed)}")  # its loss before CPT
+            st.run(folder, [eval_cmd(cfg, split, os.path.join(folder, "eval.json"), 0)],
+                   f"eval of the seed-{seed} random split (validation loss only)")
     for m in CPT_METHODS[1:]:
         cpt_stage(st, m, split_model_path(cfg, m), 0)
 
@@ -788,7 +791,8 @@ def write_results(cfg):
     w(header("run", tasks, domains, ["val loss at the split"]))
     for n in names:
         base = n.split("-seed")[0]
-        at = (R.parent if base == "dense" else None if n != base  # another seed's split is not evaluated
+        at = (R.parent if base == "dense" else
+              summary(load_json(P(cfg, "stages", f"split_eval-{n}", "eval.json"))) if n != base  # another seed's split
               else R.split.get((shape_name(cfg.cpt_shape), base)))
         w(row(n, R.c(n), tasks, domains, [fmt(at["val"]) if at else "-"]))
     w(f"\nSeed-to-seed spread of the mean val loss: random {fmt(rn, 4)}, dense {fmt(dn, 4)} nats.\n")
