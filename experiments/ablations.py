@@ -647,6 +647,22 @@ def header(first, tasks, domains, extra=()):
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
+def experts_in_use(routing, i, floor=0.01):
+    """How many experts get >= 1% of layer i's routed selections (domains averaged); k of E = collapsed:
+    every token picks the same k experts, whatever its domain (and JS is then 0)."""
+    dist = np.array(routing["distribution"][i], dtype=np.float64)  # (domains, E), each row sums to 1
+    return int((dist.mean(0) >= floor).sum())
+
+
+def balance_weight(cfg):
+    config = load_json(P(cfg, "cpt", "random", "final", "config.json")) or {}
+    return config.get("balance_loss_weight", "?")
+
+
+def collapsed_layers(routing, k):
+    return [layer for i, layer in enumerate(routing["layers"]) if experts_in_use(routing, i) <= k]
+
+
 def js_summary(routing):
     """Per-layer JS -> (first third mean, last third mean, Spearman rho of JS with depth)."""
     js = np.array(routing["js"], dtype=np.float64)
@@ -856,6 +872,17 @@ def write_results(cfg):
         w("| first third (mean) | " + " | ".join(fmt(js_summary(r)[0]) for _, r in series) + " |")
         w("| last third (mean) | " + " | ".join(fmt(js_summary(r)[1]) for _, r in series) + " |")
         w("| Spearman rho(JS, depth) | " + " | ".join(fmt(js_summary(r)[2], 2) for _, r in series) + " |")
+        after = [(lab, r) for lab, r in series if lab.endswith("after CPT")]
+        if after:
+            E, k = shape(cfg.cpt_shape)
+            w(f"\nFavourite-expert share (share of tokens whose first choice is their domain's most frequent "
+              f"first choice) and experts in use (of {E}: experts receiving >= 1% of "
+              f"the layer's routed selections; {k} = collapsed, every token on the same {k} experts) after CPT:\n")
+            w("| layer | " + " | ".join(f"{lab.split(' ')[0]}: favourite share | in use" for lab, _ in after) + " |")
+            w("|---|" + "---|---|" * len(after))
+            for i, layer in enumerate(layers):
+                w(f"| {layer} | " + " | ".join(f"{fmt(float(np.mean(r['favourite_share'][i])), 2)} | "
+                                             f"{experts_in_use(r, i)}" for _, r in after) + " |")
         # experiments/results_routing.png next to RESULTS.md (so the repository's copy can be committed with it)
         png = os.path.join(os.path.dirname(os.path.abspath(cfg.results)), "experiments", "results_routing.png")
         os.makedirs(os.path.dirname(png), exist_ok=True)
@@ -1065,6 +1092,13 @@ def verdicts(cfg, R, tie):
                       f"{fmt(base[2], 2)})" if base else "") + ". **Verdict: "
                    + ("agree" if l1 > f1 and (rho or 0) > 0.3 else "partly" if l1 > f1 else "disagree")
                    + "** (the other methods: section 4).")
+        k = shape(cfg.cpt_shape)[1]
+        gone = {m: collapsed_layers(R.c(m)["routing"], k) for m in CPT_METHODS if (R.c(m) or {}).get("routing")}
+        if any(gone.values()):
+            out.append("  Caveat: some routers collapsed during CPT (every token of every domain on the same "
+                       f"{k} experts, JS = 0): " + "; ".join(f"{m} layer(s) {v}" for m, v in gone.items() if v)
+                       + f". The balance loss (weight {balance_weight(cfg)}) did not prevent it at lr {cfg.cpt_lr}; "
+                       "such a layer lowers the late-layer JS, so the depth trend is measured despite it.")
     out.append("- **HellaSwag rises smoothly during training; ARC-c is noisy.** **Cannot tell:** we score the tasks "
                "at the end of each run only, and our tasks are not HellaSwag or ARC.")
     # 7. headline
