@@ -19,7 +19,8 @@ Settings are `--key=value` (configurator.py); `--help` lists them. The parts, in
              eval.py right after the split, no training
   cpt        (2) continual pretraining (CPT) at --cpt_shape, equal tokens: random (one run per --seeds; the
              seed changes the split, the gate init, the data order and the gate noise), clustering,
-             sharing_inner, sharing_inter, and the dense parent on the same tokens (one run per --seeds)
+             sharing_inner, sharing_inter, random without rescaling (s = 1), and the dense parent on the
+             same tokens (one run per --seeds)
   mixture    (3) random + CPT with the mixtures proportional, sheared_like and dynamic (reference losses =
              the dense parent's per-domain losses on train.py's own validation windows); uniform = cpt's run
   filter     (3) filter.py --ads / --fluency on the training documents, CPT of random on what is kept
@@ -37,7 +38,7 @@ training 16/4 MoE 288 tok/s (7.1 s/step), dense 196 tok/s (10.4 s/step), distill
 loss ~10 s. Multiple choice: eval.py runs a question's context once into the KV cache and its choices after
 it: 300 questions on the parent in 84 s (q ~0.3 s per question; MoE models are a little faster).
 Estimates with the defaults (30 steps = 61k tokens per CPT run):
-  data 0.2 min | parent 1 min + 450 q | construct 18 splits ~15 min + 4 x 90 q | cpt 7 runs ~32 min + 7 x 120 q
+  data 0.2 min | parent 1 min + 450 q | construct 18 splits ~15 min + 4 x 90 q | cpt 8 runs ~37 min + 8 x 120 q
   mixture 3 runs ~13 min + 3 x 120 q | filter ~4 min + 2 runs ~9 min + 2 x 120 q
   active ~5 min + 2 x 120 q | distill ~13 min + 2 x 120 q
   => ~91 min of training, splitting and validation loss + 2730 questions (~14 min): ~1.8 h in all.
@@ -364,6 +365,9 @@ def part_cpt(st):
                    f"eval of the seed-{seed} random split (validation loss only)")
     for m in CPT_METHODS[1:]:
         cpt_stage(st, m, split_model_path(cfg, m), 0)
+    # Rescaling after training (the paper's claim is about trained models): random with s = 1, the same CPT
+    split = P(cfg, "splits", "random-noscale")
+    cpt_stage(st, "random-noscale", split, 0, pre=[split_cmd(cfg, split, cfg.cpt_shape, "random", scale=1.0)])
 
 
 def reference_losses(cfg):
@@ -803,7 +807,7 @@ def write_results(cfg):
     # --- 2. CPT
     w(f"## 2. Continual pretraining at equal tokens ({cfg.cpt_shape}, {tokens / 1e3:.0f}k tokens)\n")
     names = ([run_name("dense", s) for s in seeds(cfg)] + [run_name("random", s) for s in seeds(cfg)]
-             + list(CPT_METHODS[1:]))
+             + list(CPT_METHODS[1:]) + ["random-noscale"])
     w(header("run", tasks, domains, ["val loss at the split"]))
     for n in names:
         base = n.split("-seed")[0]
@@ -1051,8 +1055,15 @@ def verdicts(cfg, R, tie):
         out.append("- **Rescaling helps.** Val loss without minus with rescaling, right after the split: "
                    + "; ".join(f"{n} {g:+.2f}" for n, g in gains) + ". "
                    + f"**Verdict at the split: {'agree' if len(helps) == len(gains) else 'partly' if helps else 'disagree'}**"
-                   f" ({len(helps)} of {len(gains)} beyond the noise). After CPT: not measured (budget; the paper's "
-                   "claim is about trained models).")
+                   f" ({len(helps)} of {len(gains)} beyond the noise).")
+        with_s, without = R.c("random"), R.c("random-noscale")
+        if with_s and without and tie is not None:
+            d = without["val"] - with_s["val"]
+            out.append(f"  After CPT ({cfg.cpt_shape} random, equal tokens): val loss {with_s['val']:.3f} with rescaling, "
+                       f"{without['val']:.3f} without ({d:+.3f}; seed noise {t:.3f}). **Verdict after CPT: "
+                       + ("agree" if d > t else "tie (within the seed noise)" if abs(d) <= t else "disagree")
+                       + f"**; acc_norm {pm(with_s['acc_norm'], with_s['acc_norm_se'])} vs "
+                       f"{pm(without['acc_norm'], without['acc_norm_se'])}.")
     # 4. sheared vs dynamic
     sh_, dy = R.c("random-sheared_like"), R.c("random-dynamic")
     if sh_ and dy:
