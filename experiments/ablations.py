@@ -752,7 +752,9 @@ def write_results(cfg):
     total = sum(s["wall_s"] for s in R.stages.values())
     rn = R.seed_noise("random")
     dn = R.seed_noise("dense")
-    tie = max(x for x in (rn, dn, 0.0) if x is not None) if (rn is not None or dn is not None) else None
+    # Two seeds: their spread |a - b| estimates the standard deviation of one run's loss as spread / sqrt(2),
+    # so the SE of a difference between two runs is about the spread itself: a tie is within 2 x that.
+    tie = 2 * max(x for x in (rn, dn, 0.0) if x is not None) if (rn is not None or dn is not None) else None
 
     w("# RESULTS: the paper's ablations on SmolLM2-135M-Instruct\n")
     w(f"Produced by `python experiments/ablations.py` at commit {git_commit()}; every number below is read from "
@@ -778,8 +780,11 @@ def write_results(cfg):
       f"questions per task ({cfg.split_eval_items} right after a split): {', '.join(tasks) or '-'} (our tasks "
       f"from held-out text and the bsdgames quiz files, 4 choices, chance 0.25 — not the paper's benchmarks).")
     w(f"- Noise: loss differences are compared with the measured seed-to-seed spread (seeds {cfg.seeds}: "
-      f"random {fmt(rn, 4)}, dense {fmt(dn, 4)} nats); a difference no larger than the larger of the two "
-      f"({fmt(tie, 4)}) is called a tie. Accuracies: a difference within 2 x sqrt(SE1² + SE2²) is a tie.\n")
+      f"random {fmt(rn, 4)}, dense {fmt(dn, 4)} nats). Two seeds estimate one run's standard deviation as "
+      f"spread / sqrt(2), so the SE of a difference between two runs is about the spread: a difference within "
+      f"2 x the larger spread ({fmt(tie, 4)} nats) is called a tie. Two seeds make this a rough estimate: "
+      f"differences near the threshold are weak evidence either way. Accuracies: a difference within "
+      f"2 x sqrt(SE1² + SE2²) is a tie.\n")
     notes = P(cfg, "notes.md")
     if os.path.isfile(notes):
         with open(notes) as f:
@@ -848,6 +853,15 @@ def write_results(cfg):
         w("|---|" + "---|" * len(dyn[0]["weights"]))
         for r in dyn:
             w(f"| {r['step']} | " + " | ".join(f"{v:.3f}" for v in r["weights"].values()) + " |")
+        ref = reference_losses(cfg)
+        gaps = {d: dyn[0]["val_loss"][d] - ref[d] for d in ref if d in dyn[0]["val_loss"]}
+        top = max(dyn[0]["weights"], key=dyn[0]["weights"].get)
+        if gaps:
+            w(f"\nThe first update (step 0) already puts {dyn[0]['weights'][top]:.2f} of the weight on {top}: the split's "
+              f"losses exceed the parent's references by {min(gaps.values()):.1f}-{max(gaps.values()):.1f} nats per "
+              f"domain (largest: {max(gaps, key=gaps.get)}), and the update a = softmax(log w + (L - R)) turns a "
+              f"difference of x nats between two domains' gaps into a weight ratio of e^x. With losses this far above "
+              f"their references, the rule sends almost all the data to one domain.")
     w("\nFiltering (filter.py; the detectors are ours, the paper does not describe its own). CPT on the kept "
       "documents, evaluation on the unfiltered validation data; training loss = mean of the logged losses in "
       "the second half of the run, on the run's own data.\n")
