@@ -27,7 +27,8 @@ Settings are `--key=value` (configurator.py); `--help` lists them. The parts, in
   active     (5) the parent with its FFN pruned to the MoE's active width by Taylor importance
              (experiments/prune_ffn.py), evaluated, then trained on the same tokens
   distill    (6) random + CPT with train.py --distill_from=<parent> --distill_alpha: equal tokens, and equal
-             wall time (steps scaled by the measured plain/distill step time)
+             wall time (steps scaled by the measured plain/distill step time); then plain and distilled CPT
+             at --long_steps (3x the tokens), the longest horizon the budget allows
   recheck    cpt/random/final evaluated again (val loss only) at the current commit: a resumed experiment
              runs its stages at several commits, and this shows whether they still agree
   (4, routing by layer, needs no runs of its own: eval.py's routing statistics of the construct/cpt stages)
@@ -40,8 +41,8 @@ it: 300 questions on the parent in 84 s (q ~0.3 s per question; MoE models are a
 Estimates with the defaults (30 steps = 61k tokens per CPT run):
   data 0.2 min | parent 1 min + 450 q | construct 18 splits ~15 min + 4 x 90 q | cpt 8 runs ~37 min + 8 x 120 q
   mixture 3 runs ~13 min + 3 x 120 q | filter ~4 min + 2 runs ~9 min + 2 x 120 q
-  active ~5 min + 2 x 120 q | distill ~13 min + 2 x 120 q
-  => ~91 min of training, splitting and validation loss + 2730 questions (~14 min): ~1.8 h in all.
+  active ~5 min + 2 x 120 q | distill ~13 min + 2 x 120 q, and its long horizon ~32 min + 2 x 120 q
+  => ~128 min of training, splitting and validation loss + 3210 questions (~16 min): ~2.4 h in all.
   --eval_items, --parent_eval_items, --split_eval_items scale the questions; 0 = loss only.
 
 A stage = a folder with log.txt (every command's output) and done.json (commands, wall time, load average);
@@ -95,6 +96,7 @@ class ExpConfig:
     train_eval_windows: int = 1        # per domain (x seq_len tokens)
     seeds: str = "0,1"                 # random and the dense control: seed-to-seed noise, measured
     distill_alpha: float = 1.0         # loss = lm + balance + alpha * KL(parent || student)
+    long_steps: int = 90               # distill's longer horizon: plain and distilled CPT at 3x the tokens
     # eval.py
     eval_windows: int = 4              # validation windows per domain (x seq_len tokens)
     parent_eval_items: int = 200       # questions per task for the dense parent (the reference: tight SE)
@@ -146,7 +148,7 @@ def smoke_settings(cfg):
     cfg.seq_len, cfg.micro_batch, cfg.batch_tokens = 32, 2, 64
     cfg.eval_windows, cfg.eval_items, cfg.split_eval_items, cfg.parent_eval_items, cfg.batch_size = 2, 4, 4, 4, 4
     cfg.shapes, cfg.upcycle_shapes, cfg.cpt_shape = "4/2", "4/2", "4/2"
-    cfg.importance_seqs = 1
+    cfg.importance_seqs, cfg.long_steps = 1, 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -511,6 +513,9 @@ def part_distill(st):
     if steps is None and not cfg.dry_run:
         raise UserError("distill: need the step times of cpt/random and cpt/random-distill (run --parts=cpt first)")
     cpt_stage(st, "random-distill-eqtime", split, 0, extra=kd, steps=steps or "<steps x plain/distill step time>")
+    if cfg.long_steps:  # the longest horizon the budget allows: does distillation pull ahead with more tokens?
+        cpt_stage(st, "random-long", split, 0, steps=cfg.long_steps)
+        cpt_stage(st, "random-distill-long", split, 0, extra=kd, steps=cfg.long_steps)
 
 
 def part_recheck(st):
@@ -932,12 +937,15 @@ def write_results(cfg):
       f"the distilled run shortened by that ratio.\n")
     w(header("run", tasks, domains, ["steps", "CPT wall (s)"]))
     for label, n in (("plain CPT", "random"), ("distill, equal tokens", "random-distill"),
-                     ("distill, equal wall time", "random-distill-eqtime")):
+                     ("distill, equal wall time", "random-distill-eqtime"),
+                     (f"plain CPT, {cfg.long_steps} steps", "random-long"),
+                     (f"distill, {cfg.long_steps} steps", "random-distill-long")):
         _, tr = train_log(P(cfg, "cpt", n))
         st = R.stages.get(os.path.join("cpt", n))
         w(row(label, R.c(n), tasks, domains, [str(tr[-1]["step"]) if tr else "-",
                                               fmt(st["wall_s_each"][0] if st else None, 0)]))
-    curves = {n: train_log(P(cfg, "cpt", n))[0] for n in ("random", "random-distill", "random-distill-eqtime")}
+    curves = {n: train_log(P(cfg, "cpt", n))[0] for n in ("random", "random-distill", "random-distill-eqtime",
+                                                          "random-long", "random-distill-long")}
     if any(curves.values()):
         w("\nVal loss curves (train.py's evaluation):\n")
         for n, recs in curves.items():
@@ -1150,6 +1158,12 @@ def verdicts(cfg, R, tie):
                    + (f"; equal wall time {kd_eq['val']:.3f} "
                       f"({diff_verdict(kd_eq['val'], plain['val'], t).replace('first', 'distill').replace('second', 'plain')})"
                       if kd_eq else "") + ".")
+    lp, lk = R.c("random-long"), R.c("random-distill-long")
+    if lp and lk:
+        out.append(f"- Distillation at {cfg.long_steps} steps ({cfg.long_steps * cfg.batch_tokens / 1e3:.0f}k tokens): "
+                   f"{lk['val']:.3f} vs plain {lp['val']:.3f} ("
+                   + diff_verdict(lk['val'], lp['val'], t).replace('first', 'distill').replace('second', 'plain')
+                   + f"); acc_norm {pm(lk['acc_norm'], lk['acc_norm_se'])} vs {pm(lp['acc_norm'], lp['acc_norm_se'])}.")
     return "\n".join(out) + "\n"
 
 
