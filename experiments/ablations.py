@@ -1082,7 +1082,7 @@ def verdicts(cfg, R, tie):
         if with_s and without and tie is not None:
             d = without["val"] - with_s["val"]
             out.append(f"  After CPT ({cfg.cpt_shape} random, equal tokens): val loss {with_s['val']:.3f} with rescaling, "
-                       f"{without['val']:.3f} without ({d:+.3f}; seed noise {t:.3f}). **Verdict after CPT: "
+                       f"{without['val']:.3f} without ({d:+.3f}; tie threshold {t:.3f}). **Verdict after CPT: "
                        + ("agree" if d > t else "tie (within the seed noise)" if abs(d) <= t else "disagree")
                        + f"**; acc_norm {pm(with_s['acc_norm'], with_s['acc_norm_se'])} vs "
                        f"{pm(without['acc_norm'], without['acc_norm_se'])}.")
