@@ -591,8 +591,9 @@ def diff_verdict(a, b, tie, what="loss", lower_better=True):
 def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!RESULTS.md", ":!experiments/results_routing.png"],  # this report's own outputs
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + (" (+ uncommitted changes)" if dirty else "")
     except OSError:
         return "unknown"
@@ -1164,6 +1165,15 @@ def verdicts(cfg, R, tie):
                    f"{lk['val']:.3f} vs plain {lp['val']:.3f} ("
                    + diff_verdict(lk['val'], lp['val'], t).replace('first', 'distill').replace('second', 'plain')
                    + f"); acc_norm {pm(lk['acc_norm'], lk['acc_norm_se'])} vs {pm(lp['acc_norm'], lp['acc_norm_se'])}.")
+        plain_t, kd_t = mean_step_time(P(cfg, "cpt", "random")), mean_step_time(P(cfg, "cpt", "random-distill"))
+        curve_p, curve_k = train_log(P(cfg, "cpt", "random-long"))[0], train_log(P(cfg, "cpt", "random-distill-long"))[0]
+        if plain_t and kd_t and curve_p and curve_k:
+            same_wall = cfg.long_steps * plain_t / kd_t        # distilled steps that take the plain run's time
+            at = max((r for r in curve_k if r["step"] <= same_wall + 1e-9), key=lambda r: r["step"])
+            out.append(f"  At equal wall time on that horizon (train.py's own evaluation, {cfg.train_eval_windows} "
+                       f"window per domain): plain at step {curve_p[-1]['step']} {curve_p[-1]['mean_val_loss']:.3f}, "
+                       f"distilled at step {at['step']} (the plain run's time buys {same_wall:.0f} distilled steps) "
+                       f"{at['mean_val_loss']:.3f}.")
     return "\n".join(out) + "\n"
 
 
