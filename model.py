@@ -321,7 +321,10 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.model.layers if isinstance(b.mlp, MoEFeedForward)]
 
-    def forward(self, idx, targets=None, start_pos=None):
+    def forward(self, idx, targets=None, start_pos=None, last_only=False):
+        """idx (B, S) -> (logits (B, S, vocab), LM loss or None). start_pos: the KV cache's write position
+        (setup_cache). last_only (no targets): logits of the last position only, (B, 1, vocab): generation
+        reads nothing else, and a long prompt's (S, vocab) logits would be most of its prefill's memory."""
         B, S = idx.shape
         # (One host sync; skipped under torch.compile, where it would break the graph.)
         if not torch.compiler.is_compiling() and idx.numel():
@@ -341,7 +344,7 @@ class Transformer(nn.Module):
         moe = self.moe_layers()
         self.aux_loss = sum(m.last_gate.balance_loss for m in moe) if moe else x.new_zeros(())
         if targets is None:
-            return self.lm_head(x), None                                 # (B, S, vocab)
+            return self.lm_head(x[:, -1:] if last_only else x), None     # (B, 1 or S, vocab)
         logits = self.lm_head(x)                                         # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss  # the LM loss alone; training adds self.aux_loss (SPEC.md section 3) itself
@@ -362,10 +365,10 @@ class Transformer(nn.Module):
             pos = 0
             for _ in range(max_new_tokens):
                 if use_cache:
-                    logits, _ = self(idx[:, pos:], start_pos=pos)
+                    logits, _ = self(idx[:, pos:], start_pos=pos, last_only=True)
                     pos = idx.size(1)
                 else:
-                    logits, _ = self(idx)
+                    logits, _ = self(idx, last_only=True)
                 logits = logits[:, -1, :].float()
                 if temperature == 0:
                     nxt = logits.argmax(-1, keepdim=True)
