@@ -16,7 +16,6 @@ for every row, so this is a conservative yardstick).
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 from configurator import UserError, load_config, run_cli
@@ -110,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_cli(lambda argv: main(argv))
+    run_cli(main)

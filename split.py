@@ -130,7 +130,8 @@ def check_split(cfg, config):
     # already is the FFN: s = 1 is their default.
     scale = float(cfg.scale if cfg.scale is not None else (1.0 if m == "upcycle" else E / k))
     need(scale > 0, f"--scale must be > 0 (1 turns rescaling off), got {scale}")
-    # What the output format can hold (checkpoint.export_config refuses it too, but only when saving, after the whole split).
+    # What the output format can hold (checkpoint.export_config refuses it too, but only when saving, after the
+    # whole split).
     need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
          "(Mixtral's router is one linear layer): use --gate_type=linear or --format=native")
     need(cfg.format == "native" or not shared, f"--format={cfg.format} has no place for SharingInter's shared "

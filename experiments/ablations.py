@@ -863,8 +863,8 @@ def write_results(cfg):
         gaps = {d: dyn[0]["val_loss"][d] - ref[d] for d in ref if d in dyn[0]["val_loss"]}
         top = max(dyn[0]["weights"], key=dyn[0]["weights"].get)
         if gaps:
-            w(f"\nThe first update (step 0) already puts {dyn[0]['weights'][top]:.2f} of the weight on {top}: the split's "
-              f"losses exceed the parent's references by {min(gaps.values()):.1f}-{max(gaps.values()):.1f} nats per "
+            w(f"\nThe first update (step 0) already puts {dyn[0]['weights'][top]:.2f} of the weight on {top}: "
+              f"the split's losses exceed the parent's references by {min(gaps.values()):.1f}-{max(gaps.values()):.1f} nats per "
               f"domain (largest: {max(gaps, key=gaps.get)}), and the update a = softmax(log w + (L - R)) turns a "
               f"difference of x nats between two domains' gaps into a weight ratio of e^x. With losses this far above "
               f"their references, the rule sends almost all the data to one domain.")
@@ -1082,8 +1082,8 @@ def verdicts(cfg, R, tie):
         with_s, without = R.c("random"), R.c("random-noscale")
         if with_s and without and tie is not None:
             d = without["val"] - with_s["val"]
-            out.append(f"  After CPT ({cfg.cpt_shape} random, equal tokens): val loss {with_s['val']:.3f} with rescaling, "
-                       f"{without['val']:.3f} without ({d:+.3f}; tie threshold {t:.3f}). **Verdict after CPT: "
+            out.append(f"  After CPT ({cfg.cpt_shape} random, equal tokens): val loss {with_s['val']:.3f} with "
+                       f"rescaling, {without['val']:.3f} without ({d:+.3f}; tie threshold {t:.3f}). **Verdict after CPT: "
                        + ("agree" if d > t else "tie (within the seed noise)" if abs(d) <= t else "disagree")
                        + f"**; acc_norm {pm(with_s['acc_norm'], with_s['acc_norm_se'])} vs "
                        f"{pm(without['acc_norm'], without['acc_norm_se'])}.")
@@ -1166,7 +1166,8 @@ def verdicts(cfg, R, tie):
                    + diff_verdict(lk['val'], lp['val'], t).replace('first', 'distill').replace('second', 'plain')
                    + f"); acc_norm {pm(lk['acc_norm'], lk['acc_norm_se'])} vs {pm(lp['acc_norm'], lp['acc_norm_se'])}.")
         plain_t, kd_t = mean_step_time(P(cfg, "cpt", "random")), mean_step_time(P(cfg, "cpt", "random-distill"))
-        curve_p, curve_k = train_log(P(cfg, "cpt", "random-long"))[0], train_log(P(cfg, "cpt", "random-distill-long"))[0]
+        curve_p = train_log(P(cfg, "cpt", "random-long"))[0]
+        curve_k = train_log(P(cfg, "cpt", "random-distill-long"))[0]
         if plain_t and kd_t and curve_p and curve_k:
             same_wall = cfg.long_steps * plain_t / kd_t        # distilled steps that take the plain run's time
             at = max((r for r in curve_k if r["step"] <= same_wall + 1e-9), key=lambda r: r["step"])
