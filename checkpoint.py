@@ -166,6 +166,7 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.named_parameters())  # a tied lm_head is the embedding and is listed once
+    expected.update((n, b) for n, b in model.named_buffers() if n.endswith("gate.expert_bias"))
     loaded = {}  # our name -> the (expert, half) cells that arrived for it (see cells())
     for stored_name, tensor, fpath in tensors:
         mapped = from_hf_names(stored_name, mtype)
@@ -206,8 +207,8 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
         have = loaded.get(name, set())
         if have == want:
             continue
-        if name.endswith("gate.weight_noise.weight") and not have:
-            # Mixtral has no noise projection; SPEC.md section 3 starts it at zero anyway.
+        if name.endswith(("gate.weight_noise.weight", "gate.expert_bias")) and not have:
+            # Mixtral has no noise projection and no balancing bias; both start at zero anyway.
             set_tensor(model, name, torch.zeros(p.shape, dtype=dtype or model.model.embed_tokens.weight.dtype,
                                                 device=device))
             continue
@@ -334,6 +335,9 @@ def set_tensor(model, name, tensor):
     frozen noise projection, which DDP would otherwise wait for)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if attr in module._buffers:  # the gate's balancing bias
+        module.register_buffer(attr, tensor)
+        return tensor
     param = nn.Parameter(tensor, requires_grad=getattr(module, attr).requires_grad and tensor.is_floating_point())
     setattr(module, attr, param)
     return param
@@ -566,6 +570,8 @@ def export_tensors(model, format):
                     yield down_name.format(head=head, j=j), t[j] * scales[layer]
                 else:  # llama_moe keeps score_scale_factor in its config
                     yield down_name.format(head=head, j=j), t[j]
+        elif name.endswith("gate.expert_bias"):
+            continue  # all zeros (export_config refuses a model whose bias is not): no tensor for it
         elif format == "llama_moe":
             yield name, t
         elif name.endswith("gate.gate_network.weight"):  # mixtral's linear router
@@ -586,8 +592,13 @@ def export_config(model, format):
         return dict(asdict(c), architectures=["LlamaMoEStacked"], model_type=NATIVE_MODEL_TYPE,
                     torch_dtype=base["torch_dtype"])
     widths = c.layer_list("expert_intermediate_size")
+    # Neither Mixtral nor llama_moe routes with a bias or adds experts at unit weight: refused, not approximated.
+    problems = []
+    if c.expert_weighting != "softmax":
+        problems.append(f"expert_weighting {c.expert_weighting!r} (it weights by a softmax over the chosen logits)")
+    if any(bool(m.gate.expert_bias.any()) for m in model.moe_layers()):
+        problems.append("a loss-free balancing bias in the routing (it has no router bias)")
     if format == "mixtral":
-        problems = []
         if c.gate_type != "linear":
             problems.append("an MLP gate (Mixtral's router is one linear layer)")
         if c.shared_intermediate_size:
@@ -596,7 +607,7 @@ def export_config(model, format):
             problems.append("expert widths that differ between layers")
         if problems:
             raise ValueError("cannot export to Mixtral format: the model has " + " and ".join(problems)
-                             + "; save it with format='native' or 'llama_moe' instead")
+                             + "; save it with format='native' instead")
         base.pop("intermediate_size")
         return dict(base, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=widths[0],
                     num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
@@ -604,7 +615,10 @@ def export_config(model, format):
                     sliding_window=None, router_jitter_noise=0.0)
     if format == "llama_moe":
         if c.shared_intermediate_size:
-            raise ValueError("cannot save a shared (SharingInter) block in llama_moe format: use format='native'")
+            problems.append("a shared (always-on) block")
+        if problems:
+            raise ValueError("cannot export to llama_moe format: the model has " + " and ".join(problems)
+                             + "; save it with format='native' instead")
         scales = c.layer_list("score_scale")
         return dict(base, architectures=["LlamaMoEForCausalLM"], model_type="llama_moe",
                     num_experts=c.num_experts, num_selects=c.num_experts_per_tok,

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError, load_config, run_cli
+from gate import routing_evenness
 from fileio import atomic_file, atomic_write
 from model import Transformer, MoEFeedForward
 from sample import load_meta, eval_windows
@@ -549,7 +550,10 @@ def routing_report(counts):
     dist = selected / selected.sum(-1, keepdims=True)                   # (L, D, E), rows sum to 1
     favourite = top1.argmax(-1)                                         # (L, D)
     fav_hits = np.take_along_axis(top1, favourite[..., None], -1)[..., 0].sum(-1)  # (L,)
+    evenness = [routing_evenness(torch.from_numpy(s.sum(0))) for s in selected]   # per layer, all domains
     return {"layers": counts["layers"], "domains": counts["domains"],
+            "experts_in_use": [n for n, _ in evenness],          # experts with >= 1% of the routed pairs
+            "busiest_share": [b for _, b in evenness],           # the share of the most-used expert
             "tokens": {d: int(top1[0, i].sum()) for i, d in enumerate(counts["domains"])},
             "js": [js_divergence(dist[l]) for l in range(len(dist))],
             "favourite_share": (fav_hits / top1.sum((-1, -2))).tolist(),
@@ -641,9 +645,11 @@ def print_tables(results):
         r = results["routing"]
         print("\nrouting per layer (JS: domains' expert distributions, 0 = alike, 1 = disjoint;\n"
               "fav: share of tokens whose first expert is their domain's favourite)")
-        print(f"{'layer':>5}{'JS':>8}{'fav':>8}  favourite expert per domain ({', '.join(r['domains'])})")
+        print(f"{'layer':>5}{'JS':>8}{'fav':>8}{'in use':>8}{'busiest':>9}  favourite expert per domain "
+              f"({', '.join(r['domains'])})")
         for i, layer in enumerate(r["layers"]):
-            print(f"{layer:>5}{r['js'][i]:>8.3f}{r['favourite_share'][i]:>8.3f}  {r['favourite_expert'][i]}")
+            print(f"{layer:>5}{r['js'][i]:>8.3f}{r['favourite_share'][i]:>8.3f}{r['experts_in_use'][i]:>8}"
+                  f"{r['busiest_share'][i]:>9.3f}  {r['favourite_expert'][i]}")
         top = max(max(max(row) for row in layer) for layer in r["distribution"])
         print(f"\nshare of each domain's selections per expert ('{SHADES[-1]}' = {top:.2f}, "
               f"'{SHADES[0]}' = 0; uniform would be {1 / len(r['distribution'][0][0]):.2f})")

@@ -19,7 +19,16 @@ learn. Two per-batch statistics measure that, and the balance loss asks for both
     load_j       = expected number of tokens that keep j in their top k     (differentiable through the noise)
     balance_loss = w * (cv^2(importance) + cv^2(load))
 
-Read top to bottom: the output record, cv^2, the load estimate, then the module.
+A second way to balance needs no loss at all (loss-free balancing, DeepSeek-V3, Wang et al. 2024,
+arXiv 2408.15664): a per-expert bias b is added to the logits for the top-k CHOICE only (never to the
+scores), and after every optimizer step it moves by a fixed step gamma towards an even load:
+
+    ids = top-k of (logits + b);   b_j += gamma * sign(mean load - load_j)      (update_bias below)
+
+An overloaded expert is chosen a little less often at the next step, an idle one a little more, and the
+gradient of the language-model loss is left alone. train.py's --balance picks loss, bias or both.
+
+Read top to bottom: the output record, cv^2, the load estimate, the module, then loss-free balancing.
 """
 
 import math
@@ -151,6 +160,9 @@ class TopKGate(nn.Module):
         self.weight_noise = nn.Linear(dim, num_experts, bias=False)
         nn.init.zeros_(self.weight_noise.weight)
         self.weight_noise.weight.requires_grad_(noise)  # unused without noise (DDP refuses unused parameters)
+        # Loss-free balancing's bias (E,): a buffer, not a parameter (no gradient; update_bias moves it). It is
+        # saved with the model, so a resumed run and the exported model route exactly as the trained one.
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, "
@@ -180,7 +192,10 @@ class TopKGate(nn.Module):
         else:
             logits = clean
 
-        top_logits, expert_ids = logits.topk(k, dim=-1)                # (T, k), (T, k) int64
+        # The bias steers the choice only; the scores are the unbiased logits of the chosen experts.
+        bias = self.expert_bias.float()                                # (E,)
+        expert_ids = (logits + bias).topk(k, dim=-1).indices           # (T, k) int64
+        top_logits = logits.gather(1, expert_ids)                      # (T, k)
         scores = F.softmax(top_logits, dim=-1)                         # (T, k) fp32, rows sum to 1
 
         # importance_j = sum of the scores that went to j. Scattering into a dense (T, E) table and summing
@@ -190,10 +205,30 @@ class TopKGate(nn.Module):
         chosen = top_k_mask(expert_ids, E)                             # (T, E) bool
         counts = chosen.sum(0)                                         # (E,) int64 (static shape: no graph break)
         if noisy_routing:
-            load = load_estimate(clean, logits, std, chosen, k)        # (E,)
+            load = load_estimate(clean + bias, logits + bias, std, chosen, k)  # (E,)
         else:
             # No noise, no smooth estimate: the counts, which carry no gradient (only importance does).
             load = counts.float()                                      # (E,)
 
         loss = balance_loss(importance, load, self.balance_loss_weight)
         return GateOutput(expert_ids, scores, loss, importance, load, counts)
+
+
+# -----------------------------------------------------------------------------
+# Loss-free balancing (DeepSeek-V3): the bias update, and how even a layer's routing is
+
+@torch.no_grad()
+def update_bias(gate: TopKGate, counts: torch.Tensor, rate: float) -> None:
+    """After an optimizer step: counts (E,) tokens routed to each expert in that step (summed over ranks, so
+    every rank makes the same move). Each expert's bias moves by `rate` up if it is below the mean load,
+    down if above, not at all if exactly at it."""
+    c = counts.float()
+    gate.expert_bias += rate * torch.sign(c.mean() - c).to(gate.expert_bias)
+
+
+def routing_evenness(counts: torch.Tensor, min_share: float = 0.01) -> tuple[int, float]:
+    """counts (E,) -> (experts in use, favourite share): how many experts get at least `min_share` of the
+    routed (token, expert) pairs, and the share of the busiest one. An even router over E experts gives
+    (E, 1/E); a collapsed one that sends every token to the same k experts gives (k, 1/k)."""
+    share = counts.double() / counts.sum().clamp(min=1)
+    return int((share >= min_share).sum()), float(share.max())

@@ -26,6 +26,13 @@ from kernels import permute, unpermute, grouped_swiglu
 # ----------------------------------------------------------------------------------------------------------
 # 1. Config
 
+# How the k chosen experts' outputs are weighted (times the rescale factor s in both cases):
+#   "softmax" - the paper (SPEC section 2): softmax over the k chosen logits, rows sum to 1.
+#   "unit"    - each chosen expert added at weight 1 (CMoE, Pei et al. 2025): with every expert chosen and
+#               s = 1 the MoE is exactly the dense FFN. The router still learns: the weight is computed as
+#               1 + (score - score.detach()), which is exactly 1 but passes the score's gradient on.
+EXPERT_WEIGHTINGS = ("softmax", "unit")
+
 @dataclass
 class ModelConfig:
     # --- dense LLaMA (names as in transformers' LlamaConfig) ---
@@ -52,6 +59,7 @@ class ModelConfig:
     shared_intermediate_size: int = 0         # SharingInter's always-on block (0 = none)
     score_scale: float | list | None = None   # rescaling factor s; None -> num_experts / k; a list: per layer
     gate_type: str = "linear"                 # "linear": Linear(d, E); "mlp": Linear(d, E) -> tanh -> Linear(E, E)
+    expert_weighting: str = "softmax"         # one of EXPERT_WEIGHTINGS: how the k chosen outputs are added
     gate_noise: bool = True                   # noisy top-k during training (never at eval)
     gate_noise_eps: float = 0.01
     balance_loss_weight: float = 0.01
@@ -74,6 +82,9 @@ class ModelConfig:
                                  f"({self.num_experts})")
             if self.gate_type not in GATE_TYPES:
                 raise ValueError(f"gate_type {self.gate_type!r} is not supported: use 'linear' or 'mlp'")
+            if self.expert_weighting not in EXPERT_WEIGHTINGS:
+                raise ValueError(f"expert_weighting {self.expert_weighting!r} is not supported: use one of "
+                                 f"{', '.join(EXPERT_WEIGHTINGS)}")
             if not self.gate_noise_eps > 0:
                 raise ValueError(f"gate_noise_eps {self.gate_noise_eps} must be > 0: it is the smallest noise std, "
                                  f"and the load estimate divides by the std (the paper uses 0.01)")
@@ -235,7 +246,8 @@ class MoEFeedForward(nn.Module):
             gate, up = (h @ e.gate_up_proj[j].T).chunk(2, dim=-1)   # (n_j, 2 d_e) -> 2 x (n_j, d_e)
             h = (F.silu(gate) * up) @ e.down_proj[j].T                # (n_j, d_e) -> (n_j, d)
             y.index_add_(0, tok, h * (g.scores[tok, slot] * s)[:, None])     # weight by score * s
-        y = y + self.shared(x)                               # SharingInter only: always on, unscaled
+        y = y + self.shared(x)                               # shared block only: always on, unscaled
+    (with expert_weighting "unit", g.scores above is replaced by ones that carry the scores' gradient)
     """
 
     def __init__(self, config, layer_idx):
@@ -243,6 +255,7 @@ class MoEFeedForward(nn.Module):
         d, E, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
         self.num_experts, self.top_k = E, k
         self.score_scale = float(config.layer_list("score_scale")[layer_idx])
+        self.unit_weights = config.expert_weighting == "unit"
         self.gate = TopKGate(d, E, k, gate_type=config.gate_type, noise=config.gate_noise,
                              noise_eps=config.gate_noise_eps, balance_loss_weight=config.balance_loss_weight)
         self.experts = Experts(E, d, config.layer_list("expert_intermediate_size")[layer_idx])
@@ -259,8 +272,9 @@ class MoEFeedForward(nn.Module):
         e = self.experts
         y_perm = grouped_swiglu(x_perm, counts, e.gate_up_proj, e.down_proj)  # (T*k, d)
         # Rescaling (SPEC.md section 2): only k of E experts fire, so their weighted sum is scaled by s (= E/k).
-        y = unpermute(y_perm, row_map, (g.scores * self.score_scale).to(y_perm.dtype))  # (T, d)
-        if self.shared is not None:  # SharingInter: the shared block is always on and unscaled
+        w = 1 + (g.scores - g.scores.detach()) if self.unit_weights else g.scores  # (T, k): exactly 1, or softmax
+        y = unpermute(y_perm, row_map, (w * self.score_scale).to(y_perm.dtype))  # (T, d)
+        if self.shared is not None:  # the shared block (SharingInter, activation): always on and unscaled
             y = y + self.shared(x)
         return y.view(shape)
 

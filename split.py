@@ -40,14 +40,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import carve
 import checkpoint
 from configurator import UserError, load_config, run_cli
 from fileio import is_inside
-from model import Transformer
+from model import EXPERT_WEIGHTINGS, Transformer
 
-METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle")
+METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle", "activation")
 INDEPENDENT = ("random", "clustering")      # disjoint experts covering all neurons: width d_h / E
 NEEDS_IMPORTANCE = ("sharing_inner", "sharing_inter")
+ROUTER_INITS = ("random", "centroid", "fit")  # the paper's random gate, or carve.py's two from the data
 FORMATS = ("native", "mixtral", "llama_moe")
 
 
@@ -64,13 +66,18 @@ class SplitConfig:
     top_k: int = 4                        # k experts per token
     method: str = "random"                # one of METHODS
     seed: int = 0
-    scale: float | None = None            # rescale factor s; None -> E/k (1 for upcycle); 1 turns it off
+    scale: float | None = None            # rescale factor s; None -> E/k (1 for upcycle, activation); 1 = off
+    expert_weighting: str | None = None   # one of model.EXPERT_WEIGHTINGS; None -> unit for activation, else softmax
     expert_size: int | None = None        # d_e; None -> chosen so active params match k/E of the dense FFN
-    shared_size: int | None = None        # SharingInter's always-on block; None -> one expert's worth d_h/E
+    shared_size: int | None = None        # always-on block (sharing_inter, activation); None -> see check_split
     gate_type: str = "linear"             # "linear" | "mlp" (SPEC section 3)
-    gate_std: float = 0.02                # std of the gate network's random normal init
+    gate_std: float = 0.02                # std of the gate network's random normal init (router_init=random)
+    router_init: str = "random"           # one of ROUTER_INITS; centroid and fit profile --data (carve.py)
+    mark_ratio: float = 0.1               # activation: share of the width marked active per token, in (0, 1]
+    profile_seqs: int = 16                # activation / router_init: sample sequences profiled (x seq_len tokens)
+    propagate: str = "moe"                # carving: hidden states move on through the new MoE layers, or "dense"
     clustering_features: str = "up"       # IndependentClustering clusters rows of W_up (or W_gate)
-    data: str | None = None               # sample text for the sharing methods: shard folder or text file
+    data: str | None = None               # sample text (sharing, activation, router_init): shards or a text file
     tokenizer: str | None = None          # for a text --data; None -> the source's own tokenizer (--src)
     importance_seqs: int = 8              # sample sequences per cluster for the Taylor importance
     seq_len: int = 256                    # tokens per importance sequence
@@ -91,7 +98,10 @@ def check_split(cfg, config):
       - random / clustering: d_e = d_h / E exactly (disjoint experts covering every neuron).
       - sharing_inner:       d_e = d_h // E, experts may overlap.
       - sharing_inter:       shared = d_h // E (one expert's worth), d_e = (k * d_h/E - shared) / k.
-      - upcycle:             d_e = d_h (every expert a full copy; active width k * d_h, the baseline)."""
+      - upcycle:             d_e = d_h (every expert a full copy; active width k * d_h, the baseline).
+      - activation:          E and k count the ROUTED experts; shared = two experts' worth 2 d_h / (E + 2) and
+                             d_e = (d_h - shared) / E, an exact partition. E=14, k=2 is CMoE's "S2A2E16": of
+                             16 expert-sized blocks 2 are shared and 2 routed per token, 25% of the FFN active."""
     E, k, m, d_h = cfg.num_experts, cfg.top_k, cfg.method, config.intermediate_size
     need(not config.is_moe, f"--src={cfg.src or 'the model'} is an MoE model already: split.py cuts a dense LLaMA")
     need(m in METHODS, f"--method={m!r} is unknown: use one of {', '.join(METHODS)}")
@@ -100,9 +110,22 @@ def check_split(cfg, config):
     need(cfg.clustering_features in ("up", "gate"),
          f"--clustering_features={cfg.clustering_features!r}: use 'up' (rows of W_up) or 'gate' (rows of W_gate)")
     need(cfg.format in FORMATS, f"--format={cfg.format!r}: use one of {', '.join(FORMATS)}")
-    need(cfg.shared_size is None or m == "sharing_inter", "--shared_size is for --method=sharing_inter only")
+    need(cfg.shared_size is None or m in ("sharing_inter", "activation"),
+         "--shared_size is for --method=sharing_inter or activation only")
     need(min(cfg.importance_seqs, cfg.seq_len, cfg.batch_size) >= 1,
          "--importance_seqs, --seq_len and --batch_size must be >= 1")
+    need(cfg.profile_seqs >= 1, f"--profile_seqs={cfg.profile_seqs} must be >= 1: the profile needs sample text")
+    need(0 < cfg.mark_ratio <= 1, f"--mark_ratio={cfg.mark_ratio} must be in (0, 1] (a share of the width)")
+    need(cfg.propagate in ("moe", "dense"), f"--propagate={cfg.propagate!r}: use 'moe' or 'dense'")
+    need(cfg.router_init in ROUTER_INITS, f"--router_init={cfg.router_init!r}: use one of {', '.join(ROUTER_INITS)}")
+    need(cfg.router_init == "random" or cfg.gate_type == "linear", f"--router_init={cfg.router_init} sets a "
+         f"linear router's weights; --gate_type={cfg.gate_type} cannot hold them: use --gate_type=linear")
+    need(cfg.router_init == "random" or m != "upcycle", "--router_init from the data needs experts that differ; "
+         "upcycled experts are identical copies: use --router_init=random")
+    weighting = cfg.expert_weighting or ("unit" if m == "activation" else "softmax")
+    need(weighting in EXPERT_WEIGHTINGS, f"--expert_weighting={weighting!r}: use one of {', '.join(EXPERT_WEIGHTINGS)}")
+    need(cfg.format == "native" or weighting == "softmax", f"--format={cfg.format} weights the chosen experts "
+         f"by a softmax; --expert_weighting={weighting} needs --format=native")
     if m in INDEPENDENT:
         need(d_h % E == 0, f"intermediate_size {d_h} is not divisible by --num_experts={E}: the independent "
              f"methods give every expert d_h/E neurons. Expert counts that divide it (<= 256): "
@@ -112,6 +135,14 @@ def check_split(cfg, config):
         d_e, shared = d_h, 0
     elif m == "sharing_inner":
         d_e, shared = cfg.expert_size or d_h // E, 0
+    elif m == "activation":
+        shared = 2 * d_h // (E + 2) if cfg.shared_size is None else cfg.shared_size
+        need(0 <= shared < d_h, f"--shared_size={shared} must be in 0..intermediate_size-1 ({d_h - 1}): the "
+             f"routed experts need neurons too")
+        need((d_h - shared) % E == 0, f"activation: the {d_h - shared} neurons outside the shared block "
+             f"({shared}) do not split into {E} equal experts: choose --shared_size so that {d_h} - shared_size "
+             f"is a multiple of {E} (e.g. {shared - (d_h - shared) % E})")
+        d_e = (d_h - shared) // E
     else:  # sharing_inter
         shared = d_h // E if cfg.shared_size is None else cfg.shared_size
         d_e = (k * (d_h // E) - shared) // k if cfg.expert_size is None else cfg.expert_size
@@ -128,22 +159,27 @@ def check_split(cfg, config):
     # arithmetic: scores sum to 1, so with scores ~1/k the weighted sum of k experts is ~1/E of the FFN and E/k
     # brings it to ~1/k of it, not all the way. Upcycled experts are each the full FFN, so their weighted sum
     # already is the FFN: s = 1 is their default.
-    scale = float(cfg.scale if cfg.scale is not None else (1.0 if m == "upcycle" else E / k))
-    need(scale > 0, f"--scale must be > 0 (1 turns rescaling off), got {scale}")
+    scale = float(cfg.scale if cfg.scale is not None else (1.0 if m in ("upcycle", "activation") else E / k))
+    need(0 < scale < float("inf"), f"--scale must be a finite number > 0 (1 turns rescaling off), got {scale}")
     # What the output format can hold (checkpoint.export_config refuses it too, but only when saving, after the
     # whole split).
     need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
          "(Mixtral's router is one linear layer): use --gate_type=linear or --format=native")
     need(cfg.format == "native" or not shared, f"--format={cfg.format} has no place for SharingInter's shared "
          f"block: use --format=native")
-    if m in NEEDS_IMPORTANCE:
+    if m in NEEDS_IMPORTANCE or needs_profile(cfg):
         check_data(cfg, config)
-    return d_e, shared, scale
+    return d_e, shared, scale, weighting
+
+
+def needs_profile(cfg):
+    """The activation construction and the data-driven routers read the parent's activations (carve.py)."""
+    return cfg.method == "activation" or cfg.router_init != "random"
 
 
 def check_data(cfg, config):
     """The sample text of the sharing methods: there, and tokenised with the model's tokenizer where we can tell."""
-    need(cfg.data, f"--method={cfg.method} ranks neurons by importance on sample text: pass --data=... "
+    need(cfg.data, f"--method={cfg.method} --router_init={cfg.router_init} reads sample text: pass --data=... "
          f"(a shard folder or a text file)")
     need(os.path.exists(cfg.data), f"--data={cfg.data!r} does not exist (a shard folder or a text file)")
     if os.path.isdir(cfg.data):
@@ -331,11 +367,13 @@ def taylor_importance(model, batches_per_cluster):
 
     def make_hook(layer):
         def accumulate(a, grad):                                               # a, grad: (B, S, d_h)
-            scores[layer][cluster[0]] += (a.detach().float() * grad.float()).abs().sum(dim=(0, 1)).cpu()
+            scores[layer][cluster[0]] += (a.float() * grad.float()).abs().sum(dim=(0, 1)).cpu()
 
         def hook(module, args):
-            a = args[0]
-            a.register_hook(lambda grad: accumulate(a, grad))
+            # The closure holds a DETACHED view: one holding `a` itself would make a cycle (a -> its hook ->
+            # the closure -> a) that keeps every batch's autograd graph alive until the garbage collector runs.
+            a = args[0].detach()
+            args[0].register_hook(lambda grad: accumulate(a, grad))
         return hook
 
     hooks = [b.mlp.down_proj.register_forward_pre_hook(make_hook(i)) for i, b in enumerate(layers)]
@@ -407,29 +445,32 @@ def split_sharing_inter(importance, shared_size, expert_size):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Building the MoE model from the dense one
 
-def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, gate_type="linear", seed=0,
-              gate_std=0.02, free_dense=False):
+def build_moe(dense, layer_plans, num_experts, top_k, d_e, shared, scale, weighting="softmax",
+              gate_type="linear", seed=0, gate_std=0.02, free_dense=False):
     """Slice a dense Transformer into an MoE Transformer (eval mode, like Transformer.from_pretrained).
 
-    expert_indices: per layer, E index tensors of one length d_e (expert j of layer L = those neurons).
-    shared_indices: per layer an index tensor (the always-on block), or None.
+    layer_plans: per layer, in order, (expert_indices, shared_indices, gate_weight): E index tensors of d_e
+    neurons each (expert j = those neurons), the always-on block's indices (or None), and the linear gate's
+    weight (E, d) (or None: random normal with std gate_std, SPEC section 3). It may be a generator that
+    profiles layer L+1 only after layer L was cut (carve.py), which is how the data-driven split streams.
     Attention, norms and embeddings are the dense tensors themselves (moved when free_dense, else copied); each
     expert stack is gathered from the dense FFN, which free_dense drops right after, so memory stays at about one
-    model (the dense model is unusable afterwards). Gate init (SPEC section 3): the gate network random normal
-    with std gate_std (small, so the first routing is close to uniform), the noise projection zero."""
-    d_e, shared = len(expert_indices[0][0]), 0 if shared_indices is None else len(shared_indices[0])
-    assert len(expert_indices) == dense.config.num_hidden_layers
-    assert all(len(layer) == num_experts and all(len(ix) == d_e for ix in layer) for layer in expert_indices)
+    model (the dense model is unusable afterwards). The noise projection starts at zero."""
     # The dense config plus the MoE fields; intermediate_size and the tokenizer fingerprint stay the dense model's.
     config = replace(dense.config, num_experts=num_experts, num_experts_per_tok=top_k, expert_intermediate_size=d_e,
-                     shared_intermediate_size=shared, score_scale=scale, gate_type=gate_type)
+                     shared_intermediate_size=shared, score_scale=scale, gate_type=gate_type,
+                     expert_weighting=weighting)
     with torch.device("meta"):
         moe = Transformer(config)
     state = {name: t if free_dense else t.clone() for name, t in dense.state_dict().items() if ".mlp." not in name}
     g = torch.Generator().manual_seed(seed)
-    for layer, block in enumerate(dense.model.layers):
+    n_layers = 0
+    for layer, (experts, shared_ix, gate_weight) in enumerate(layer_plans):
+        block = dense.model.layers[layer]
+        assert len(experts) == num_experts and all(len(ix) == d_e for ix in experts)
+        assert (shared_ix is None and not shared) or len(shared_ix) == shared
         wg, wu, wd = (w.weight.detach() for w in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj))
-        ix = torch.stack(list(expert_indices[layer])).to(wg.device)         # (E, d_e)
+        ix = torch.stack(list(experts)).to(wg.device)                      # (E, d_e)
         head = f"model.layers.{layer}.mlp"
         gate_up = wg.new_empty(num_experts, 2 * d_e, wg.shape[1])          # (E, 2 d_e, d) = [W_gate[ix]; W_up[ix]]
         for j in range(num_experts):  # gathered straight into place: no (E, d_e, d) temporaries
@@ -438,16 +479,24 @@ def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, 
         state[f"{head}.experts.gate_up_proj"] = gate_up
         state[f"{head}.experts.down_proj"] = wd[:, ix].permute(1, 0, 2).contiguous()  # (d, E, d_e) -> (E, d, d_e)
         if shared:
-            s = shared_indices[layer].to(wg.device)                         # (shared,)
+            s = shared_ix.to(wg.device)                                     # (shared,)
             state[f"{head}.shared.gate_proj.weight"] = wg[s]                # (shared, d)
             state[f"{head}.shared.up_proj.weight"] = wu[s]                  # (shared, d)
             state[f"{head}.shared.down_proj.weight"] = wd[:, s].contiguous()  # (d, shared)
         for name, p in moe.model.layers[layer].mlp.gate.named_parameters():
-            t = torch.zeros(p.shape) if "weight_noise" in name else torch.randn(p.shape, generator=g) * gate_std
+            if "weight_noise" in name:
+                t = torch.zeros(p.shape)
+            elif gate_weight is not None:
+                t = gate_weight                                             # (E, d) from the data (carve.py)
+            else:
+                t = torch.randn(p.shape, generator=g) * gate_std
             state[f"{head}.gate.{name}"] = t.to(device=wg.device, dtype=wg.dtype)
+        state[f"{head}.gate.expert_bias"] = torch.zeros(num_experts, device=wg.device, dtype=wg.dtype)
         del wg, wu, wd
         if free_dense:
             block.mlp = None  # drop this layer's dense FFN now: the peak stays at ~one model
+        n_layers += 1
+    assert n_layers == dense.config.num_hidden_layers
     moe.load_state_dict(state, assign=True)   # strict: every tensor of the MoE is set, each exactly once
     if config.tie_word_embeddings:
         moe.lm_head.weight = moe.model.embed_tokens.weight
@@ -459,8 +508,8 @@ def build_moe(dense, expert_indices, shared_indices, num_experts, top_k, scale, 
 # 5. The whole split
 
 def choose_experts(dense, cfg, d_e, shared_size, importance=None):
-    """Per layer the E expert index tensors and the shared block (or None), by cfg.method.
-    importance: per layer (E, d_h) Taylor scores (taylor_importance), for the sharing methods."""
+    """Per layer the E expert index tensors and the shared block (or None), by cfg.method (all but activation,
+    which profile_plans chooses while it profiles). importance: per layer (E, d_h) Taylor scores."""
     d_h, E = dense.config.intermediate_size, cfg.num_experts
     experts, shared = [], []
     for layer, block in enumerate(dense.model.layers):
@@ -479,7 +528,7 @@ def choose_experts(dense, cfg, d_e, shared_size, importance=None):
             s, routed = split_sharing_inter(importance[layer], shared_size, d_e)
             experts.append(routed)
             shared.append(s)
-    return experts, (shared or None)
+    return experts, (shared or [None] * len(experts))
 
 
 def importance_batches(dense, cfg):
@@ -492,16 +541,47 @@ def importance_batches(dense, cfg):
     return [[tokens[ix[i:i + cfg.batch_size]] for i in range(0, len(ix), cfg.batch_size)] for ix in clusters]
 
 
+def profile_plans(dense, cfg, shared_size, weighting, scale, chosen=None):
+    """Yield each layer's (experts, shared, gate weight) while carving the parent layer by layer (carve.py):
+    the activation construction (when chosen is None) or the given experts, and the router by cfg.router_init."""
+    tokens, _ = sample_sequences(cfg.data, cfg.profile_seqs, cfg.seq_len, cfg.seed, cfg.tokenizer or cfg.src)
+    need(int(tokens.max()) < dense.config.vocab_size, f"--data={cfg.data}: token id {int(tokens.max())} >= the "
+         f"model's vocab_size {dense.config.vocab_size}: the data was tokenised for another model")
+    d = dense.config.hidden_size
+
+    def plan_layer(layer, x, a):
+        seed = cfg.seed * 1000 + layer
+        if chosen is None:
+            shared, experts = carve.activation_experts(a, cfg.num_experts, shared_size, cfg.mark_ratio, seed)
+            shared = shared if shared_size else None
+        else:
+            experts, shared = chosen[0][layer], chosen[1][layer]
+        if cfg.router_init == "random":  # SPEC section 3's init, drawn here so the carving knows the routing
+            weight = torch.randn(cfg.num_experts, d, generator=torch.Generator().manual_seed(seed)) * cfg.gate_std
+        else:
+            scores = carve.expert_scores(a, dense.model.layers[layer].mlp.down_proj.weight.detach(), experts)
+            weight = carve.router_weights(x, scores, cfg.top_k, cfg.router_init)     # (E, d)
+        return experts, shared, weight
+
+    yield from carve.carve_layers(dense, tokens[:, :-1], plan_layer, cfg.top_k, weighting, scale, cfg.batch_size,
+                                  cfg.propagate)
+
+
 def split_model(dense, cfg, sizes=None, free_dense=False):
     """Dense Transformer -> MoE Transformer by cfg (SplitConfig). Validates cfg first, unless the caller already
     did: sizes = check_split(cfg, dense.config). free_dense: build in place of the dense model (see build_moe)."""
-    d_e, shared, scale = sizes or check_split(cfg, dense.config)
-    importance = None
-    if cfg.method in NEEDS_IMPORTANCE:
-        importance = taylor_importance(dense, importance_batches(dense, cfg))
-    experts, shared_ix = choose_experts(dense, cfg, d_e, shared, importance)
-    return build_moe(dense, experts, shared_ix, cfg.num_experts, cfg.top_k, scale, cfg.gate_type, cfg.seed,
-                     cfg.gate_std, free_dense=free_dense)
+    d_e, shared, scale, weighting = sizes or check_split(cfg, dense.config)
+    if cfg.method == "activation":
+        plans = profile_plans(dense, cfg, shared, weighting, scale)
+    else:
+        importance = None
+        if cfg.method in NEEDS_IMPORTANCE:
+            importance = taylor_importance(dense, importance_batches(dense, cfg))
+        chosen = choose_experts(dense, cfg, d_e, shared, importance)
+        plans = (profile_plans(dense, cfg, shared, weighting, scale, chosen) if needs_profile(cfg) else
+                 ((e, s, None) for e, s in zip(*chosen)))
+    return build_moe(dense, plans, cfg.num_experts, cfg.top_k, d_e, shared, scale, weighting, cfg.gate_type,
+                     cfg.seed, cfg.gate_std, free_dense=free_dense)
 
 
 def check_paths(cfg):
@@ -544,7 +624,7 @@ def main(argv):
     size = sum(p.numel() * p.element_size() for p in moe.parameters()) / 2**30
     print(f"wrote {cfg.dst} ({cfg.format}): {c.num_hidden_layers} layers x {c.num_experts} experts of "
           f"{c.expert_intermediate_size} neurons, top-{c.num_experts_per_tok}, shared {c.shared_intermediate_size}, "
-          f"scale {c.score_scale}, {c.gate_type} gate")
+          f"scale {c.score_scale}, {c.expert_weighting} weights, {c.gate_type} gate ({cfg.router_init} init)")
     print(f"peak memory (RSS) {peak_rss_gib():.2f} GiB for a {size:.2f} GiB model")
 
 

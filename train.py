@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import train_state
 from configurator import UserError, load_config, run_cli
+from gate import routing_evenness, update_bias
 from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
 from train_state import (Log, agree, all_reduce, check_finite, commit_start, export, load_training_state,
@@ -89,6 +90,10 @@ class TrainConfig:
     beta1: float = 0.9                    # paper
     beta2: float = 0.95                   # paper
     grad_clip: float = 1.0                # paper; 0 = no clipping
+    # --- balancing the experts (gate.py) ---
+    balance: str = "loss"                 # "loss" (paper: w * (cv^2 importance + cv^2 load)) | "bias" (loss-free,
+                                          # DeepSeek-V3: a routing bias moved after each step) | "both"
+    bias_rate: float = 1e-3               # gamma, the bias step per optimizer step (DeepSeek-V3: 1e-3), > 0
     # --- distillation from the dense parent (beyond the paper; section 7) ---
     distill_from: str | None = None       # a dense checkpoint folder or .gguf with the student's vocabulary
     distill_alpha: float = 0.0            # loss = lm + balance + alpha * KL(parent || student)
@@ -152,6 +157,8 @@ def check_config(cfg):
     need(not cfg.dynamic_weights or cfg.eval_interval > 0,
          "--dynamic_weights=True moves the domain weights at each evaluation, but --eval_interval=0 never "
          "evaluates: set --eval_interval (e.g. 20) or --dynamic_weights=False")
+    need(cfg.balance in ("loss", "bias", "both"), f"--balance must be 'loss', 'bias' or 'both', got {cfg.balance!r}")
+    need(cfg.bias_rate > 0, f"--bias_rate must be > 0 (the bias step per optimizer step), got {cfg.bias_rate}")
     need(cfg.distill_temperature > 0, f"--distill_temperature must be > 0, got {cfg.distill_temperature}")
     need(not cfg.distill_alpha or cfg.distill_from,
          f"--distill_alpha={cfg.distill_alpha} needs --distill_from=<the dense parent's folder or .gguf>")
@@ -529,6 +536,9 @@ def run(cfg, d):
     peak = peak_flops(cfg, d) * d.world
     moe_layers = [b.mlp for b in raw.model.layers if isinstance(b.mlp, MoEFeedForward)]
     load_counts = torch.zeros(len(moe_layers), mc.num_experts, dtype=torch.int64, device=d.device)
+    log_counts = torch.zeros_like(load_counts)     # (L, E) this rank's routed tokens since the last log line
+    step_counts = torch.zeros_like(load_counts)    # (L, E) this rank's routed tokens in the current step
+    balance_loss_on, bias_on = cfg.balance in ("loss", "both"), cfg.balance in ("bias", "both")
     run_state = dict(init_from=start.init_from, n_streams=n_streams, seq_len=cfg.seq_len, world_size=d.world,
                      config=asdict(cfg))
     log = Log(d, os.path.join(cfg.out_dir, "log.jsonl"))
@@ -558,6 +568,7 @@ def run(cfg, d):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             stats = torch.zeros(5, dtype=torch.float64, device=d.device)  # sums of lm, balance, kl; SIGINT, SIGTERM
+            step_counts.zero_()
             for micro in range(accum):
                 x, y, _ = streams[micro].next_batch()
                 x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
@@ -570,11 +581,11 @@ def run(cfg, d):
                         logits, lm_loss = model(x, y)
                         kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else lm_loss.new_zeros(())
                         # LM loss + the MoE balance loss (SPEC.md section 3) + the parent's distribution (section 7)
-                        loss = lm_loss + raw.aux_loss + cfg.distill_alpha * kl
+                        loss = lm_loss + balance_loss_on * raw.aux_loss + cfg.distill_alpha * kl
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
                 stats[:3] += torch.stack([lm_loss.detach(), raw.aux_loss.detach(), kl.detach()]).double()
                 for i, m in enumerate(moe_layers):
-                    load_counts[i] += m.last_gate.counts
+                    step_counts[i] += m.last_gate.counts
             stats[3], stats[4] = STOP["signal"] == signal.SIGINT, STOP["signal"] == signal.SIGTERM
             lm, balance, kl = (all_reduce(stats, d)[:3] / n_streams).tolist()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -582,6 +593,11 @@ def run(cfg, d):
             check_finite(cfg, step, lm + balance + kl, norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            load_counts += step_counts
+            log_counts += step_counts
+            if bias_on and moe_layers:  # loss-free balancing: every rank moves its biases by the same summed counts
+                for m, c in zip(moe_layers, all_reduce(step_counts.clone(), d)):
+                    update_bias(m.gate, c, cfg.bias_rate)
             step += 1
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -593,10 +609,16 @@ def run(cfg, d):
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 step_time = window[0] / window[1]
                 tok_s, mfu = tokens_per_step / step_time, flops_step / step_time / peak
+                # Per layer: experts with >= 1% of the routed tokens, and the busiest expert's share (gate.py)
+                evenness = [routing_evenness(c) for c in all_reduce(log_counts.clone(), d)] if moe_layers else []
+                log_counts.zero_()
                 log(f"step {step}/{cfg.max_steps} | loss {lm:.4f} | balance {balance:.4f}"
                     + (f" | kl {kl:.4f}" if parent else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
-                    f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.2f}% | ETA {format_eta((cfg.max_steps - step) * step_time)}",
+                    f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.2f}% | ETA {format_eta((cfg.max_steps - step) * step_time)}"
+                    + (f" | experts in use >= {min(n for n, _ in evenness)}/{mc.num_experts}, busiest share <= "
+                       f"{max(b for _, b in evenness):.3f}" if evenness else ""),
                     dict(kind="train", step=step, loss=lm, balance_loss=balance, **(dict(kl=kl) if parent else {}),
+                         experts_in_use=[n for n, _ in evenness], busiest_share=[b for _, b in evenness],
                          lr=lr, grad_norm=norm, tokens=step * tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
                          step_time_s=step_time, train_s=train_s))
                 window = [0.0, 0]

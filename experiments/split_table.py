@@ -96,13 +96,14 @@ def main(argv):
         cfg = SplitConfig(num_experts=E, top_k=k, seed=a.seed, importance_seqs=4, seq_len=a.seq_len, data=a.data)
         # Importance depends on the clusters of sample text only (not on the method): compute it once per E.
         importance = taylor_importance(dense, importance_batches(dense, cfg))
-        for method in METHODS:
+        for method in [m for m in METHODS if m != "activation"]:  # activation: experiments/carve_ablations.py
             mcfg = SplitConfig(**{**cfg.__dict__, "method": method})
-            width, shared, _ = check_split(mcfg, dense.config)
+            width, shared, _, _ = check_split(mcfg, dense.config)
             experts, shared_ix = choose_experts(dense, mcfg, width, shared, importance)
             losses = []
             for scale in (E / k, 1.0):
-                moe = build_moe(dense, experts, shared_ix, E, k, scale, seed=a.seed)
+                moe = build_moe(dense, list(zip(experts, shared_ix, [None] * len(experts))), E, k, width, shared,
+                                scale, seed=a.seed)
                 losses.append(held_out_loss(moe, windows))
                 del moe
             rows.append((method, f"{k}/{E}", losses[0], losses[1]))

@@ -188,6 +188,24 @@ def test_resume_is_bit_identical_one_process(single, data, tmp_path):
     assert losses(out) == losses(single)  # every step's loss and balance loss, exactly
 
 
+def test_bias_balancing_resumes_bit_identically(data, tmp_path):
+    """--balance=bias (loss-free balancing): the bias moves every step, is saved with the model, and a run
+    stopped at step 2 and resumed matches a straight run exactly, biases included."""
+    args = TINY + [f"--data_dir={data}", "--balance=bias", "--bias_rate=0.05"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.main(args + [f"--out_dir={straight}", f"--max_steps={STEPS}"])
+    train.main(args + [f"--out_dir={resumed}", "--max_steps=2", f"--lr_decay_steps={STEPS}"])
+    train.main(args + [f"--out_dir={resumed}", "--resume", f"--max_steps={STEPS}"])
+    assert losses(resumed) == losses(straight)
+    a, b = (Transformer.from_pretrained(os.path.join(train_state.latest_checkpoint(o), "model"))
+            for o in (straight, resumed))
+    biases = [m.gate.expert_bias for m in a.moe_layers()]
+    assert any(bool(x.any()) for x in biases)                     # it moved (by multiples of the rate)
+    assert all(torch.equal(x, m.gate.expert_bias) for x, m in zip(biases, b.moe_layers()))
+    rec = records(straight)[-1]
+    assert len(rec["experts_in_use"]) == 2 and all(1 <= n <= 4 for n in rec["experts_in_use"])
+
+
 def test_a_run_saved_with_separate_gate_and_up_resumes_bit_identically(single, data, tmp_path):
     """Checkpoints written before the experts stored gate and up as one gate_up_proj hold experts.gate_proj and
     experts.up_proj apart, in the model and in optimizer.pt: resuming one continues exactly."""
