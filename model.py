@@ -247,7 +247,7 @@ class MoEFeedForward(nn.Module):
             h = (F.silu(gate) * up) @ e.down_proj[j].T                # (n_j, d_e) -> (n_j, d)
             y.index_add_(0, tok, h * (g.scores[tok, slot] * s)[:, None])     # weight by score * s
         y = y + self.shared(x)                               # shared block only: always on, unscaled
-    (with expert_weighting "unit", g.scores above is replaced by ones that carry the scores' gradient)
+        # (expert_weighting "unit": g.scores above is replaced by ones that carry the scores' gradient)
     """
 
     def __init__(self, config, layer_idx):

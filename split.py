@@ -72,10 +72,12 @@ class SplitConfig:
     shared_size: int | None = None        # always-on block (sharing_inter, activation); None -> see check_split
     gate_type: str = "linear"             # "linear" | "mlp" (SPEC section 3)
     gate_std: float = 0.02                # std of the gate network's random normal init (router_init=random)
+    gate_noise: bool = True               # noisy top-k in training (SPEC section 3); False: clean routing always
     router_init: str = "random"           # one of ROUTER_INITS; centroid and fit profile --data (carve.py)
     mark_ratio: float = 0.1               # activation: share of the width marked active per token, in (0, 1]
-    profile_seqs: int = 16                # activation / router_init: sample sequences profiled (x seq_len tokens)
+    profile_seqs: int = 64                # activation / router_init: sample sequences profiled (x seq_len tokens)
     propagate: str = "moe"                # carving: hidden states move on through the new MoE layers, or "dense"
+    refit_down: bool | None = None        # carving: refit W_down for the routing (carve.py); None -> activation only
     clustering_features: str = "up"       # IndependentClustering clusters rows of W_up (or W_gate)
     data: str | None = None               # sample text (sharing, activation, router_init): shards or a text file
     tokenizer: str | None = None          # for a text --data; None -> the source's own tokenizer (--src)
@@ -174,7 +176,7 @@ def check_split(cfg, config):
 
 def needs_profile(cfg):
     """The activation construction and the data-driven routers read the parent's activations (carve.py)."""
-    return cfg.method == "activation" or cfg.router_init != "random"
+    return cfg.method == "activation" or cfg.router_init != "random" or bool(cfg.refit_down)
 
 
 def check_data(cfg, config):
@@ -446,12 +448,13 @@ def split_sharing_inter(importance, shared_size, expert_size):
 # 4. Building the MoE model from the dense one
 
 def build_moe(dense, layer_plans, num_experts, top_k, d_e, shared, scale, weighting="softmax",
-              gate_type="linear", seed=0, gate_std=0.02, free_dense=False):
+              gate_type="linear", seed=0, gate_std=0.02, free_dense=False, gate_noise=True):
     """Slice a dense Transformer into an MoE Transformer (eval mode, like Transformer.from_pretrained).
 
-    layer_plans: per layer, in order, (expert_indices, shared_indices, gate_weight): E index tensors of d_e
-    neurons each (expert j = those neurons), the always-on block's indices (or None), and the linear gate's
-    weight (E, d) (or None: random normal with std gate_std, SPEC section 3). It may be a generator that
+    layer_plans: per layer, in order, (expert_indices, shared_indices, gate_weight, w_down): E index tensors of
+    d_e neurons each (expert j = those neurons), the always-on block's indices (or None), the linear gate's
+    weight (E, d) (or None: random normal with std gate_std, SPEC section 3), and a refitted W_down (d, d_h) to
+    slice instead of the dense one (or None). It may be a generator that
     profiles layer L+1 only after layer L was cut (carve.py), which is how the data-driven split streams.
     Attention, norms and embeddings are the dense tensors themselves (moved when free_dense, else copied); each
     expert stack is gathered from the dense FFN, which free_dense drops right after, so memory stays at about one
@@ -459,17 +462,19 @@ def build_moe(dense, layer_plans, num_experts, top_k, d_e, shared, scale, weight
     # The dense config plus the MoE fields; intermediate_size and the tokenizer fingerprint stay the dense model's.
     config = replace(dense.config, num_experts=num_experts, num_experts_per_tok=top_k, expert_intermediate_size=d_e,
                      shared_intermediate_size=shared, score_scale=scale, gate_type=gate_type,
-                     expert_weighting=weighting)
+                     expert_weighting=weighting, gate_noise=gate_noise)
     with torch.device("meta"):
         moe = Transformer(config)
     state = {name: t if free_dense else t.clone() for name, t in dense.state_dict().items() if ".mlp." not in name}
     g = torch.Generator().manual_seed(seed)
     n_layers = 0
-    for layer, (experts, shared_ix, gate_weight) in enumerate(layer_plans):
+    for layer, (experts, shared_ix, gate_weight, w_down) in enumerate(layer_plans):
         block = dense.model.layers[layer]
         assert len(experts) == num_experts and all(len(ix) == d_e for ix in experts)
         assert (shared_ix is None and not shared) or len(shared_ix) == shared
         wg, wu, wd = (w.weight.detach() for w in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj))
+        if w_down is not None:
+            wd = w_down.to(wd)
         ix = torch.stack(list(experts)).to(wg.device)                      # (E, d_e)
         head = f"model.layers.{layer}.mlp"
         gate_up = wg.new_empty(num_experts, 2 * d_e, wg.shape[1])          # (E, 2 d_e, d) = [W_gate[ix]; W_up[ix]]
@@ -563,8 +568,9 @@ def profile_plans(dense, cfg, shared_size, weighting, scale, chosen=None):
             weight = carve.router_weights(x, scores, cfg.top_k, cfg.router_init)     # (E, d)
         return experts, shared, weight
 
+    refit = cfg.method == "activation" if cfg.refit_down is None else cfg.refit_down
     yield from carve.carve_layers(dense, tokens[:, :-1], plan_layer, cfg.top_k, weighting, scale, cfg.batch_size,
-                                  cfg.propagate)
+                                  cfg.propagate, refit)
 
 
 def split_model(dense, cfg, sizes=None, free_dense=False):
@@ -579,9 +585,9 @@ def split_model(dense, cfg, sizes=None, free_dense=False):
             importance = taylor_importance(dense, importance_batches(dense, cfg))
         chosen = choose_experts(dense, cfg, d_e, shared, importance)
         plans = (profile_plans(dense, cfg, shared, weighting, scale, chosen) if needs_profile(cfg) else
-                 ((e, s, None) for e, s in zip(*chosen)))
+                 ((e, s, None, None) for e, s in zip(*chosen)))
     return build_moe(dense, plans, cfg.num_experts, cfg.top_k, d_e, shared, scale, weighting, cfg.gate_type,
-                     cfg.seed, cfg.gate_std, free_dense=free_dense)
+                     cfg.seed, cfg.gate_std, free_dense=free_dense, gate_noise=cfg.gate_noise)
 
 
 def check_paths(cfg):

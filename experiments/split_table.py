@@ -102,7 +102,7 @@ def main(argv):
             experts, shared_ix = choose_experts(dense, mcfg, width, shared, importance)
             losses = []
             for scale in (E / k, 1.0):
-                moe = build_moe(dense, list(zip(experts, shared_ix, [None] * len(experts))), E, k, width, shared,
+                moe = build_moe(dense, [(e, s, None, None) for e, s in zip(experts, shared_ix)], E, k, width, shared,
                                 scale, seed=a.seed)
                 losses.append(held_out_loss(moe, windows))
                 del moe

@@ -317,7 +317,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, match):
 def test_source_must_be_a_dense_llama_and_stay_untouched(tmp_path):
     moe_dir, dense_dir = str(tmp_path / "moe"), str(tmp_path / "runs" / "dense")
     dense = tiny_dense()
-    build_moe(dense, [(split_random(96, 4), None, None)] * 2, 4, 2, 24, 0, 2.0).save_pretrained(moe_dir)  # native MoE format
+    build_moe(dense, [(split_random(96, 4), None, None, None)] * 2, 4, 2, 24, 0, 2.0).save_pretrained(moe_dir)  # native MoE format
     with pytest.raises(UserError, match="dense LLaMA"):
         main([f"--src={moe_dir}", f"--dst={tmp_path / 'out'}", "--num_experts=4", "--top_k=2"])
     with pytest.raises(UserError, match="does not exist"):
