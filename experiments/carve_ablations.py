@@ -82,6 +82,8 @@ CPTS = {  # name -> (split stage, train.py arguments, seed, what it is)
     "activation_fit_both": ("activation_fit", RECIPE + " --balance=both --bias_rate=1e-3", 0,
                             "activation + fit, balance loss and bias"),
     "activation_fit_nonoise": ("activation_fit_nonoise", RECIPE, 0, "activation + fit, no gate noise"),
+    "activation_fit_distill": ("activation_fit", RECIPE + " --distill_from=PARENT --distill_alpha=1.0", 0,
+                               "activation + fit, distilled from the parent (alpha 1)"),
     "random_fit_refit": ("random_fit_refit", RECIPE, 0, "random + fit + refit, lr 2e-4"),
     "random_lr1e-3": ("random", "--learning_rate=1e-3 --warmup_steps=4", 0, "random, lr 1e-3 (the old demo)"),
     "activation_fit_s1": ("activation_fit", RECIPE, 1, "activation + fit, seed 1"),
@@ -137,7 +139,7 @@ def train_and_eval(cfg, folder, init, args, seed):
     run_stage(cfg, folder, [
         py("train.py", f"--init_from={init}", f"--out_dir={folder}/run", f"--data_dir={cfg.data}",
            f"--max_steps={CPT_STEPS}", f"--seed={seed}", "--overwrite=True", "--export=True", *CPT.split(),
-           *args.split()),
+           *args.replace("PARENT", cfg.parent).split()),
         py("eval.py", f"--ckpt={folder}/run/final", f"--data={cfg.data}", *EVAL.split(),
            f"--max_items={cfg.eval_items}", f"--out={folder}/eval.json", *GENERATE)])
 
