@@ -58,7 +58,8 @@ def training(log_path):
 
 def table(results, names, logs):
     domains = list(results[0]["val"]["domains"])
-    tasks = list(results[0].get("tasks", {}))
+    with_tasks = [r for r in results if r.get("tasks")]
+    tasks = list(with_tasks[0]["tasks"]) if with_tasks else []
     head = (f"{'model':<11}{'val loss':>16}" + "".join(f"{d[:10]:>11}" for d in domains)
             + "".join(f"{t[:12] + ' acc_norm':>22}" for t in tasks) + f"{'CPT tokens':>12}{'CPT time':>10}")
     lines = [head, "-" * len(head)]
@@ -66,12 +67,13 @@ def table(results, names, logs):
         mean, se = window_stats(r["val"])
         tokens, seconds = training(log)
         row = f"{name:<11}{mean:>9.3f} +-{se:.3f}" + "".join(f"{r['val']['domains'][d]['loss']:>11.3f}" for d in domains)
-        for t in tasks:
-            x = r["tasks"][t]
-            row += f"{x['acc_norm']:>15.3f} +-{x['acc_norm_stderr']:.3f}"
+        for t in tasks:  # a row evaluated without tasks (eval.py --tasks=none) shows a dash
+            x = r.get("tasks", {}).get(t)
+            row += f"{x['acc_norm']:>15.3f} +-{x['acc_norm_stderr']:.3f}" if x else f"{'-':>22}"
         row += f"{tokens:>12,}{seconds / 60:>9.1f}m"
         lines.append(row)
-    chance = "  ".join(f"{t}: {results[0]['tasks'][t]['chance']:.2f} (n={results[0]['tasks'][t]['n']})" for t in tasks)
+    chance = "  ".join(f"{t}: {with_tasks[0]['tasks'][t]['chance']:.2f} (n={with_tasks[0]['tasks'][t]['n']})"
+                       for t in tasks)
     lines.append(f"chance: {chance}; +- one standard error; val loss in nats/token, "
                  f"{results[0]['val_setup']}, SE over windows")
     return "\n".join(lines)
@@ -93,9 +95,12 @@ def main(argv):
             raise UserError(f"{path} is not an eval.py json ({e}): run eval.py ... --out={path} again") from None
         if "val" not in results[-1]:
             raise UserError(f"{path} has no validation losses: run eval.py with --data")
-        for key in ("val", "tasks"):
-            if set(results[-1].get(key, {}).get("domains", results[-1].get(key, {}))) != \
-                    set(results[0].get(key, {}).get("domains", results[0].get(key, {}))):
+        if set(results[-1]["val"]["domains"]) != set(results[0]["val"]["domains"]):
+            raise UserError(f"{path} and {files[0]} evaluated different domains: compare evaluations made with "
+                            f"the same --data and --tasks")
+        with_tasks = [r for r in results if r.get("tasks")]
+        for key in ("tasks",) if results[-1].get("tasks") and len(with_tasks) > 1 else ():  # none: a dash row
+            if set(results[-1][key]) != set(with_tasks[0][key]):
                 raise UserError(f"{path} and {files[0]} evaluated different {'domains' if key == 'val' else 'tasks'}: "
                                 f"compare evaluations made with the same --data and --tasks")
     names = cfg.names.split(",") if cfg.names else [os.path.basename(p)[:-5] for p in files]

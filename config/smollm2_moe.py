@@ -24,10 +24,10 @@ balance = "loss"
 
 weights = "uniform"
 seq_len = 256
-micro_batch = 2
-global_batch_tokens = 2048   # 2 ranks x 2 sequences x 256 tokens x 2 accumulation
+micro_batch = 4
+global_batch_tokens = 2048   # 2 ranks x 4 sequences x 256 tokens, no accumulation
 
 eval_interval = 0            # eval.py measures before and after; no mid-run evaluation in the demo
 log_interval = 5
-checkpoint_interval = 15
+checkpoint_interval = 0    # one checkpoint, at the end (and on SIGTERM)
 keep_checkpoints = 2
