@@ -395,3 +395,19 @@ def test_heatmap_png_or_a_note_when_matplotlib_is_missing(tmp_path):
         assert "matplotlib is not installed" in got and not os.path.exists(path)
     else:
         assert got == path and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_shows_a_dash_for_a_row_evaluated_without_tasks(tmp_path, capsys):
+    import compare
+    val = {"domains": {"a": {"loss": 2.0, "batch_losses": [1.9, 2.1]}}, "mean_loss": 2.0}
+    task = {"acc_norm": 0.6, "acc_norm_stderr": 0.05, "chance": 0.25, "n": 100}
+    rows = {"with": {"val": val, "val_setup": "2 windows", "tasks": {"cloze": task}},
+            "without": {"val": val, "val_setup": "2 windows"}}
+    for name, r in rows.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    compare.main([str(tmp_path / "with.json"), str(tmp_path / "without.json")])
+    out = capsys.readouterr().out.splitlines()
+    assert "0.600 +-0.050" in out[2] and out[3].split()[-3] == "-"
+    (tmp_path / "other.json").write_text(json.dumps(dict(rows["with"], tasks={"quiz": task})))
+    with pytest.raises(compare.UserError, match="different tasks"):
+        compare.main([str(tmp_path / "with.json"), str(tmp_path / "other.json")])
