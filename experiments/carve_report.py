@@ -140,10 +140,15 @@ def verdicts(splits, cpts, controls):
         out.append(f"- **The paper's IndependentRandom after the same CPT:** {r['mean']:.3f}"
                    + (f" / seed 1 {r1['mean']:.3f}" if r1 else "") + f" against activation + fit {a['mean']:.3f}.")
     for name, what in (("activation_fit_lr1e-3", "lr 1e-3 instead of 2e-4"), ("activation_fit_bias", "bias "
-                       "balancing instead of the loss"), ("activation_fit_both", "loss and bias together")):
+                       "balancing instead of the loss"), ("activation_fit_both", "loss and bias together"),
+                       ("activation_fit_nonoise", "no gate noise in training"),
+                       ("activation_fit_distill", "distillation from the parent (same tokens, ~2x the step time)")):
         x = cpts.get(name)
         if a and x:
             ev, ev0 = evenness(x), evenness(a)
             out.append(f"- **{what}:** {x['mean']:.3f} vs {a['mean']:.3f} ({x['mean'] - a['mean']:+.3f}); fewest "
                        f"experts in use {ev[0]} vs {ev0[0]}, busiest share {ev[1]:.3f} vs {ev0[1]:.3f}.")
+    if math.isnan(noise):
+        out.append("- **Noise:** no seed pair has finished, so no difference between CPT runs above can be called "
+                   "more than a tie; the loss SE over the 48 validation windows (~0.13) is the within-run scale.")
     return [o for o in out if o]
