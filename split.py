@@ -143,7 +143,7 @@ def check_split(cfg, config):
              f"routed experts need neurons too")
         need((d_h - shared) % E == 0, f"activation: the {d_h - shared} neurons outside the shared block "
              f"({shared}) do not split into {E} equal experts: choose --shared_size so that {d_h} - shared_size "
-             f"is a multiple of {E} (e.g. {shared - (d_h - shared) % E})")
+             f"is a multiple of {E} (e.g. {shared - (shared - d_h) % E})")
         d_e = (d_h - shared) // E
     else:  # sharing_inter
         shared = d_h // E if cfg.shared_size is None else cfg.shared_size
