@@ -227,7 +227,7 @@ def update_bias(gate: TopKGate, counts: torch.Tensor, rate: float) -> None:
 
 
 def routing_evenness(counts: torch.Tensor, min_share: float = 0.01) -> tuple[int, float]:
-    """counts (E,) -> (experts in use, favourite share): how many experts get at least `min_share` of the
+    """counts (E,) -> (experts in use, busiest share): how many experts get at least `min_share` of the
     routed (token, expert) pairs, and the share of the busiest one. An even router over E experts gives
     (E, 1/E); a collapsed one that sends every token to the same k experts gives (k, 1/k)."""
     share = counts.double() / counts.sum().clamp(min=1)
