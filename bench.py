@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from configurator import UserError, load_config, run_cli
 from fileio import atomic_write
 from gate import TopKGate
-from kernels import backend_name, expert_path, grouped_swiglu, permute, unpermute
+from moe_kernels import backend_name, expert_path, grouped_swiglu, permute, unpermute
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gate import GATE_TYPES, TopKGate
-from kernels import permute, unpermute, grouped_swiglu
+from moe_kernels import permute, unpermute, grouped_swiglu
 
 
 # ----------------------------------------------------------------------------------------------------------

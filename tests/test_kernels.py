@@ -1,7 +1,7 @@
-"""kernels/: permute, unpermute (C++ CPU extension, CUDA extension, plain-torch reference) and grouped_swiglu,
-each compared with the plain-torch definitions in kernels/reference.py.
+"""moe_kernels/: permute, unpermute (C++ CPU extension, CUDA extension, plain-torch reference) and grouped_swiglu,
+each compared with the plain-torch definitions in moe_kernels/reference.py.
 
-The CPU extension is compiled once into the kernel cache (kernels/ops.py); the first test that needs it
+The CPU extension is compiled once into the kernel cache (moe_kernels/ops.py); the first test that needs it
 pays the build (about half a minute on 2 cores), every later one only loads it.
 """
 import json
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import experts, grouped_swiglu, ops, permute, reference, unpermute
-from kernels.reference import moe_ffn, naive_experts
+import moe_kernels
+from moe_kernels import experts, grouped_swiglu, ops, permute, reference, unpermute
+from moe_kernels.reference import moe_ffn, naive_experts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,18 @@ def check_permute_definition(x, ids, E, x_perm, row_map, counts):
 
 def test_cpu_extension_builds():
     # If this fails the others still pass on the reference: the warning names the compiler error.
-    assert kernels.backend_name("cpu") == "cpu"
+    assert moe_kernels.backend_name("cpu") == "cpu"
+
+
+def test_killed_build_leaves_no_hang():
+    """A build killed midway leaves torch's `lock` file behind; torch alone would wait for it forever. The
+    next process must see that no live builder holds the build and go on at once."""
+    assert moe_kernels.backend_name("cpu") == "cpu"  # built, so the next load only checks and loads
+    for build_dir in ops.cache_dir().glob("cpu-*"):
+        (build_dir / "lock").touch()
+    script = "from moe_kernels import ops; assert ops.cpu_extension() is not None"
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
 
 
 @pytest.mark.parametrize("T,E,k", [(1, 4, 2), (13, 4, 1), (13, 4, 4), (13, 1, 1), (40, 6, 3)])
@@ -238,12 +249,12 @@ def test_k_zero_is_an_error_not_a_crash():
     """k = 0 used to divide by zero inside the C++ kernel (T = P / top_k: SIGFPE, the process died). Run in
     a subprocess so that a regression fails this test instead of killing the test run."""
     script = textwrap.dedent("""
-        import torch, kernels
-        from kernels import ops
+        import torch, moe_kernels
+        from moe_kernels import ops
         for name, call in [
-            ("unpermute", lambda: kernels.unpermute(torch.empty(0, 3), torch.empty(0, dtype=torch.long),
+            ("unpermute", lambda: moe_kernels.unpermute(torch.empty(0, 3), torch.empty(0, dtype=torch.long),
                                                     torch.empty(4, 0))),
-            ("permute", lambda: kernels.permute(torch.randn(4, 3), torch.empty(4, 0, dtype=torch.long), 2)),
+            ("permute", lambda: moe_kernels.permute(torch.randn(4, 3), torch.empty(4, 0, dtype=torch.long), 2)),
             ("raw unpermute_fwd", lambda: ops.cpu_extension().unpermute_fwd(
                 torch.empty(0, 3), torch.empty(0, dtype=torch.long), None, 0)),
             ("raw unpermute_bwd", lambda: ops.cpu_extension().unpermute_bwd(
@@ -401,7 +412,7 @@ def test_grouped_swiglu_matches_naive(backend, monkeypatch, grouped_mm, counts, 
     for gw in grads[1:]:  # experts without tokens: exactly zero weight gradient
         assert torch.all(gw[counts == 0] == 0)
     expected = "grouped_mm" if grouped_mm == "1" else ("cpu_extension" if backend == "cpu" else "loop")
-    assert kernels.last_expert_path() == {"forward": expected, "backward": expected}
+    assert moe_kernels.last_expert_path() == {"forward": expected, "backward": expected}
 
 
 def test_moe_pipeline_matches_plain_moe_ffn(backend):
@@ -425,18 +436,18 @@ def test_expert_path_choice(monkeypatch):
     Decided from facts about the device, never by running it (a probe could kill the CUDA context)."""
     monkeypatch.delenv("LLAMA_MOE_GROUPED_MM", raising=False)
     monkeypatch.delenv("LLAMA_MOE_KERNELS", raising=False)
-    assert kernels.expert_path("cpu", torch.float32) == "cpu_extension"
-    assert kernels.expert_path("cpu", torch.bfloat16) == "cpu_extension"
+    assert moe_kernels.expert_path("cpu", torch.float32) == "cpu_extension"
+    assert moe_kernels.expert_path("cpu", torch.bfloat16) == "cpu_extension"
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: None, raising=False)
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(experts, "_torch_version", lambda: (2, 9))
     cuda = torch.device("cuda", 0)
     assert experts.grouped_mm_native(cuda, torch.bfloat16)
-    assert kernels.expert_path(cuda, torch.bfloat16) == "grouped_mm"
+    assert moe_kernels.expert_path(cuda, torch.bfloat16) == "grouped_mm"
     assert not experts.grouped_mm_native(cuda, torch.float32)      # fp32/fp16: a host-syncing fallback
     assert not experts.grouped_mm_native(cuda, torch.float16)
-    assert kernels.expert_path(cuda, torch.float32) == "loop"
+    assert moe_kernels.expert_path(cuda, torch.float32) == "loop"
     capability[0] = (10, 0)
     assert experts.grouped_mm_native(cuda, torch.bfloat16)
     capability[0] = (8, 0)                                         # A100: fallback
@@ -446,9 +457,9 @@ def test_expert_path_choice(monkeypatch):
     assert not experts.grouped_mm_native(cuda, torch.bfloat16)
     monkeypatch.setattr(experts, "_torch_version", lambda: (2, 9))
     monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", "0")
-    assert kernels.expert_path(cuda, torch.bfloat16) == "loop"
+    assert moe_kernels.expert_path(cuda, torch.bfloat16) == "loop"
     monkeypatch.setenv("LLAMA_MOE_GROUPED_MM", "1")
-    assert kernels.expert_path("cpu", torch.float32) == "grouped_mm"
+    assert moe_kernels.expert_path("cpu", torch.float32) == "grouped_mm"
 
 
 def test_grouped_path_error_propagates_and_does_not_disable_it(monkeypatch):
@@ -470,7 +481,7 @@ def test_grouped_path_error_propagates_and_does_not_disable_it(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         grouped_swiglu(x, counts, *w)
     y = grouped_swiglu(x, counts, *w)
-    assert kernels.last_expert_path()["forward"] == "grouped_mm"
+    assert moe_kernels.last_expert_path()["forward"] == "grouped_mm"
     torch.testing.assert_close(y, naive_experts(x, counts, *w), rtol=1e-5, atol=1e-6)
 
 
@@ -672,7 +683,7 @@ def test_cuda_grouped_swiglu_bf16(counts):
     y = grouped_swiglu(x, counts, *w)
     grads = torch.autograd.grad(y, [x, *w], g)
     if experts.grouped_mm_native(x.device, torch.bfloat16):
-        assert kernels.last_expert_path() == {"forward": "grouped_mm", "backward": "grouped_mm"}
+        assert moe_kernels.last_expert_path() == {"forward": "grouped_mm", "backward": "grouped_mm"}
     # the reference in fp32 from the same bf16 values
     x32, w32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in w]
     y0 = naive_experts(x32, counts, *w32)
@@ -691,7 +702,7 @@ def test_cuda_grouped_swiglu_fp32_takes_the_loop():
     x = torch.randn(12, 32, device="cuda")
     w = [t.detach().cuda() for t in expert_weights(3, 16, 32)]
     y = grouped_swiglu(x, counts, *w)
-    assert kernels.last_expert_path()["forward"] == "loop"
+    assert moe_kernels.last_expert_path()["forward"] == "loop"
     torch.testing.assert_close(y, naive_experts(x, counts, *w), rtol=1e-5, atol=1e-5)
 
 
@@ -746,5 +757,5 @@ def test_bench_tiny_run(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert results["expert_path"] == kernels.expert_path("cpu", torch.float32)
+    assert results["expert_path"] == moe_kernels.expert_path("cpu", torch.float32)
     assert "expert matmuls:" in proc.stdout and set(results["ratios"]) >= {"pair_vs_copy", "moe_vs_dense"}

@@ -5,20 +5,20 @@ permute gathers token rows into a (P, d) buffer grouped by expert (ascending), t
 each expert (a *stable* grouping), so every expert later sees one contiguous slice of rows.
 unpermute sends the expert outputs back and sums each token's k rows weighted by its gate scores.
 
-The three *_fwd / *_bwd functions below are the whole backend interface; kernels/permute_cpu.cpp and
-kernels/permute_cuda.cu implement the same three with the same meaning:
+The three *_fwd / *_bwd functions below are the whole backend interface; moe_kernels/permute_cpu.cpp and
+moe_kernels/permute_cuda.cu implement the same three with the same meaning:
 
     permute_fwd(x, expert_ids, num_experts)            -> (x_perm, row_map, counts)
     unpermute_fwd(y_perm, row_map, scores, top_k)      -> out
     unpermute_bwd(grad_out, y_perm, row_map, scores, top_k, need_y, need_scores) -> (grad_y, grad_scores)
 
-Arguments arrive already checked and contiguous (kernels/ops.py does that once for every backend).
+Arguments arrive already checked and contiguous (moe_kernels/ops.py does that once for every backend).
 Accumulation dtype: float64 for float64 rows, float32 for everything else (bf16/fp16 rows are
 summed in fp32 and rounded once at the end). The order of the additions is fixed,
 out = s0*y0, then out += s_j*y_j for j = 1..k-1, so the fp32 C++ kernel can match this file bit for bit.
 
 At the end, moe_ffn is the whole MoE feed-forward as a plain loop over experts, and naive_experts the
-expert part of it on grouped rows (what kernels/experts.py computes fast).
+expert part of it on grouped rows (what moe_kernels/experts.py computes fast).
 """
 import torch
 import torch.nn.functional as F

@@ -1,12 +1,12 @@
 """The routed experts as one grouped SwiGLU over contiguous row slices (SPEC.md §2 and §7).
 
-After kernels.permute the (T*k, d) rows are grouped by expert: expert j owns rows
+After moe_kernels.permute the (T*k, d) rows are grouped by expert: expert j owns rows
 bounds[j]:bounds[j+1], bounds = [0, cumsum(tokens_per_expert)]. Expert j is a SwiGLU FFN of width d_e;
 with W_gu[j] = [W_gate[j]; W_up[j]] (2 d_e, d), the gate and up projections stacked:
 
     [G | U] = X_j W_gu[j]^T,  H = silu(G) * U,  Y_j = H W_down[j]^T
 
-kernels/reference.py has the same thing as a plain loop (naive_experts) that the tests compare against.
+moe_kernels/reference.py has the same thing as a plain loop (naive_experts) that the tests compare against.
 
 Why a hand-written backward: slicing the grouped buffer and letting autograd differentiate each slice
 builds a full-size zero gradient per slice and concatenates them, measured 4.7x slower than a dense FFN of
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.ops import _check_in_range, checking_values, cpu_extension, made_by_permute
+from moe_kernels.ops import _check_in_range, checking_values, cpu_extension, made_by_permute
 
 # ----------------------------------------------------------------------------------------------
 # Which path

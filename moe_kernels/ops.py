@@ -1,9 +1,9 @@
 """permute / unpermute as torch.library custom ops, backed by the fastest kernel that builds here.
 
-Three backends implement the same three functions (see kernels/reference.py for their meaning):
-    "cuda"       kernels/permute_cuda.cu  (CUDA tensors; built only when torch.cuda.is_available())
-    "cpu"        kernels/permute_cpu.cpp  (CPU tensors; with experts_cpu.cpp for grouped_swiglu)
-    "reference"  kernels/reference.py     (plain torch, any device; also the fallback)
+Three backends implement the same three functions (see moe_kernels/reference.py for their meaning):
+    "cuda"       moe_kernels/permute_cuda.cu  (CUDA tensors; built only when torch.cuda.is_available())
+    "cpu"        moe_kernels/permute_cpu.cpp  (CPU tensors; with experts_cpu.cpp for grouped_swiglu)
+    "reference"  moe_kernels/reference.py     (plain torch, any device; also the fallback)
 LLAMA_MOE_KERNELS=cuda|cpu|reference forces a backend. How the extensions are built and cached is in the
 performance appendix at the end of this file.
 
@@ -17,9 +17,10 @@ A row_map or tokens_per_expert that permute itself returned is known to be valid
 reading values of a GPU tensor is a host sync, which stalls the GPU's queue and breaks CUDA-graph capture.
 Under torch.compile and during CUDA-graph capture the value checks are skipped altogether.
 """
+import fcntl
 import hashlib
 import os
-import time
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels import reference
+from moe_kernels import reference
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -189,7 +190,7 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 
 
 # ----------------------------------------------------------------------------------------------
-# Public functions (`from kernels import permute, unpermute`): the one place inputs are validated
+# Public functions (`from moe_kernels import permute, unpermute`): the one place inputs are validated
 # ----------------------------------------------------------------------------------------------
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int):
@@ -262,19 +263,25 @@ def _build_extension(name: str):
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + repr(cflags + cuda_flags).encode())
     build_dir = cache_dir() / f"{name}-{digest.hexdigest()[:12]}"
     build_dir.mkdir(exist_ok=True)
-    # torch's builder holds `lock` in the build folder while it compiles and waits for it forever: a build
-    # killed midway (Ctrl-C, SIGKILL) would hang every later process. A build takes about a minute here, so a
-    # lock older than 15 minutes belongs to a dead build.
-    lock = build_dir / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > 15 * 60:
-        warnings.warn(f"removing a stale kernel build lock {lock} (a build that was killed)")
-        lock.unlink(missing_ok=True)
-    cpp_extension.load(
-        name=f"llama_moe_permute_{name}", sources=[str(s) for s in sources], build_directory=str(build_dir),
-        extra_cflags=cflags, extra_cuda_cflags=cuda_flags, extra_ldflags=ldflags,
-        is_python_module=False,  # the .cpp registers its ops with TORCH_LIBRARY: no pybind11 to compile
-        verbose=os.environ.get("LLAMA_MOE_KERNELS_VERBOSE") == "1",
-    )
+    # torch's builder marks a build with a `lock` file and waits forever while it exists, so a build killed
+    # midway (Ctrl-C, SIGKILL) would hang every later process. We hold an OS lock (flock) around torch's: the
+    # kernel drops it the moment its holder dies. Whoever holds ours knows any `lock` left there is stale.
+    with open(build_dir / "builder.pid", "a+") as baton:
+        try:
+            fcntl.flock(baton, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            baton.seek(0)
+            print(f"moe_kernels: waiting for process {baton.read().strip() or '?'} to finish building the {name} "
+                  f"extension in {build_dir}", file=sys.stderr)
+            fcntl.flock(baton, fcntl.LOCK_EX)
+        baton.seek(0), baton.truncate(), baton.write(str(os.getpid())), baton.flush()
+        (build_dir / "lock").unlink(missing_ok=True)  # left by a killed build: its builder no longer holds ours
+        cpp_extension.load(
+            name=f"llama_moe_permute_{name}", sources=[str(s) for s in sources], build_directory=str(build_dir),
+            extra_cflags=cflags, extra_cuda_cflags=cuda_flags, extra_ldflags=ldflags,
+            is_python_module=False,  # the .cpp registers its ops with TORCH_LIBRARY: no pybind11 to compile
+            verbose=os.environ.get("LLAMA_MOE_KERNELS_VERBOSE") == "1",
+        )
     return getattr(torch.ops, namespace)
 
 
