@@ -233,7 +233,7 @@ def moe_layer_ids(model):
 # 3. Validation loss per domain, and routing counts from the same forward passes
 #
 # The loss is the plain next-token cross-entropy in nats, averaged over every target token of the windows:
-# model(x, y) returns exactly that (the MoE balance loss, a training signal, is kept apart in model.aux_loss),
+# model(x, y).loss is exactly that (the MoE balance loss, a training signal, is kept apart in .balance_loss),
 # so a dense model and its MoE are compared on the same quantity. Windows come from sample.eval_windows: a
 # fixed, evenly spread set of slots per domain, so two checkpoints are always scored on the same tokens.
 
@@ -254,12 +254,13 @@ def validation(model, data_dir, seq_len, batch_size=8, max_windows=32, routing=T
     for di, domain in enumerate(domains):
         nll, count, batch_losses = 0.0, 0, []
         for x, y in eval_windows(data_dir, domain, seq_len, batch_size, max_windows or None):
-            _, loss = model(x.to(device), y.to(device))                     # mean over the b*T targets
+            out = model(x.to(device), y.to(device))                         # model.ModelOutput
+            loss = out.loss                                                 # mean over the b*T targets
             nll += loss.item() * y.numel()
             count += y.numel()
             batch_losses.append(loss.item())  # --batch_size=1: one per window, for the standard error
-            for li, layer in enumerate(layers):
-                ids = model.model.layers[layer].mlp.last_gate.expert_ids       # (b*T, k), best first
+            for li, gate in enumerate(out.routing if layers else ()):        # one per MoE layer, in order
+                ids = gate.expert_ids                                           # (b*T, k), best first
                 selected[li, di] += torch.bincount(ids.flatten(), minlength=E).cpu()
                 top1[li, di] += torch.bincount(ids[:, 0], minlength=E).cpu()
         loss = nll / count
@@ -457,7 +458,7 @@ def loglikelihoods(model, groups):
                     model(torch.tensor([first[:P]], device=device), start_pos=0)  # the context, once: (1, P)
                 model.share_cache_prefix(P)
             with logits_only_at(model, r_at, c_at):
-                logits, _ = model(idx.to(device), start_pos=P if P else None)     # (N, V), N = choice tokens
+                logits = model(idx.to(device), start_pos=P if P else None).logits  # (N, V), N = choice tokens
         finally:
             model.clear_cache()
         logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)

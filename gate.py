@@ -173,6 +173,17 @@ class TopKGate(nn.Module):
         """(T, d) -> (T, E): softplus(W_noise x) + eps, the per-token, per-expert noise scale."""
         return F.softplus(self.weight_noise(x).float()) + self.noise_eps
 
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, E) fp32 logits -> expert_ids (T, k) int64, best first, and their scores (T, k) fp32.
+        The bias steers the choice only; the scores are the unbiased logits of the chosen experts."""
+        expert_ids = (logits + self.expert_bias.float()).topk(self.top_k, dim=-1).indices  # (T, k) int64
+        return expert_ids, F.softmax(logits.gather(1, expert_ids), dim=-1)              # rows sum to 1
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode routing alone, (T, d) -> (expert_ids, scores): what forward() chooses without noise,
+        minus the balance statistics. model.py's decoding path calls it once per layer and token."""
+        return self.choose(self.gate_network(x).float())
+
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> GateOutput:
         """x: (T, d) tokens. noise: optional (T, E) standard-normal draws to use instead of fresh ones
         (to replay a recorded run); it is ignored whenever no noise is added (eval mode, or noise=False)."""
@@ -192,11 +203,8 @@ class TopKGate(nn.Module):
         else:
             logits = clean
 
-        # The bias steers the choice only; the scores are the unbiased logits of the chosen experts.
+        expert_ids, scores = self.choose(logits)                       # (T, k), (T, k)
         bias = self.expert_bias.float()                                # (E,)
-        expert_ids = (logits + bias).topk(k, dim=-1).indices           # (T, k) int64
-        top_logits = logits.gather(1, expert_ids)                      # (T, k)
-        scores = F.softmax(top_logits, dim=-1)                         # (T, k) fp32, rows sum to 1
 
         # importance_j = sum of the scores that went to j. Scattering into a dense (T, E) table and summing
         # over tokens keeps it differentiable and, unlike atomic index_add on a GPU, bit-for-bit repeatable.

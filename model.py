@@ -5,21 +5,24 @@ Read top to bottom:
   1. ModelConfig   - the hyper-parameters, named exactly like Hugging Face's LlamaConfig so a real
                      config.json maps onto it field by field.
   2. RMSNorm, RoPE, Attention, FeedForward - the dense LLaMA block (SPEC.md section 1).
-  3. MoEFeedForward - the LLaMA-MoE layer (SPEC.md sections 2, 3, 7): gate -> permute -> experts -> unpermute.
-  4. Transformer   - the stack, forward(idx, targets) -> (logits, loss), generate() with a KV cache;
+  3. MoEFeedForward - the LLaMA-MoE layer (SPEC.md sections 2, 3, 7): gate -> permute -> experts -> unpermute,
+                     and for the few rows of a decoding step, only the chosen experts' weights.
+  4. Transformer   - the stack, forward(idx, targets) -> ModelOutput(logits, loss, balance_loss, routing);
                      from_pretrained / save_pretrained hand over to checkpoint.py (every file format).
+  5. Generation    - a preallocated KV cache, prefill through forward(), then decode_step() per token.
 
 Shapes: B batch, S sequence, d hidden, H query heads, Hkv key/value heads, hd head dim, T = B*S tokens,
 E experts, k selected experts, d_e expert width.
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gate import GATE_TYPES, TopKGate
+from gate import GATE_TYPES, GateOutput, TopKGate
 from moe_kernels import permute, unpermute, grouped_swiglu
 
 
@@ -260,13 +263,12 @@ class MoEFeedForward(nn.Module):
                              noise_eps=config.gate_noise_eps, balance_loss_weight=config.balance_loss_weight)
         self.experts = Experts(E, d, config.layer_list("expert_intermediate_size")[layer_idx])
         self.shared = FeedForward(d, config.shared_intermediate_size) if config.shared_intermediate_size else None
-        self.last_gate = None  # the gate's output of the latest forward: routing analysis and logging read it
 
     def forward(self, x):
+        """(B, S, d) -> (y (B, S, d), the gate's GateOutput: routing, balance loss and counts of these tokens)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # (B, S, d) -> (T, d)
         g = self.gate(x)                                               # ids (T, k), scores (T, k)
-        self.last_gate = g
         # Dropless grouping: every (token, expert) pair gets a row; rows of one expert are contiguous.
         x_perm, row_map, counts = permute(x, g.expert_ids, self.num_experts)  # (T*k, d)
         e = self.experts
@@ -276,7 +278,73 @@ class MoEFeedForward(nn.Module):
         y = unpermute(y_perm, row_map, (w * self.score_scale).to(y_perm.dtype))  # (T, d)
         if self.shared is not None:  # the shared block (SharingInter, activation): always on and unscaled
             y = y + self.shared(x)
+        return y.view(shape), g
+
+    def decode(self, x, experts_fn=None):
+        """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d).
+        With T*k rows, permute -> grouped matmul -> unpermute is mostly fixed cost around a handful of
+        matrix-vector products: run each row's k experts straight from the stacked weights instead."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                   # (T, d)
+        ids, scores = self.gate.route(x)                               # (T, k), (T, k)
+        w = torch.ones_like(scores) if self.unit_weights else scores  # "unit": exactly 1 (no gradient here)
+        e = self.experts
+        y = (experts_fn or chosen_experts)(x, ids, (w * self.score_scale).to(x.dtype), e.gate_up_proj, e.down_proj)
+        if self.shared is not None:
+            y = y + self.shared(x)
         return y.view(shape)
+
+
+def chosen_experts(x, ids, weights, gate_up, down):
+    """x (T, d), ids and weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e) -> (T, d): each row through
+    its k experts, reading only those experts' weights (views of the stacks, no copy). One host sync (ids)."""
+    y = torch.zeros_like(x)                                            # (T, d)
+    for t, (row_ids, row_w) in enumerate(zip(ids.tolist(), weights.tolist())):
+        for j, w in zip(row_ids, row_w):
+            gate, up = F.linear(x[t], gate_up[j]).chunk(2)             # (2 d_e,) -> 2 x (d_e,)
+            y[t] += w * F.linear(F.silu(gate) * up, down[j])           # (d_e,) -> (d,)
+    return y
+
+
+def chosen_experts_fused(x, ids, weights, gate_up, down):
+    """The same as one static-shape expression, for torch.compile: there the gather and the products fuse into
+    one loop that reads each chosen row of weights once (eagerly, gate_up[ids] would copy the experts)."""
+    h = (gate_up[ids] * x[:, None, None, :]).sum(-1)                  # (T, k, 2 d_e, d) -> (T, k, 2 d_e)
+    gate, up = h.chunk(2, dim=-1)                                      # 2 x (T, k, d_e)
+    a = F.silu(gate) * up * weights[..., None]                         # (T, k, d_e)
+    return (down[ids] * a[:, :, None, :]).sum((1, 3))                  # (T, k, d, d_e) -> (T, d)
+
+
+def next_token(logits, temperature, top_k):
+    """logits (B, vocab) fp32 -> (B, 1): argmax when temperature is 0, else a sample (top_k: of the k best)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1)
+
+
+_COMPILED = {}
+
+
+def compiled_experts():
+    """torch.compile(chosen_experts_fused), built once per process; chosen_experts if compiling fails (no C++
+    compiler, an unsupported platform). Compilation happens on the first call, so the fallback wraps it."""
+    if "fn" not in _COMPILED:
+        compiled = torch.compile(chosen_experts_fused, dynamic=False)
+        def experts_fn(*args):
+            if _COMPILED.get("broken"):
+                return chosen_experts(*args)
+            try:
+                return compiled(*args)
+            except Exception as e:  # the backend's errors have no common base class
+                print(f"[model] torch.compile failed ({type(e).__name__}): decoding eagerly")
+                _COMPILED["broken"] = True
+                return chosen_experts(*args)
+        _COMPILED["fn"] = experts_fn
+    return _COMPILED["fn"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,8 +361,28 @@ class Block(nn.Module):
                     else FeedForward(config.hidden_size, config.intermediate_size))
 
     def forward(self, x, cos, sin, start_pos=None):
+        """-> (x (B, S, d), the MoE gate's GateOutput or None for a dense FFN)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEFeedForward):
+            y, gate = self.mlp(h)
+            return x + y, gate
+        return x + self.mlp(h), None
+
+    def decode(self, x, cos, sin, pos, experts_fn=None):
+        """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, the MoE on its few-rows path."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp.decode(h, experts_fn) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
+
+
+class ModelOutput(NamedTuple):
+    """What Transformer.forward computes. The LM loss and the balance loss are kept apart: evaluation reports
+    the first alone, training adds the second (SPEC.md section 3)."""
+    logits: torch.Tensor        # (B, S, vocab); (B, 1, vocab) with last_only
+    loss: torch.Tensor | None   # () next-token cross-entropy over targets != -100; None without targets
+    balance_loss: torch.Tensor  # () the MoE balance loss summed over layers, weight applied (0 for dense)
+    routing: tuple              # one gate.GateOutput per MoE layer, in layer order (() for dense)
 
 
 class Transformer(nn.Module):
@@ -310,7 +398,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.aux_loss = None  # summed MoE balance loss of the latest forward
+        self.rope_table = None  # (cos, sin) each (max_len, hd) while a KV cache is set up (setup_cache)
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
@@ -335,10 +423,11 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.model.layers if isinstance(b.mlp, MoEFeedForward)]
 
-    def forward(self, idx, targets=None, start_pos=None, last_only=False):
-        """idx (B, S) -> (logits (B, S, vocab), LM loss or None). start_pos: the KV cache's write position
-        (setup_cache). last_only (no targets): logits of the last position only, (B, 1, vocab): generation
-        reads nothing else, and a long prompt's (S, vocab) logits would be most of its prefill's memory."""
+    def forward(self, idx, targets=None, start_pos=None, last_only=False) -> ModelOutput:
+        """idx (B, S) -> ModelOutput(logits (B, S, vocab), LM loss or None, balance loss, routing). start_pos:
+        the KV cache's write position (setup_cache). last_only (no targets): logits of the last position only,
+        (B, 1, vocab): generation reads nothing else, and a long prompt's (S, vocab) logits would be most of
+        its prefill's memory."""
         B, S = idx.shape
         # (One host sync; skipped under torch.compile, where it would break the graph.)
         if not torch.compiler.is_compiling() and idx.numel():
@@ -352,20 +441,42 @@ class Transformer(nn.Module):
                              f"{self.config.max_position_embeddings}")
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(offset, offset + S, device=idx.device))
         x = self.model.embed_tokens(idx)                                 # (B, S, d)
+        routing = []
         for block in self.model.layers:
-            x = block(x, cos, sin, start_pos)
+            x, gate = block(x, cos, sin, start_pos)
+            if gate is not None:
+                routing.append(gate)
         x = self.model.norm(x)
-        moe = self.moe_layers()
-        self.aux_loss = sum(m.last_gate.balance_loss for m in moe) if moe else x.new_zeros(())
+        balance = sum(g.balance_loss for g in routing) if routing else x.new_zeros((), dtype=torch.float32)
         if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None     # (B, 1 or S, vocab)
+            return ModelOutput(self.lm_head(x[:, -1:] if last_only else x), None, balance, tuple(routing))
         logits = self.lm_head(x)                                         # (B, S, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss  # the LM loss alone; training adds self.aux_loss (SPEC.md section 3) itself
+        return ModelOutput(logits, loss, balance, tuple(routing))
+
+    # ------------------------------------------------------------------------------------------------------
+    # 5. Generation: prefill the prompt through forward() into a preallocated KV cache, then one decode_step
+    # per token. A profile of the 135M demo model at batch 1 on CPU showed decoding bound by reading weights
+    # and by fixed per-op costs: the MoE's gate statistics and permute/unpermute cost more than its experts'
+    # matrix-vector products. decode_step runs the same modules without them (bench.py measures it).
+
+    def decode_step(self, idx, pos, experts_fn=None):
+        """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
+        experts_fn: how the MoE layers run their chosen experts (chosen_experts, or a compiled
+        chosen_experts_fused)."""
+        cos, sin = (t[pos:pos + 1] for t in self.rope_table)             # (1, hd), precomputed
+        x = self.model.embed_tokens(idx)                                 # (B, 1, d)
+        for block in self.model.layers:
+            x = block.decode(x, cos, sin, pos, experts_fn)
+        return self.lm_head(self.model.norm(x))[:, -1]                   # (B, vocab)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Sample continuations of idx (B, S); temperature 0 means greedy. The KV cache makes each step O(S)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, compile=False):
+        """Sample continuations of idx (B, S); temperature 0 means greedy. The KV cache makes each step O(S).
+        use_cache=False recomputes the whole sequence every step (the plain path the tests compare with).
+        compile: torch.compile the MoE layers' chosen-expert products (one graph shared by every layer);
+        on CPU it pays once it decodes a few hundred tokens (bench.py), and without a working compiler
+        the eager path runs instead."""
         B, S = idx.shape
         total = S + max_new_tokens
         if total > self.config.max_position_embeddings:
@@ -373,26 +484,18 @@ class Transformer(nn.Module):
                              f"{self.config.max_position_embeddings}")
         was_training = self.training
         self.eval()  # no gate noise, no dropout-like randomness: greedy decoding must be reproducible
+        experts_fn = compiled_experts() if compile and self.config.is_moe else None
         if use_cache:
             self.setup_cache(B, total)
         try:
-            pos = 0
-            for _ in range(max_new_tokens):
-                if use_cache:
-                    logits, _ = self(idx[:, pos:], start_pos=pos, last_only=True)
-                    pos = idx.size(1)
+            for step in range(max_new_tokens):
+                if not use_cache:
+                    logits = self(idx, last_only=True).logits[:, -1]             # (B, vocab)
+                elif step == 0:  # prefill: the whole prompt in one forward
+                    logits = self(idx, start_pos=0, last_only=True).logits[:, -1]
                 else:
-                    logits, _ = self(idx, last_only=True)
-                logits = logits[:, -1, :].float()
-                if temperature == 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
-                idx = torch.cat((idx, nxt), dim=1)
+                    logits = self.decode_step(idx[:, -1:], idx.size(1) - 1, experts_fn)
+                idx = torch.cat((idx, next_token(logits.float(), temperature, top_k)), dim=1)
         finally:
             self.clear_cache()
             self.train(was_training)
@@ -406,6 +509,7 @@ class Transformer(nn.Module):
             a = block.self_attn
             a.kv_cache = tuple(torch.zeros(batch, a.n_kv, length, a.hd, dtype=w.dtype, device=w.device)
                                for _ in range(2))
+        self.rope_table = rope_cos_sin(self.inv_freq, torch.arange(length, device=w.device))  # decode_step's
 
     def share_cache_prefix(self, length):
         """Copy row 0's first `length` cached positions into every row: a prefix (a question's context) run
@@ -417,6 +521,7 @@ class Transformer(nn.Module):
     def clear_cache(self):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
+        self.rope_table = None
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).
@@ -430,3 +535,4 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):  # shards of at most 5 GiB
         import checkpoint
         checkpoint.save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
+

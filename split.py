@@ -393,7 +393,7 @@ def taylor_importance(model, batches_per_cluster):
             for batch in batches:
                 batch = batch.to(device)
                 with torch.enable_grad():
-                    _, loss = model(batch[:, :-1], targets=batch[:, 1:])
+                    loss = model(batch[:, :-1], targets=batch[:, 1:]).loss
                     loss.backward()
                 n_tokens += batch[:, 1:].numel()
             assert n_tokens, f"importance cluster {c} has no text"

@@ -370,7 +370,7 @@ def evaluate(cfg, d, model, domains, autocast):
             x, y = mine[i] if i < len(mine) else batches[0]
             x, y = x.to(d.device), y.to(d.device)
             with autocast:
-                logits, _ = model(x)                                     # (b, S, vocab)
+                logits = model(x).logits                                 # (b, S, vocab)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             if i < len(mine):
                 total += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64, device=d.device)])
@@ -414,7 +414,7 @@ def load_parent(cfg, d, mc):
                         f"{pc.tokenizer_sha256[:12]}...) than the data and model ({mc.tokenizer_sha256[:12]}...)")
     parent.requires_grad_(False).eval()
     head = parent.lm_head.weight
-    parent.lm_head = torch.nn.Identity()  # forward now returns (b, S, d); distill_kl applies the head per slice
+    parent.lm_head = torch.nn.Identity()  # forward's logits are now (b, S, d); distill_kl applies the head per slice
     return parent, head
 
 
@@ -439,7 +439,7 @@ def distill_kl(logits, parent_hidden, head, temperature=1.0, chunk=KL_CHUNK):
 def parent_kl(parent, x, logits, temperature):
     parent, head = parent
     with torch.no_grad():
-        hidden, _ = parent(x)                                            # (b, S, d)
+        hidden = parent(x).logits                                        # (b, S, d)
     return distill_kl(logits, hidden, head, temperature)
 
 
@@ -578,14 +578,15 @@ def run(cfg, d):
                     model.set_requires_gradient_sync(last)
                 with model.no_sync() if d.distributed and not fsdp and not last else contextlib.nullcontext():
                     with autocast:
-                        logits, lm_loss = model(x, y)
+                        out = model(x, y)                                # model.ModelOutput
+                        logits, lm_loss = out.logits, out.loss
                         kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else lm_loss.new_zeros(())
                         # LM loss + the MoE balance loss (SPEC.md section 3) + the parent's distribution (section 7)
-                        loss = lm_loss + balance_loss_on * raw.aux_loss + cfg.distill_alpha * kl
+                        loss = lm_loss + balance_loss_on * out.balance_loss + cfg.distill_alpha * kl
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
-                stats[:3] += torch.stack([lm_loss.detach(), raw.aux_loss.detach(), kl.detach()]).double()
-                for i, m in enumerate(moe_layers):
-                    step_counts[i] += m.last_gate.counts
+                stats[:3] += torch.stack([lm_loss.detach(), out.balance_loss.detach(), kl.detach()]).double()
+                for i, gate in enumerate(out.routing):  # one GateOutput per MoE layer
+                    step_counts[i] += gate.counts
             stats[3], stats[4] = STOP["signal"] == signal.SIGINT, STOP["signal"] == signal.SIGTERM
             lm, balance, kl = (all_reduce(stats, d)[:3] / n_streams).tolist()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))

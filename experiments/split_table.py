@@ -58,7 +58,7 @@ def train_dense(data, out, seconds, seed=0):
         for group in opt.param_groups:
             group["lr"] = lr
         x, y, _ = sampler.next_batch()
-        _, loss = model(x, targets=y)
+        loss = model(x, targets=y).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,7 +75,7 @@ def held_out_loss(model, windows):
     """Mean over domains of the mean next-token cross-entropy (model(x, y)'s loss: the LM loss alone)."""
     per_domain = []
     for batches in windows.values():
-        per_domain.append(torch.stack([model(x, y)[1] for x, y in batches]).mean().item())
+        per_domain.append(torch.stack([model(x, y).loss for x, y in batches]).mean().item())
     return sum(per_domain) / len(per_domain)
 
 

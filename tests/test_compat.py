@@ -25,11 +25,12 @@ def load(variant):
 
 
 def run(model, ref, noise=False):
-    """Forward on the fixture's input_ids, returning logits, per-layer hidden states and gate outputs.
+    """Forward on the fixture's input_ids -> (model.ModelOutput: logits, LM loss, balance loss, one gate output
+    per MoE layer; the per-layer hidden states).
     With noise=True the gates replay the recorded standard-normal draws of the reference run."""
     hidden = []
     hooks = [model.model.embed_tokens.register_forward_hook(lambda m, i, o: hidden.append(o))]
-    hooks += [b.register_forward_hook(lambda m, i, o: hidden.append(o)) for b in model.model.layers]
+    hooks += [b.register_forward_hook(lambda m, i, o: hidden.append(o[0])) for b in model.model.layers]  # (x, gate)
     originals = []
     if noise:
         for L, moe in enumerate(model.moe_layers()):
@@ -40,14 +41,14 @@ def run(model, ref, noise=False):
         # labels = input_ids, shifted inside the reference code: position t predicts token t+1
         targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1)
         with torch.no_grad():
-            logits, loss = model(idx, targets)
+            out = model(idx, targets)
     finally:
         for h in hooks:
             h.remove()
         for moe, fwd in zip(model.moe_layers(), originals):
             moe.gate.forward = fwd
     hidden[-1] = model.model.norm(hidden[-1])  # Hugging Face's last hidden state is after the final norm
-    return logits, loss, hidden, [m.last_gate for m in model.moe_layers()]
+    return out, hidden
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -62,15 +63,15 @@ def test_config_is_read(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_eval_mode_matches_reference(variant):
     model, ref = load(variant)
-    logits, loss, hidden, gates = run(model.eval(), ref)
-    assert (logits - ref["logits"]).abs().max() < TOL
+    out, hidden = run(model.eval(), ref)
+    assert (out.logits - ref["logits"]).abs().max() < TOL
     for i, h in enumerate(hidden):
         assert (h - ref[f"hidden_states.{i}"]).abs().max() < TOL, f"hidden state {i}"
-    for L, g in enumerate(gates):
+    for L, g in enumerate(out.routing):
         assert (g.importance - ref[f"eval.gate_importance.{L}"]).abs().max() < TOL
         assert torch.equal(g.load, ref[f"eval.gate_load.{L}"])
-    assert abs(model.aux_loss.item() - ref["eval.balance_loss"].item()) < 1e-7
-    assert abs(loss.item() + model.aux_loss.item() - ref["eval.loss_with_labels"].item()) < TOL  # theirs adds it
+    assert abs(out.balance_loss.item() - ref["eval.balance_loss"].item()) < 1e-7
+    assert abs(out.loss.item() + out.balance_loss.item() - ref["eval.loss_with_labels"].item()) < TOL  # theirs adds it
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -78,23 +79,23 @@ def test_training_without_noise_matches_reference(variant):
     model, ref = load(variant)
     for moe in model.moe_layers():
         moe.gate.noise = False
-    logits, _, _, gates = run(model.train(), ref)
-    assert (logits - ref["train_nonoise.logits"]).abs().max() < TOL
-    for L, g in enumerate(gates):
+    out, _ = run(model.train(), ref)
+    assert (out.logits - ref["train_nonoise.logits"]).abs().max() < TOL
+    for L, g in enumerate(out.routing):
         assert (g.importance - ref[f"train_nonoise.gate_importance.{L}"]).abs().max() < TOL
         assert torch.equal(g.load, ref[f"train_nonoise.gate_load.{L}"])
-    assert abs(model.aux_loss.item() - ref["train_nonoise.balance_loss"].item()) < 1e-7
+    assert abs(out.balance_loss.item() - ref["train_nonoise.balance_loss"].item()) < 1e-7
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_with_recorded_noise_matches_reference(variant):
     model, ref = load(variant)
-    logits, loss, _, gates = run(model.train(), ref, noise=True)
-    assert (logits - ref["train_noisy.logits"]).abs().max() < TOL
-    for L, g in enumerate(gates):
+    out, _ = run(model.train(), ref, noise=True)
+    assert (out.logits - ref["train_noisy.logits"]).abs().max() < TOL
+    for L, g in enumerate(out.routing):
         assert (g.importance - ref[f"train_noisy.gate_importance.{L}"]).abs().max() < TOL
     # The load differs by design (see test_where_the_two_load_formulas_part); the LM loss must not.
-    ce = loss.item()  # model(x, y) returns the LM loss alone
+    ce = out.loss.item()  # model(x, y).loss is the LM loss alone
     ref_ce = ref["train_noisy.loss_with_labels"].item() - ref["train_noisy.balance_loss"].item()
     assert abs(ce - ref_ce) < TOL
 
@@ -108,7 +109,7 @@ def test_where_the_two_load_formulas_part(variant):
     inputs = []
     hooks = [m.gate.register_forward_hook(lambda mod, args, kw_out: inputs.append(args[0]))
              for m in model.moe_layers()]
-    _, _, _, gates = run(model.train(), ref, noise=True)
+    gates = run(model.train(), ref, noise=True)[0].routing
     for h in hooks:
         h.remove()
     k = model.config.num_experts_per_tok

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import ModelConfig, Transformer
 
@@ -52,7 +53,7 @@ def test_logits_match_transformers_both_ways(name, tmp_path):
 
     ours = Transformer.from_pretrained(tmp_path / "hf")
     with torch.no_grad():
-        got, _ = ours(idx)
+        got = ours(idx).logits
     assert (got - want).abs().max().item() < 1e-5
 
     # And back: what we save, transformers loads with no missing or unexpected keys, same logits.
@@ -70,7 +71,7 @@ def test_loss_matches_transformers(tmp_path):
     idx = torch.randint(0, 101, (2, 16))
     with torch.no_grad():
         want = ref(idx, labels=idx).loss  # HF shifts labels inside
-        _, got = ours(idx[:, :-1], targets=idx[:, 1:])
+        got = ours(idx[:, :-1], targets=idx[:, 1:]).loss
     assert abs(got.item() - want.item()) < 1e-5
 
 
@@ -99,7 +100,7 @@ def test_sampling_respects_top_k():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CONFIGS["mha_tied"], max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 97, (1, 5))
-    logits, _ = model(prompt)
+    logits = model(prompt).logits
     allowed = set(torch.topk(logits[0, -1], 3).indices.tolist())
     for seed in range(10):
         torch.manual_seed(seed)
@@ -263,12 +264,12 @@ def test_moe_under_bf16_autocast_runs_experts_in_bf16():
     # Autocast must reach the custom expert op (it holds most of the FLOPs), with one thread as under torchrun.
     model = tiny_moe()
     seen = []
-    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))  # (y, gate)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = model(torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16)))
+            loss = model(torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))).loss
         loss.backward()
     finally:
         torch.set_num_threads(threads)
@@ -287,6 +288,48 @@ def test_generate_is_greedy_and_restores_training_mode():
     prompt = torch.randint(0, 128, (1, 5))
     a, b = model.generate(prompt, 6, temperature=0), model.generate(prompt, 6, temperature=0)
     assert torch.equal(a, b) and model.training
+
+
+@pytest.mark.parametrize("kw", [{}, dict(shared_intermediate_size=24, expert_weighting="unit", score_scale=1.5)])
+def test_moe_decoding_path_gives_the_plain_paths_greedy_tokens(kw):
+    # generate() prefills through forward() and then runs decode_step, whose MoE layers run the chosen experts
+    # directly (no gate statistics, no permute): the same tokens as recomputing everything every step.
+    torch.manual_seed(3)
+    model = tiny_moe(**kw).eval()
+    prompt = torch.randint(0, 128, (2, 6))  # two rows: T*k = 4 expert rows per layer and step
+    fast = model.generate(prompt, 16, temperature=0)
+    assert torch.equal(fast, model.generate(prompt, 16, temperature=0, use_cache=False))
+    # One step's logits agree with forward's last position, not just their argmax.
+    model.setup_cache(2, 32)
+    try:
+        model(fast[:, :10], start_pos=0)
+        step = model.decode_step(fast[:, 10:11], 10)
+    finally:
+        model.clear_cache()
+    torch.testing.assert_close(step, model(fast[:, :11]).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_chosen_experts_fused_equals_the_loop():
+    # The static-shape form torch.compile fuses (run eagerly here) computes what the decoding loop computes.
+    from model import chosen_experts, chosen_experts_fused
+    torch.manual_seed(0)
+    x, gate_up, down = torch.randn(3, 16), torch.randn(5, 2 * 8, 16), torch.randn(5, 16, 8)
+    ids, w = torch.rand(3, 5).topk(2, dim=-1).indices, torch.rand(3, 2)
+    want = torch.stack([sum(w[t, i] * (F.silu(gate_up[j, :8] @ x[t]) * (gate_up[j, 8:] @ x[t])) @ down[j].T
+                            for i, j in enumerate(ids[t].tolist())) for t in range(3)])
+    torch.testing.assert_close(chosen_experts(x, ids, w, gate_up, down), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chosen_experts_fused(x, ids, w, gate_up, down), want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_returns_the_balance_loss_and_routing_it_computed():
+    model = tiny_moe(balance_loss_weight=1.0).train()
+    out = model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8)))
+    assert len(out.routing) == len(model.moe_layers()) == 2 and out.loss.ndim == 0
+    assert all(g.expert_ids.shape == (16, 2) and int(g.counts.sum()) == 32 for g in out.routing)
+    torch.testing.assert_close(out.balance_loss, sum(g.balance_loss for g in out.routing))
+    assert out.balance_loss > 0 and out.balance_loss.requires_grad
+    dense = Transformer(ModelConfig(**CONFIGS["gqa_llama3"], max_position_embeddings=64))(torch.zeros(1, 3, dtype=torch.long))
+    assert dense.routing == () and dense.balance_loss.item() == 0 and dense.loss is None
 
 
 def test_gate_without_noise_has_no_trainable_noise_projection(tmp_path):
@@ -309,7 +352,7 @@ def test_moe_docstring_loop_equals_the_fast_path():
     env = dict(self=layer, x=x, e=layer.experts, E=layer.num_experts, s=layer.score_scale, F=F, torch=torch)
     with torch.no_grad():
         exec(code, env)
-        torch.testing.assert_close(env["y"], layer(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(env["y"], layer(x)[0], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------
