@@ -1,14 +1,22 @@
-"""Speed of the MoE feed-forward kernels, every figure measured side by side in one run.
+"""Speed of the MoE: its kernels, and batch-1 generation against its dense parent, side by side in one run.
 
-    python bench.py                       # CPU fp32 (bf16 on a GPU when there is one)
+    python bench.py                       # the kernels, CPU fp32 (bf16 on a GPU when there is one)
     python bench.py --json=out.json       # also write the figures
     python bench.py --threads=1 --tokens=8192 --dim=2048
+    python bench.py --what=decode --threads=1     # generation: dense vs MoE tokens/s, prefill and decode
 
-Two questions (SPEC.md §7):
+--what=kernels asks two questions (SPEC.md §7):
  1. permute + unpermute are pure memory movement: how close do they come to tensor.copy_ of the same bytes?
  2. the MoE layer (gate -> permute -> grouped_swiglu -> unpermute), forward + backward: how close to a
     dense SwiGLU FFN of the same active width (it does the same multiply-adds), and how much faster than
     the naive per-expert loop with boolean masks + index_add (transformers' Mixtral)?
+--what=decode asks the paper's question: is the MoE cheaper to run than its parent? Batch-1 greedy generation,
+prefill (the prompt, one forward) and decode (one Transformer.decode_step per token) timed apart, for
+  * SmolLM2-135M (--parent, when present) and MoEs of its shapes: the demo's split (16 experts, 4 active,
+    rescaled) and the carved layout (192 shared neurons + 14 experts of 96, 2 active);
+  * a stack of --stack_layers layers of LLaMA-2-7B's shapes (d 4096, FFN 11008, vocab 32000), split alike.
+The MoEs' neurons are partitioned at random and routed by a random gate: speed depends on the shapes alone.
+Each MoE decodes eagerly and, with --compile, with its chosen-expert products under torch.compile.
 Timings are interleaved (A, B, C, A, B, C, ...) and the median is reported, so a neighbour stealing the
 CPU for a while hurts every row alike: compare the ratios, not the absolute numbers, across runs.
 """
@@ -24,12 +32,17 @@ import torch.nn.functional as F
 
 from configurator import UserError, load_config, run_cli
 from fileio import atomic_write
+import checkpoint
+import model as model_lib
 from gate import TopKGate
+from model import ModelConfig, Transformer
+from split import build_moe
 from moe_kernels import backend_name, expert_path, grouped_swiglu, permute, unpermute
 
 
 @dataclass
 class BenchConfig:
+    what: str = "kernels"       # kernels: the MoE layer's kernels; decode: batch-1 generation, dense vs MoE
     tokens: int = 4096          # T
     dim: int = 512              # d
     experts: int = 16           # E
@@ -42,6 +55,13 @@ class BenchConfig:
     threads: int = 0            # CPU threads for this run; 0 = torch's default (all cores)
     seed: int = 0
     json: str = ""              # also write the figures to this file
+    # --what=decode
+    parent: str = "data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"  # dense parent; "none" or absent: skipped
+    prompt_tokens: int = 32     # prefill length
+    new_tokens: int = 64        # decode steps per generation
+    decode_repeats: int = 5     # timed generations per model (median reported)
+    stack_layers: int = 2       # LLaMA-2-7B-shaped layers (0: no such stack); fp32: ~1.6 GB per layer pair
+    compile: bool = True        # also decode the MoEs with torch.compile'd chosen-expert products
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -64,6 +84,13 @@ def check_config(cfg: BenchConfig):
         raise UserError(f"--device={cfg.device!r} is not a device; use cpu or cuda") from None
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         raise UserError(f"--device={cfg.device} is not available here; use --device=cpu")
+    if cfg.what not in ("kernels", "decode"):
+        raise UserError(f"--what={cfg.what!r} must be kernels or decode")
+    for key in ("prompt_tokens", "new_tokens", "decode_repeats"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.stack_layers < 0:
+        raise UserError(f"--stack_layers={cfg.stack_layers} must be >= 0")
     if cfg.json and Path(cfg.json).is_dir():
         raise UserError(f"--json={cfg.json} is a folder; give a file name such as bench.json")
 
@@ -186,6 +213,8 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     if cfg.threads > 0:  # e.g. 1 when a neighbour keeps one of two cores busy (then every fork/join waits)
         torch.set_num_threads(cfg.threads)
+    if cfg.what == "decode":
+        return bench_decode(cfg, dtype)
     T, d, E, k, d_e = cfg.tokens, cfg.dim, cfg.experts, cfg.top_k, cfg.expert_width
     P, elt = T * k, torch.empty((), dtype=dtype).element_size()
     dev = cfg.device
@@ -283,6 +312,148 @@ def main(argv):
     if cfg.json:
         atomic_write(cfg.json, json.dumps(results, indent=2))
         print(f"\nwrote {cfg.json}")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# --what=decode: batch-1 generation, dense parent vs its MoEs
+# ----------------------------------------------------------------------------------------------
+
+def moe_of(dense, num_experts, top_k, shared=0, seed=0):
+    """An MoE with the shapes of a split of `dense`: its FFN neurons partitioned at random, a random router.
+    shared = 0: the paper's split, E experts of d_h / E, rescaled by E / k. shared > 0: the carved layout,
+    `shared` neurons always on and E experts of the rest, unit weights (carve.py). The dense model stays."""
+    d_h, L = dense.config.intermediate_size, dense.config.num_hidden_layers
+    d_e = (d_h - shared) // num_experts
+    g = torch.Generator().manual_seed(seed)
+    plans = []
+    for _ in range(L):
+        perm = torch.randperm(d_h, generator=g)                                   # (d_h,)
+        plans.append((list(perm[shared:shared + num_experts * d_e].view(num_experts, d_e)),
+                      perm[:shared] if shared else None, None, None))
+    return build_moe(dense, plans, num_experts, top_k, d_e, shared, 1.0 if shared else num_experts / top_k,
+                     "unit" if shared else "softmax", seed=seed)
+
+
+def decode_weight_bytes(model):
+    """Bytes of weights one decode step reads: everything but the embedding table (one row is read) and,
+    in an MoE layer, the experts not chosen. The bound on the MoE/dense decode ratio is the ratio of these."""
+    c, total = model.config, 0
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight" and not c.tie_word_embeddings:
+            continue
+        if ".experts." in name:
+            total += p.numel() * c.num_experts_per_tok // c.num_experts * p.element_size()
+        elif "weight_noise" not in name:  # the gate's noise projection is not used when decoding
+            total += p.numel() * p.element_size()
+    return total
+
+
+def generation(model, prompt, new_tokens, experts_fn, device, out):
+    """One greedy batch-1 generation as model.generate runs it, prefill and decode timed apart.
+    Appends (prefill s, decode s) to out["times"] and keeps the tokens in out["tokens"]."""
+    def run():
+        P = prompt.size(1)
+        model.setup_cache(1, P + new_tokens + 1)
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            logits = model(prompt, start_pos=0, last_only=True).logits[:, -1]   # (1, vocab)
+            tok = logits.argmax(-1, keepdim=True)                                # (1, 1)
+            sync(device)
+            t1 = time.perf_counter()
+            tokens = [tok]
+            for i in range(new_tokens):
+                tok = model.decode_step(tok, P + i, experts_fn).argmax(-1, keepdim=True)
+                tokens.append(tok)
+            sync(device)
+            out["times"].append((t1 - t0, time.perf_counter() - t1))
+            out["tokens"] = torch.cat(tokens, 1).tolist()
+        finally:
+            model.clear_cache()
+    return run
+
+
+@torch.no_grad()
+def time_models(family, models, cfg, device):
+    """models: {name: (Transformer, experts_fn)}, timed round-robin -> rows of figures for the table."""
+    vocab = min(m.config.vocab_size for m, _ in models.values())
+    prompt = torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=torch.Generator().manual_seed(cfg.seed))
+    prompt = prompt.to(device)
+    records = {name: {"times": []} for name in models}
+    runs = {name: generation(m, prompt, cfg.new_tokens, fn, device, records[name]) for name, (m, fn) in models.items()}
+    for run in runs.values():  # warm-up: allocator, caches, and torch.compile's first (compiling) call
+        run()
+    for r in records.values():
+        r["times"].clear()
+    for _ in range(cfg.decode_repeats):
+        for run in runs.values():
+            run()
+    rows = []
+    for name, (m, _) in models.items():
+        prefill = statistics.median(t for t, _ in records[name]["times"])
+        decode = statistics.median(t for _, t in records[name]["times"])
+        rows.append({"family": family, "model": name, "params": sum(p.numel() for p in m.parameters()),
+                     "decode_weight_MB": decode_weight_bytes(m) / 1e6,
+                     "prefill_tok_s": cfg.prompt_tokens / prefill, "decode_tok_s": cfg.new_tokens / decode,
+                     "tokens": records[name]["tokens"]})
+    dense = rows[0]
+    print(f"\n{family}: prompt {cfg.prompt_tokens} tokens, {cfg.new_tokens} greedy tokens, batch 1, median of "
+          f"{cfg.decode_repeats}")
+    print(f"   {'model':34s} {'params':>8s} {'MB/token':>9s} {'bound':>6s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
+          f" {'decode vs dense':>16s} {'tokens':>7s}")
+    for r in rows:
+        r["bound"] = dense["decode_weight_MB"] / r["decode_weight_MB"]
+        r["prefill_vs_dense"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
+        r["decode_vs_dense"] = r["decode_tok_s"] / dense["decode_tok_s"]
+        # The same model decoded eagerly and compiled must choose the same tokens.
+        twin = next((q for q in rows if q["model"] == r["model"].replace(", compiled", ", eager")), r)
+        same = "same" if r["tokens"] == twin["tokens"] else "DIFFER"
+        print(f"   {r['model']:34s} {r['params'] / 1e6:7.1f}M {r['decode_weight_MB']:9.1f} {r['bound']:5.2f}x"
+              f" {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.2f} {r['decode_vs_dense']:15.2f}x {same:>7s}")
+    return rows
+
+
+def moe_variants(dense, cfg, shared_carved):
+    """The dense model and its two MoE layouts, each MoE eagerly and (with --compile) compiled."""
+    split, carved = moe_of(dense, 16, 4), moe_of(dense, 14, 2, shared_carved)
+    models = {"dense": (dense, None)}
+    for name, m in (("split 16 experts, 4 active", split), (f"carved {shared_carved} shared + 14, 2 active", carved)):
+        models[name + ", eager"] = (m, model_lib.chosen_experts)
+        if cfg.compile:
+            models[name + ", compiled"] = (m, model_lib.compiled_experts())
+    return models
+
+
+def bench_decode(cfg, dtype):
+    dev = cfg.device
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {dev} ({torch.get_num_threads()} threads, load average {load:.1f}), {dtype}; "
+          f"decode = Transformer.decode_step, prefill = one forward of the prompt")
+    results = {"config": asdict(cfg), "dtype": str(dtype), "rows": []}
+    if cfg.parent != "none" and os.path.isfile(cfg.parent):
+        dense = checkpoint.load_pretrained(cfg.parent, dtype=dtype, device=dev)
+        shared = 2 * dense.config.intermediate_size // 16   # carve.py's layout: two experts' worth, 192 here
+        results["rows"] += time_models(f"SmolLM2-135M ({cfg.parent})", moe_variants(dense, cfg, shared), cfg, dev)
+        del dense
+    else:
+        print(f"\n--parent={cfg.parent} not found: no SmolLM2 rows (python data/smollm2.py fetches it)")
+    if cfg.stack_layers:
+        config = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=cfg.stack_layers, num_attention_heads=32, max_position_embeddings=4096)
+        torch.manual_seed(cfg.seed)
+        with torch.device(dev):
+            dense = Transformer(config).to(dtype).eval()
+        results["rows"] += time_models(f"LLaMA-2-7B shapes, {cfg.stack_layers} layers", moe_variants(dense, cfg, 1376),
+                                       cfg, dev)
+    results["load_average"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")]
+    print(f"\nbound = the dense model's weight bytes per decode step / this model's (MB/token; the embedding table "
+          f"and unchosen experts are not read).\ntokens: whether the compiled decode chose the eager decode's "
+          f"tokens. Load average {results['load_average'][1]:.1f} at the end.")
+    if cfg.json:
+        atomic_write(cfg.json, json.dumps(results, indent=2))
+        print(f"\nwrote {cfg.json}")
+    return results
 
 
 if __name__ == "__main__":
