@@ -204,6 +204,22 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.hd))
 
+    def decode(self, x, cos, sin, pos, visible):
+        """One new position per row with every shape fixed (torch.compile traces it once): x (B, 1, d), pos (1,)
+        int64, visible (1, 1, 1, L) bool = which of the cache's L positions exist. Writes the new key and value
+        at pos and attends over the whole preallocated cache, the unwritten positions masked out."""
+        B = x.shape[0]
+        q = self.q_proj(x).view(B, 1, self.n_head, self.hd).transpose(1, 2)  # (B, H, 1, hd)
+        k = self.k_proj(x).view(B, 1, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, 1, hd)
+        v = self.v_proj(x).view(B, 1, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache_k, cache_v = self.kv_cache                                      # (B, Hkv, L, hd) each
+        cache_k.index_copy_(2, pos, k)
+        cache_v.index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=visible,
+                                           enable_gqa=self.n_kv != self.n_head)  # (B, H, 1, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, self.n_head * self.hd))
+
 
 class FeedForward(nn.Module):
     """SwiGLU: FFN(x) = W_down(silu(W_gate x) * W_up x). Neuron i = (row i of W_gate, row i of W_up, column i of W_down)."""
@@ -280,16 +296,18 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), g
 
-    def decode(self, x, experts_fn=None):
+    def decode(self, x, fused=False):
         """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d).
         With T*k rows, permute -> grouped matmul -> unpermute is mostly fixed cost around a handful of
-        matrix-vector products: run each row's k experts straight from the stacked weights instead."""
+        matrix-vector products: run each row's k experts straight from the stacked weights instead.
+        fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop (chosen_experts)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # (T, d)
         ids, scores = self.gate.route(x)                               # (T, k), (T, k)
         w = torch.ones_like(scores) if self.unit_weights else scores  # "unit": exactly 1 (no gradient here)
         e = self.experts
-        y = (experts_fn or chosen_experts)(x, ids, (w * self.score_scale).to(x.dtype), e.gate_up_proj, e.down_proj)
+        run = chosen_experts_fused if fused else chosen_experts
+        y = run(x, ids, (w * self.score_scale).to(x.dtype), e.gate_up_proj, e.down_proj)  # (T, d)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)
@@ -326,24 +344,31 @@ def next_token(logits, temperature, top_k):
     return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
 
+def block_decode(block, x, cos, sin, pos, visible, fused=False):
+    """Block.decode as a function of the block: torch.compile of it is one graph that every layer of the same
+    shapes reuses (the weights are its inputs), compiled once instead of once per layer."""
+    return block.decode(x, cos, sin, pos, visible, fused)
+
+
 _COMPILED = {}
 
 
-def compiled_experts():
-    """torch.compile(chosen_experts_fused), built once per process; chosen_experts if compiling fails (no C++
-    compiler, an unsupported platform). Compilation happens on the first call, so the fallback wraps it."""
+def compiled_block_decode():
+    """torch.compile(block_decode) with the MoE's fused chosen-expert products, built once per process; if
+    compiling fails (no C++ compiler, an unsupported platform) it says so once and runs block_decode eagerly.
+    Compilation happens at the first call, so the fallback wraps the calls."""
     if "fn" not in _COMPILED:
-        compiled = torch.compile(chosen_experts_fused, dynamic=False)
-        def experts_fn(*args):
-            if _COMPILED.get("broken"):
-                return chosen_experts(*args)
-            try:
-                return compiled(*args)
-            except Exception as e:  # the backend's errors have no common base class
-                print(f"[model] torch.compile failed ({type(e).__name__}): decoding eagerly")
-                _COMPILED["broken"] = True
-                return chosen_experts(*args)
-        _COMPILED["fn"] = experts_fn
+        compiled = torch.compile(block_decode, dynamic=False)
+
+        def layer_fn(block, *args):
+            if not _COMPILED.get("broken"):
+                try:
+                    return compiled(block, *args, fused=True)
+                except Exception as e:  # the compiler's errors share no base class
+                    print(f"[model] torch.compile failed ({type(e).__name__}: {str(e)[:200]}): decoding eagerly")
+                    _COMPILED["broken"] = True
+            return block_decode(block, *args)
+        _COMPILED["fn"] = layer_fn
     return _COMPILED["fn"]
 
 
@@ -369,11 +394,12 @@ class Block(nn.Module):
             return x + y, gate
         return x + self.mlp(h), None
 
-    def decode(self, x, cos, sin, pos, experts_fn=None):
-        """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, the MoE on its few-rows path."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+    def decode(self, x, cos, sin, pos, visible, fused=False):
+        """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, static shapes, the MoE on its few-rows
+        path (Attention.decode and MoEFeedForward.decode say how)."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, visible)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp.decode(h, experts_fn) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
+        return x + (self.mlp.decode(h, fused) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
 
 
 class ModelOutput(NamedTuple):
@@ -398,7 +424,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.rope_table = None  # (cos, sin) each (max_len, hd) while a KV cache is set up (setup_cache)
+        self.rope_table = self.cache_positions = None  # (cos, sin) (L, hd) and arange(L) with a KV cache
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
@@ -460,23 +486,25 @@ class Transformer(nn.Module):
     # and by fixed per-op costs: the MoE's gate statistics and permute/unpermute cost more than its experts'
     # matrix-vector products. decode_step runs the same modules without them (bench.py measures it).
 
-    def decode_step(self, idx, pos, experts_fn=None):
+    def decode_step(self, idx, pos, compiled=False):
         """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
-        experts_fn: how the MoE layers run their chosen experts (chosen_experts, or a compiled
-        chosen_experts_fused)."""
+        compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails)."""
+        layer_fn = compiled_block_decode() if compiled else block_decode
         cos, sin = (t[pos:pos + 1] for t in self.rope_table)             # (1, hd), precomputed
+        visible = (self.cache_positions <= pos).view(1, 1, 1, -1)        # (1, 1, 1, L)
+        at = self.cache_positions[pos:pos + 1]                           # (1,) int64, no host-to-device copy
         x = self.model.embed_tokens(idx)                                 # (B, 1, d)
         for block in self.model.layers:
-            x = block.decode(x, cos, sin, pos, experts_fn)
+            x = layer_fn(block, x, cos, sin, at, visible)
         return self.lm_head(self.model.norm(x))[:, -1]                   # (B, vocab)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, compile=False):
         """Sample continuations of idx (B, S); temperature 0 means greedy. The KV cache makes each step O(S).
         use_cache=False recomputes the whole sequence every step (the plain path the tests compare with).
-        compile: torch.compile the MoE layers' chosen-expert products (one graph shared by every layer);
-        on CPU it pays once it decodes a few hundred tokens (bench.py), and without a working compiler
-        the eager path runs instead."""
+        compile: decode through torch.compile'd layers (compiled_block_decode): one compilation per process
+        and layer shape, ~20 s on a CPU, which pays for an MoE decoding hundreds of tokens (bench.py
+        --what=decode measures it); without a working compiler the eager path runs instead."""
         B, S = idx.shape
         total = S + max_new_tokens
         if total > self.config.max_position_embeddings:
@@ -484,7 +512,6 @@ class Transformer(nn.Module):
                              f"{self.config.max_position_embeddings}")
         was_training = self.training
         self.eval()  # no gate noise, no dropout-like randomness: greedy decoding must be reproducible
-        experts_fn = compiled_experts() if compile and self.config.is_moe else None
         if use_cache:
             self.setup_cache(B, total)
         try:
@@ -494,7 +521,7 @@ class Transformer(nn.Module):
                 elif step == 0:  # prefill: the whole prompt in one forward
                     logits = self(idx, start_pos=0, last_only=True).logits[:, -1]
                 else:
-                    logits = self.decode_step(idx[:, -1:], idx.size(1) - 1, experts_fn)
+                    logits = self.decode_step(idx[:, -1:], idx.size(1) - 1, compile)
                 idx = torch.cat((idx, next_token(logits.float(), temperature, top_k)), dim=1)
         finally:
             self.clear_cache()
@@ -509,7 +536,8 @@ class Transformer(nn.Module):
             a = block.self_attn
             a.kv_cache = tuple(torch.zeros(batch, a.n_kv, length, a.hd, dtype=w.dtype, device=w.device)
                                for _ in range(2))
-        self.rope_table = rope_cos_sin(self.inv_freq, torch.arange(length, device=w.device))  # decode_step's
+        self.cache_positions = torch.arange(length, device=w.device)                       # (L,) for decode_step
+        self.rope_table = rope_cos_sin(self.inv_freq, self.cache_positions)                 # (L, hd) each
 
     def share_cache_prefix(self, length):
         """Copy row 0's first `length` cached positions into every row: a prefix (a question's context) run
@@ -521,7 +549,7 @@ class Transformer(nn.Module):
     def clear_cache(self):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
-        self.rope_table = None
+        self.rope_table = self.cache_positions = None
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).

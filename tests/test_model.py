@@ -1,6 +1,7 @@
 """model.py against the reference peer: Hugging Face transformers' LlamaForCausalLM, plus checkpoint I/O errors."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -307,6 +308,19 @@ def test_moe_decoding_path_gives_the_plain_paths_greedy_tokens(kw):
     finally:
         model.clear_cache()
     torch.testing.assert_close(step, model(fast[:, :11]).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # ~1 min on 2 cores: inductor compiles the layer's kernels
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoding_gives_the_eager_tokens():
+    # generate(compile=True) decodes through torch.compile'd layers (the MoE's fused chosen-expert form).
+    import model as model_lib
+    torch.manual_seed(4)
+    model = tiny_moe(shared_intermediate_size=24).eval()
+    prompt = torch.randint(0, 128, (1, 5))
+    fast = model.generate(prompt, 8, temperature=0, compile=True)
+    assert not model_lib._COMPILED.get("broken"), "torch.compile failed: the test ran the eager fallback"
+    assert torch.equal(fast, model.generate(prompt, 8, temperature=0, use_cache=False))
 
 
 def test_chosen_experts_fused_equals_the_loop():
