@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as ev
+import multiple_choice as mc
 from model import ModelConfig, ModelOutput, Transformer
 
 
@@ -83,7 +84,7 @@ def item(context, choices, label, delimiter=None):
 def parsed(items, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
-    return ev.read_task(str(path))
+    return mc.read_task(str(path))
 
 
 def test_lm_eval_layout_hand_computed(tmp_path):
@@ -92,7 +93,7 @@ def test_lm_eval_layout_hand_computed(tmp_path):
     items = parsed([item("a", ["bb", "c"], 1),               # " bb": L[a][ ]+L[ ][b]+L[b][b]; " c": L[a][ ]+L[ ][c]
                     item("c", ["é", "bb"], 0, delimiter=""),  # "é": L[c][é] = log .4; "bb": L[c][b] + L[b][b]
                     item("a", ["c", "bb"], 0, delimiter="")], tmp_path)
-    r = ev.score_task(Bigram(), CharTokenizer(), items, start=[0])
+    r = mc.score_task(Bigram(), CharTokenizer(), items, start=[0])
     want = [[L["a"][" "] + L[" "]["b"] + L["b"]["b"], L["a"][" "] + L[" "]["c"]],
             [L["c"]["é"], L["c"]["b"] + L["b"]["b"]],
             [L["a"]["c"], L["a"]["b"] + L["b"]["b"]]]
@@ -119,21 +120,21 @@ def test_read_task_bare_choices_and_files_with_leading_spaces(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(item("a", ["b", "c"], 0)) + "\n" + json.dumps(item("a", ["b", "c"], 2)) + "\n")
     with pytest.raises(ev.UserError, match=r"bad.jsonl:2"):
-        ev.read_task(str(bad))
+        mc.read_task(str(bad))
 
 
 def test_empty_context_is_scored_after_the_prefix_token():
     """lm-eval: an empty context is replaced by its prefix token (bos, else eos), or - when the continuation
     begins with that very token - by the continuation's first token. Used to raise RuntimeError."""
     tok, model = CharTokenizer(), Bigram()
-    assert ev.encode_request(tok, "", "ab") == ([0], [1, 2])
-    assert ev.encode_request(tok, "", "ab", start=[5]) == ([5], [1, 2])  # a start token is enough context
+    assert mc.encode_request(tok, "", "ab") == ([0], [1, 2])
+    assert mc.encode_request(tok, "", "ab", start=[5]) == ([5], [1, 2])  # a start token is enough context
     tok.encode = lambda text: [0] + [CHARS.index(ch) for ch in text]  # a continuation starting with the token
-    assert ev.encode_request(tok, "", "ab") == ([0], [1, 2])
-    r = ev.score_task(model, CharTokenizer(), [{"context": "", "choices": ["b", "c"], "label": 0,
+    assert mc.encode_request(tok, "", "ab") == ([0], [1, 2])
+    r = mc.score_task(model, CharTokenizer(), [{"context": "", "choices": ["b", "c"], "label": 0,
                                                 "target_delimiter": ""}], start=[])
     np.testing.assert_allclose(r["details"][0]["loglikelihoods"], [L["<eos>"]["b"], L["<eos>"]["c"]], atol=1e-6)
-    assert ev.encode_request(tok, "a", "b", start=[5]) == ([5, 0, 1], [2])  # (this tok encodes a leading 0)
+    assert mc.encode_request(tok, "a", "b", start=[5]) == ([5, 0, 1], [2])  # (this tok encodes a leading 0)
 
 
 def test_start_token_follows_the_tokenizers_default():
@@ -149,20 +150,20 @@ def test_start_token_follows_the_tokenizers_default():
     tok.bos_id = None
     with pytest.raises(ev.UserError, match="no bos"):
         ev.start_tokens("bos", tok)
-    assert ev.prefix_token(tok) == 4  # no bos: an empty context is scored after eos
+    assert mc.prefix_token(tok) == 4  # no bos: an empty context is scored after eos
 
 
 def test_loglikelihoods_padding_truncation_greedy_and_the_context_once():
     tok = CharTokenizer()
-    groups = [[ev.encode_pair(tok, "a", "bb"), ev.encode_pair(tok, "a", "c")], [ev.encode_pair(tok, "ccccca", "c")]]
+    groups = [[mc.encode_pair(tok, "a", "bb"), mc.encode_pair(tok, "a", "c")], [mc.encode_pair(tok, "ccccca", "c")]]
     groups = [[([0] + ctx, cont) for ctx, cont in g] for g in groups]
     model = Bigram()
-    got = ev.loglikelihoods(model, groups)
+    got = mc.loglikelihoods(model, groups)
     # Per question two passes: its shared context once (into the KV cache), then all its choices together.
     # The output projection ran at one context position (ignored) and at the choice tokens only.
     assert model.calls == 4
     assert model.head_rows == [(1,), (1,), (1,), (3,)]  # longest question first: 1 choice token; then 2 + 1
-    short = ev.loglikelihoods(Bigram(max_positions=3), groups)  # long context cut from the left
+    short = mc.loglikelihoods(Bigram(max_positions=3), groups)  # long context cut from the left
     np.testing.assert_allclose([x[0] for g in short for x in g], [x[0] for g in got for x in g], atol=1e-6)
     assert got[0][1][0] == pytest.approx(L["a"]["c"], abs=1e-6)
     assert got[0][0][0] == pytest.approx(L["a"]["b"] + L["b"]["b"], abs=1e-6)
@@ -199,7 +200,7 @@ def test_choice_scores_equal_full_logits(moe):
     idx = torch.tensor([groups[2][1][0] + groups[2][1][1][:-1]])
     logp = torch.log_softmax(model(idx)[0][0, -len(groups[2][1][1]):], -1)
     want[2][1] = logp.gather(-1, torch.tensor(groups[2][1][1])[:, None]).sum().item()
-    got = ev.loglikelihoods(model, groups)
+    got = mc.loglikelihoods(model, groups)
     np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
 
 
@@ -217,28 +218,28 @@ def test_validation_loss_is_the_lm_loss_without_the_balance_loss(tmp_path):
 
 
 def test_encode_pair_moves_trailing_space_into_the_choice():
-    ctx, cont = ev.encode_pair(CharTokenizer(), "a ", "b")
+    ctx, cont = mc.encode_pair(CharTokenizer(), "a ", "b")
     assert ctx == [1] and cont == [5, 2]
     # and the score is then log P(" " | a) + log P(b | " ")
-    [[(ll, _)]] = ev.loglikelihoods(Bigram(), [[([0] + ctx, cont)]])
+    [[(ll, _)]] = mc.loglikelihoods(Bigram(), [[([0] + ctx, cont)]])
     assert ll == pytest.approx(L["a"][" "] + L[" "]["b"], abs=1e-6)
 
 
 def test_fewshot_prompts_are_seeded_and_exclude_the_question(tmp_path):
     items = parsed([item(f"q{i}=", [f"x{i}", f"y{i}"], i % 2) for i in range(6)], tmp_path)
     for i in range(6):
-        prompt = ev.fewshot_context(items, i, shots=3, seed=7)
+        prompt = mc.fewshot_context(items, i, shots=3, seed=7)
         parts = prompt.split("\n\n")
         assert len(parts) == 4 and parts[-1] == f"q{i}="
         for demo in parts[:3]:
             j = int(demo[1:demo.index("=")])
             assert j != i and demo == f"q{j}= " + items[j]["choices"][items[j]["label"]]  # lm-eval: q + " " + a
         assert len(set(parts[:3])) == 3
-        assert prompt == ev.fewshot_context(items, i, shots=3, seed=7)
-    assert any(ev.fewshot_context(items, i, 3, seed=7) != ev.fewshot_context(items, i, 3, seed=8) for i in range(6))
-    assert ev.fewshot_context(items, 2, shots=0, seed=7) == "q2="
+        assert prompt == mc.fewshot_context(items, i, shots=3, seed=7)
+    assert any(mc.fewshot_context(items, i, 3, seed=7) != mc.fewshot_context(items, i, 3, seed=8) for i in range(6))
+    assert mc.fewshot_context(items, 2, shots=0, seed=7) == "q2="
     with pytest.raises(ev.UserError, match="shots"):
-        ev.fewshot_context(items, 0, shots=6, seed=7)
+        mc.fewshot_context(items, 0, shots=6, seed=7)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,10 +379,10 @@ def test_mixtral_export_gives_same_numbers_as_native(tmp_path):
 
 
 def test_max_items_spreads_over_the_file(tmp_path):
-    assert ev.pick_items(10, 0) == list(range(10)) and ev.pick_items(3, 5) == [0, 1, 2]
-    assert ev.pick_items(360, 4) == [0, 90, 180, 270]  # not the first 4 (one domain's block)
+    assert mc.pick_items(10, 0) == list(range(10)) and mc.pick_items(3, 5) == [0, 1, 2]
+    assert mc.pick_items(360, 4) == [0, 90, 180, 270]  # not the first 4 (one domain's block)
     items = parsed([item("a", ["b", "c"], i % 2) for i in range(6)], tmp_path)
-    r = ev.score_task(Bigram(), CharTokenizer(), items, start=[0], indices=[1, 4])
+    r = mc.score_task(Bigram(), CharTokenizer(), items, start=[0], indices=[1, 4])
     assert r["n"] == 2 and [(d["index"], d["label"]) for d in r["details"]] == [(1, 1), (4, 0)]
 
 
