@@ -131,13 +131,24 @@ def logits_only_at(model, rows, cols):
         handle.remove()
 
 
+# Packing short questions: a question whose rows are at most PACK_WIDTH tokens (a quiz line, a short cloze) is
+# run as full rows (context + choice, no cache), many questions to one forward of at most PACK_TOKENS padded
+# tokens. At that length a forward costs what reading the weights costs, whatever the rows hold: the profile of
+# the demo's quiz task showed ~2 forwards per question of ~15 tokens each, so packing 30 questions into one
+# forward removes most of its time. Longer questions are bound by their context's multiply-adds instead, and
+# keep the cached shared context.
+PACK_WIDTH = 64
+PACK_TOKENS = 2048
+
+
 @torch.no_grad()
-def loglikelihoods(model, groups):
+def loglikelihoods(model, groups, pack_width=PACK_WIDTH, pack_tokens=PACK_TOKENS):
     """groups: one list of (context ids, continuation ids) per question -> the same nesting of
     (sum of the continuation's log-probs, is_greedy).
 
     Each row is context + continuation, cut from the left to the model's window; position p's log-softmax
-    scores token p+1. A question's shared context runs once, then its choices run together, right-padded.
+    scores token p+1. A long question's shared context runs once, then its choices run together, right-padded;
+    short questions run as full rows, packed several to a forward (pack_width, pack_tokens; see above).
 
     What this batching can change: under a causal mask a position never sees the padding after it nor another
     row, and both dense FFNs and our dropless routing (model.py) act on each token alone - so a score does
@@ -148,7 +159,6 @@ def loglikelihoods(model, groups):
     whole expert, and the log-likelihood by much more (0.08 was seen on one choice of the split SmolLM2 when
     questions were packed 8 vs 16 rows to a batch). Scores are bit-reproducible for the same items and shots."""
     max_len = model.config.max_position_embeddings
-    device = model.lm_head.weight.device
     rows = []  # per question: [(input ids, continuation ids)]
     for group in groups:
         rows.append([])
@@ -160,49 +170,65 @@ def loglikelihoods(model, groups):
             seq = (list(ctx) + list(cont))[-(max_len + 1):]
             rows[-1].append((seq[:-1], cont))
     width = [max(len(inp) for inp, _ in r) for r in rows]
-    order = sorted(range(len(rows)), key=lambda q: -width[q])
+    order = sorted(range(len(rows)), key=lambda q: -width[q])  # longest first: a pack's first row is its widest
     out = [[None] * len(r) for r in rows]
-    # Shared context (the speed-up that makes evaluating a 30-layer model on CPU practical): a question's
-    # choices share their context, so its first P tokens (P <= every choice's first scored position) run once
-    # into the KV cache, and the choices continue from there as one batch, each query seeing the cached
-    # context and its own earlier tokens (model.py's cached attention). Same positions, same keys: the same
-    # scores as running each full row (tests/test_eval.py checks it against the full rows).
+    pack = []  # (question, choice, input ids, continuation ids) of short questions
     for q in order:
+        if width[q] <= pack_width:
+            if pack and (len(pack) + len(rows[q])) * width[pack[0][0]] > pack_tokens:
+                score_rows(model, pack, [], out)
+                pack = []
+            pack += [(q, c, inp, cont) for c, (inp, cont) in enumerate(rows[q])]
+            continue
+        # Shared context (the speed-up that makes evaluating a 30-layer model on CPU practical): a question's
+        # choices share their context, so its first P tokens (P <= every choice's first scored position) run
+        # once into the KV cache, and the choices continue from there as one batch, each query seeing the
+        # cached context and its own earlier tokens (model.py's cached attention). Same positions, same keys:
+        # the same scores as running each full row (tests/test_eval.py checks it against the full rows).
         group = rows[q]
         P = min(len(inp) - len(cont) for inp, cont in group)                     # positions before any scored one
         first = group[0][0]
         while P and any(inp[:P] != first[:P] for inp, _ in group[1:]):
             P -= 1
-        suffix = [(inp[P:], cont) for inp, cont in group]
-        S = max(len(s) for s, _ in suffix)
-        idx = torch.zeros(len(group), S, dtype=torch.int64)                      # (C, S), right-padded with 0
-        r_at, c_at, targets = [], [], []
-        for b, (inp, cont) in enumerate(suffix):
-            idx[b, :len(inp)] = torch.tensor(inp)
-            r_at += [b] * len(cont)
-            c_at += range(len(inp) - len(cont), len(inp))                         # predict the n choice tokens
-            targets += cont
-        r_at, c_at = torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)
-        try:
-            if P:
-                model.setup_cache(len(group), P + S)
-                zero = torch.zeros(1, dtype=torch.int64, device=device)
-                with logits_only_at(model, zero, zero):                           # no logits needed here
-                    model(torch.tensor([first[:P]], device=device), start_pos=0)  # the context, once: (1, P)
-                model.share_cache_prefix(P)
-            with logits_only_at(model, r_at, c_at):
-                logits = model(idx.to(device), start_pos=P if P else None).logits  # (N, V), N = choice tokens
-        finally:
-            model.clear_cache()
-        logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
-        targets = torch.tensor(targets, device=device)                            # (N,)
-        token_lp = logp.gather(-1, targets[:, None])[:, 0].cpu()                  # (N,)
-        hit = (logp.argmax(-1) == targets).cpu()                                  # (N,)
-        at = 0
-        for c, (_, cont) in enumerate(group):
-            out[q][c] = (token_lp[at:at + len(cont)].sum().item(), bool(hit[at:at + len(cont)].all()))
-            at += len(cont)
+        score_rows(model, [(q, c, inp[P:], cont) for c, (inp, cont) in enumerate(group)], first[:P], out)
+    if pack:
+        score_rows(model, pack, [], out)
     return out
+
+
+def score_rows(model, batch, prefix, out):
+    """One forward: batch = [(question, choice, input ids, continuation ids)], each row continuing `prefix` (ids
+    that every row shares, run once into the KV cache; [] for none). Writes out[question][choice]."""
+    device = model.lm_head.weight.device
+    P, S = len(prefix), max(len(inp) for _, _, inp, _ in batch)
+    idx = torch.zeros(len(batch), S, dtype=torch.int64)                          # (R, S), right-padded with 0
+    r_at, c_at, targets = [], [], []
+    for b, (_, _, inp, cont) in enumerate(batch):
+        idx[b, :len(inp)] = torch.tensor(inp)
+        r_at += [b] * len(cont)
+        c_at += range(len(inp) - len(cont), len(inp))                             # predict the n choice tokens
+        targets += cont
+    r_at, c_at = torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)
+    try:
+        if P:
+            model.setup_cache(len(batch), P + S)
+            zero = torch.zeros(1, dtype=torch.int64, device=device)
+            with logits_only_at(model, zero, zero):                               # no logits needed here
+                model(torch.tensor([prefix], device=device), start_pos=0)         # the context, once: (1, P)
+            model.share_cache_prefix(P)
+        with logits_only_at(model, r_at, c_at):
+            logits = model(idx.to(device), start_pos=P if P else None).logits     # (N, V), N = choice tokens
+    finally:
+        if P:
+            model.clear_cache()
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
+    targets = torch.tensor(targets, device=device)                                # (N,)
+    token_lp = logp.gather(-1, targets[:, None])[:, 0].cpu()                      # (N,)
+    hit = (logp.argmax(-1) == targets).cpu()                                      # (N,)
+    at = 0
+    for q, c, _, cont in batch:
+        out[q][c] = (token_lp[at:at + len(cont)].sum().item(), bool(hit[at:at + len(cont)].all()))
+        at += len(cont)
 
 
 def pick_items(n_items, max_items=0):

@@ -158,11 +158,18 @@ def test_loglikelihoods_padding_truncation_greedy_and_the_context_once():
     groups = [[mc.encode_pair(tok, "a", "bb"), mc.encode_pair(tok, "a", "c")], [mc.encode_pair(tok, "ccccca", "c")]]
     groups = [[([0] + ctx, cont) for ctx, cont in g] for g in groups]
     model = Bigram()
-    got = mc.loglikelihoods(model, groups)
+    got = mc.loglikelihoods(model, groups, pack_width=0)  # no packing
     # Per question two passes: its shared context once (into the KV cache), then all its choices together.
     # The output projection ran at one context position (ignored) and at the choice tokens only.
     assert model.calls == 4
     assert model.head_rows == [(1,), (1,), (1,), (3,)]  # longest question first: 1 choice token; then 2 + 1
+    # Short questions packed as full rows: both questions in one forward, the projection at the 4 choice tokens.
+    packed = Bigram()
+    assert mc.loglikelihoods(packed, groups) == got
+    assert packed.calls == 1 and packed.head_rows == [(4,)]
+    # A pack holds at most pack_tokens padded tokens: 3 rows padded to 7 tokens exceed 20 -> two forwards.
+    packed = Bigram()
+    assert mc.loglikelihoods(packed, groups, pack_tokens=20) == got and packed.calls == 2
     short = mc.loglikelihoods(Bigram(max_positions=3), groups)  # long context cut from the left
     np.testing.assert_allclose([x[0] for g in short for x in g], [x[0] for g in got for x in g], atol=1e-6)
     assert got[0][1][0] == pytest.approx(L["a"]["c"], abs=1e-6)
@@ -179,12 +186,14 @@ def tiny(moe, **kw):
     return Transformer(ModelConfig(**cfg)).double().eval()
 
 
+@pytest.mark.parametrize("pack_width", [0, 64])
 @pytest.mark.parametrize("moe", [False, True])
-def test_choice_scores_equal_full_logits(moe):
+def test_choice_scores_equal_full_logits(moe, pack_width):
     """What the docstring promises: scores from the context run once into the KV cache, the choices padded
     into one batch after it, and logits at the choice tokens only, equal the plain full-row computation -
     exactly in exact arithmetic; in float64 (no near-tie of expert scores at this precision) to 1e-10 for a
-    dense model and an MoE alike. Contexts that differ (few-shot) only share their common prefix."""
+    dense model and an MoE alike. Contexts that differ (few-shot) only share their common prefix. pack_width 64:
+    the same questions packed as full rows into one forward instead."""
     model = tiny(moe)
     rng = np.random.default_rng(0)
     groups = [[(rng.integers(0, 16, n_ctx).tolist(), rng.integers(0, 16, rng.integers(1, 5)).tolist())
@@ -200,7 +209,7 @@ def test_choice_scores_equal_full_logits(moe):
     idx = torch.tensor([groups[2][1][0] + groups[2][1][1][:-1]])
     logp = torch.log_softmax(model(idx)[0][0, -len(groups[2][1][1]):], -1)
     want[2][1] = logp.gather(-1, torch.tensor(groups[2][1][1])[:, None]).sum().item()
-    got = mc.loglikelihoods(model, groups)
+    got = mc.loglikelihoods(model, groups, pack_width=pack_width)
     np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
 
 
