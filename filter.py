@@ -25,7 +25,7 @@ Output in --out: kept.jsonl and removed.jsonl (each input record plus "domain", 
 
 Nothing is lost: every input document ends in exactly one of kept.jsonl / removed.jsonl (the report's
 counts add up); a line that is not a JSON document is skipped and listed with file:line; undecodable bytes
-are replaced and counted. A text holding a lone surrogate ("\ud800": valid JSON, not encodable as UTF-8)
+are replaced and counted. A text holding a lone surrogate ("\\ud800": valid JSON, not encodable as UTF-8)
 is scored like any other text and written back with the same escape, so its record leaves unchanged; the
 report counts them. The three outputs are one result, written only after all documents are scored and as
 one folder (fileio.atomic_dir: a killed run leaves the previous --out as it was, never a new kept.jsonl

@@ -121,7 +121,12 @@ def test_tokenizer_fingerprint_is_recorded_and_a_mismatch_refused(data, tmp_path
 @pytest.mark.parametrize("arg, message", [
     ("--grad_clip=-1", "grad_clip must be >= 0"),
     ("--max_steps=2.5", "max_steps.*must be int"),
-    ("--eval_windows=0", "eval_windows=0"),
+    ("--eval_windows=0", "eval_windows must be >= 1"),
+    ("--weight_decay=-1", "weight_decay must be >= 0"),
+    ("--hidden_size=0", "hidden_size must be >= 1"),
+    ("--learning_rate=-1", "learning_rate must be > 0"),
+    ("--beta2=1.5", r"beta2 must be in \[0, 1\)"),
+    ("--bias_rate=1e999", "bias_rate=inf must be a finite number"),
     ("--warmup_steps=-1", "warmup_steps must be >= 0"),
     ("--dynamic_weights=True", "eval_interval=0 never evaluates"),
 ])
