@@ -87,7 +87,7 @@ def check_ranges(cfg):
         if value is None or isinstance(value, bool) or not f.metadata:
             continue
         if not in_range(value, f.metadata):
-            raise UserError(f"--{f.name} must be {describe_range(f.metadata)}, got {value!r}")
+            raise UserError(f"--{f.name}={value!r} must be {describe_range(f.metadata)}")
     return cfg
 
 

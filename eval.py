@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from configurator import UserError, load_config, run_cli, setting
 from gate import routing_evenness
-from fileio import atomic_file, atomic_write
+from fileio import atomic_file, atomic_write, check_output_file
 from model import Transformer, MoEFeedForward
 from sample import load_meta, eval_windows
 from tokenizer import Tokenizer
@@ -96,22 +96,13 @@ def check_settings(cfg):
             raise UserError(f"--data={cfg.data}: {e}") from None
     elif cfg.tasks is None and cfg.generate is None:
         raise UserError("--data=none with no --tasks and no --generate: nothing to evaluate")
+    inputs = [("--ckpt", cfg.ckpt), ("--data", cfg.data), ("--tasks", cfg.tasks), ("--tokenizer", cfg.tokenizer)]
     for key in ("out", "heatmap"):
         if getattr(cfg, key):
-            check_output(getattr(cfg, key), f"--{key}")
-
-
-def check_output(path, flag):
-    """An output file must be creatable: not an existing folder, in a folder we can write into."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag}={path} is a folder: pass a file path, e.g. {os.path.join(path, 'eval.json')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag}={path}: cannot create its folder ({e.strerror}): pick another path") from None
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"{flag}={path} is not writable: pick another path or fix the permissions")
+            try:
+                check_output_file(getattr(cfg, key), f"--{key}", inputs)
+            except ValueError as e:
+                raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

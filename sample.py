@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, load_config, run_cli, setting
 from data.jsonl import SLIMPAJAMA_DOMAINS
 
 # -----------------------------------------------------------------------------------------------------
@@ -440,12 +440,12 @@ def eval_windows(data_dir, domain, seq_len, batch_size=1, max_windows=None, spli
 @dataclass
 class SampleConfig:
     data_dir: str = "data/embedded"
-    split: str = "train"
+    split: str = setting("train", choices=("train", "val"))
     weights: str = "uniform"     # uniform | llama | sheared | proportional | name=w,name=w
     renormalize: bool = False    # divide user weights by their sum
-    seq_len: int = 256
-    batch_size: int = 8
-    batches: int = 200
+    seq_len: int = setting(256, ge=1)
+    batch_size: int = setting(8, ge=1)
+    batches: int = setting(200, ge=0)
     seed: int = 0
 
 

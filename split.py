@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 import carve
 import checkpoint
+from checkpoint import MODEL_FILES
 from configurator import UserError, check_ranges, load_config, run_cli, setting
-from fileio import is_inside
+from fileio import check_output_dir
 from gate import GATE_TYPES
 from model import EXPERT_WEIGHTINGS, Transformer
 
@@ -586,12 +587,11 @@ def check_paths(cfg):
          "are required")
     need(os.path.exists(cfg.src), f"--src={cfg.src} does not exist: give a dense LLaMA checkpoint folder "
          f"(config.json + safetensors) or a .gguf file")
-    need(not is_inside(cfg.dst, cfg.src), f"--dst={cfg.dst} is --src or lies inside it: the input stays "
-         f"untouched, choose another --dst")
-    need(not is_inside(cfg.src, cfg.dst), f"--src={cfg.src} lies inside --dst={cfg.dst}: replacing --dst would "
-         f"delete the input, choose another --dst")
-    need(cfg.overwrite or not os.path.exists(cfg.dst), f"--dst={cfg.dst} exists: pass --overwrite to replace "
-         f"it, or choose another --dst")
+    try:
+        check_output_dir(cfg.dst, "--dst", "a model", MODEL_FILES, cfg.overwrite,
+                         [("--src", cfg.src), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer)])
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def split_checkpoint(cfg):

@@ -41,12 +41,12 @@ def test_values_are_typed_and_applied_left_to_right(tmp_path):
     ("--lr=fast", "must be float"),
     ("--stpes=3", "did you mean --steps"),
     ("--out", "needs a value"),               # a bare flag only switches a boolean on
-    ("--steps=0", "steps must be >= 1, got 0"),  # declared ranges, checked after the last override
-    ("--lr=-1", "lr must be > 0"),
-    ("--beta=1", r"beta must be in \[0, 1\)"),
-    ("--mode=c", "mode must be one of 'a', 'b'"),
+    ("--steps=0", "--steps=0 must be >= 1"),  # declared ranges, checked after the last override
+    ("--lr=-1", "--lr=-1.0 must be > 0"),
+    ("--beta=1", r"--beta=1.0 must be in \[0, 1\)"),
+    ("--mode=c", "--mode=.c. must be one of 'a', 'b'"),
     ("--lr=1e999", "must be a finite number"),
-    ("--cap=-1", "cap must be >= 0"),
+    ("--cap=-1", "--cap=-1 must be >= 0"),
 ])
 def test_bad_settings_are_user_errors(arg, words):
     with pytest.raises(UserError, match=words):
@@ -85,7 +85,7 @@ def test_ranges_allow_none_and_the_boundaries(tmp_path):
     assert (cfg.cap, cfg.beta, cfg.steps, cfg.mode) == (None, 0.0, 1, "b")
     conf = tmp_path / "c.py"
     conf.write_text("steps = 0\n")
-    with pytest.raises(UserError, match="steps must be >= 1"):  # a config file is checked like the command line
+    with pytest.raises(UserError, match="steps=0 must be >= 1"):  # a config file is checked like the command line
         load_config(Settings(), [str(conf)])
     load_config(Settings(), [str(conf), "--steps=2"])  # ... after the last override, not before
 

@@ -287,6 +287,23 @@ def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
     assert "wrote" in out and "peak memory (RSS)" in out
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_text("my notes"), "is a file"),                              # README.md, say
+    (lambda p: (p.mkdir(), (p / "thesis.tex").write_text("mine")), "not a model"),  # a folder of the user's
+])
+def test_dst_that_is_not_a_model_is_never_replaced(tmp_path, make, match):
+    src, dst = str(tmp_path / "dense"), tmp_path / "dst"
+    tiny_dense(4).save_pretrained(src)
+    make(dst)
+    before = sorted(os.walk(dst)) if dst.is_dir() else dst.read_text()
+    with pytest.raises(UserError, match=match):
+        main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=1", "--overwrite"])
+    assert (sorted(os.walk(dst)) if dst.is_dir() else dst.read_text()) == before
+    with pytest.raises(ValueError, match=match):  # the same rule in the API
+        tiny_dense(4).save_pretrained(str(dst))
+    assert not [n for n in os.listdir(tmp_path) if ".old" in n or ".tmp" in n]
+
+
 @pytest.mark.parametrize("args,match", [
     (["--num_experts=5"], r"not divisible.*\[2, 3, 4, 6, 8"),     # 96 % 5 != 0, says what works
     (["--num_experts=4", "--top_k=5"], "top_k=5"),
