@@ -37,6 +37,12 @@ class UserError(Exception):
     The message names the input, what is wrong and the fix; `run_cli` prints it as one line, exit code 2."""
 
 
+def need(ok, message):
+    """Raise UserError(message) unless ok: the scripts' checks that relate settings to each other or to data."""
+    if not ok:
+        raise UserError(message)
+
+
 def run_cli(main, argv=None):
     """Call main(argv); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
     prog = os.path.basename(sys.argv[0]) or "python"

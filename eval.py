@@ -167,8 +167,6 @@ def check_same_tokenizer(cfg, tok, model):
     if cfg.data != "none":
         meta = load_meta(cfg.data)
         data_sha = meta.get("tokenizer_sha256")
-        if data_sha is None and os.path.isfile(data_tokenizer_path(cfg.data)):  # a dataset from before the hash
-            data_sha = load_tokenizer(data_tokenizer_path(cfg.data)).fingerprint
         if data_sha:
             have[f"the data {cfg.data} (meta.json)"] = data_sha
         if meta["vocab_size"] > model.config.vocab_size:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import train_state
-from configurator import UserError, load_config, run_cli, setting
+from configurator import UserError, load_config, need, run_cli, setting
 from gate import GATE_TYPES, routing_evenness, update_bias
 from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
@@ -140,9 +140,6 @@ DEMO_MOE_HINT = ("the demo MoE is made by the README's pipeline: `python data/pr
 
 def check_config(cfg):
     """What relates settings to each other (each setting's own range is declared in TrainConfig)."""
-    def need(ok, msg):
-        if not ok:
-            raise UserError(msg)
     need(not cfg.dynamic_weights or cfg.eval_interval > 0,
          "--dynamic_weights=True moves the domain weights at each evaluation, but --eval_interval=0 never "
          "evaluates: set --eval_interval (e.g. 20) or --dynamic_weights=False")

@@ -460,25 +460,6 @@ def load_file(path, **kw):
                         f"its folder to resume from the one before") from None
 
 
-def upgrade_optimizer_state(optim):
-    """Optimizer states saved before the experts stored gate and up as one gate_up_proj (E, 2 d_e, d) hold
-    experts.gate_proj and experts.up_proj (E, d_e, d) apart: join them the way the weights were joined.
-    Per-element AdamW state concatenates exactly; the step count is the same for both."""
-    state, renamed = optim.get("state", {}), {}
-    for gate_name in [n for n in state if n.endswith(".mlp.experts.gate_proj")]:
-        up_name = gate_name[:-len("gate_proj")] + "up_proj"
-        if up_name not in state:
-            continue
-        gate, up = state.pop(gate_name), state.pop(up_name)
-        new = gate_name[:-len("gate_proj")] + "gate_up_proj"
-        state[new] = {k: torch.cat([v, up[k]], dim=1) if torch.is_tensor(v) and v.dim() == 3 else v
-                      for k, v in gate.items()}
-        renamed[gate_name], renamed[up_name] = new, None
-    for group in optim.get("param_groups", []) if renamed else []:
-        group["params"] = [renamed.get(n, n) for n in group["params"] if renamed.get(n, n) is not None]
-    return optim
-
-
 def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     """Optimizer, sampler streams and RNG states from a checkpoint (the model was built from ckpt/model)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -487,7 +468,7 @@ def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     optim, error = {}, None
     if d.master or not fsdp:
         try:
-            optim = upgrade_optimizer_state(load_file(os.path.join(ckpt, "optimizer.pt")))
+            optim = load_file(os.path.join(ckpt, "optimizer.pt"))
         except UserError as e:
             error = e
     if not agree(error is None, d):  # every rank stops, not only the one that read the file

@@ -383,3 +383,22 @@ def test_split_holds_about_one_model_in_memory(tmp_path):
         peak[what] = float(r.stdout.split()[-1])
     extra = (peak["split"] - peak["baseline"]) * 2**30 / size
     assert 0.9 < extra < 1.3, f"the split held {extra:.2f}x the model's size ({peak})"
+
+
+def test_importance_memory_does_not_grow_with_the_sample_batches():
+    """The Taylor-importance pass (sharing methods) holds the model plus ONE batch's graph, however many batches
+    it scores: a hook that kept each batch's activation alive once grew it by a graph per batch. In a fresh
+    process the peak (VmHWM) after scoring 2 batches must not rise when 8 batches of the same shape follow
+    (each batch saves ~60 MB of activations here, so a leak of even two of them shows)."""
+    code = ("import torch, split; from model import ModelConfig, Transformer\n"
+            "torch.manual_seed(0)\n"
+            "m = Transformer(ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024,\n"
+            "                            num_hidden_layers=4, num_attention_heads=4))\n"
+            "batches = lambda n: [[torch.randint(0, 1024, (2, 257)) for _ in range(n)] for _ in range(2)]\n"
+            "split.taylor_importance(m, batches(1)); first = split.peak_rss_gib()\n"
+            "split.taylor_importance(m, batches(4)); print(first, split.peak_rss_gib())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, LLAMA_MOE_KERNELS="reference"))
+    assert r.returncode == 0, r.stderr
+    first, after = map(float, r.stdout.split()[-2:])
+    assert after - first < 0.1, f"8 batches raised the peak from {first:.2f} to {after:.2f} GiB"
