@@ -382,7 +382,9 @@ def test_split_holds_about_one_model_in_memory(tmp_path):
         assert r.returncode == 0, r.stderr
         peak[what] = float(r.stdout.split()[-1])
     extra = (peak["split"] - peak["baseline"]) * 2**30 / size
-    assert 0.9 < extra < 1.3, f"the split held {extra:.2f}x the model's size ({peak})"
+    # Measured 1.24-1.26x here (4 runs); holding the file map and the experts at once is ~1.7x. The bound sits
+    # between the two, not at the edge of the measured values (1.3 failed by chance once).
+    assert 0.9 < extra < 1.45, f"the split held {extra:.2f}x the model's size ({peak})"
 
 
 def test_importance_memory_does_not_grow_with_the_sample_batches():
