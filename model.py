@@ -408,7 +408,7 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor        # (B, S, vocab); (B, 1, vocab) with last_only
     loss: torch.Tensor | None   # () next-token cross-entropy over targets != -100; None without targets
     balance_loss: torch.Tensor  # () the MoE balance loss summed over layers, weight applied (0 for dense)
-    routing: tuple              # one gate.GateOutput per MoE layer, in layer order (() for dense)
+    routing: tuple[GateOutput, ...]  # one per MoE layer, in layer order (() for a dense model)
 
 
 class Transformer(nn.Module):
