@@ -445,7 +445,7 @@ def bench_decode(cfg, dtype):
         shared = 2 * dense.config.intermediate_size // 16   # carve.py's layout: two experts' worth, 192 here
         results["rows"] += time_models(f"SmolLM2-135M ({cfg.parent})", moe_variants(dense, cfg, shared), cfg, dev)
         del dense
-    else:
+    elif cfg.parent != "none":
         print(f"\n--parent={cfg.parent} not found: no SmolLM2 rows (python data/smollm2.py fetches it)")
     if cfg.stack_layers:
         config = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
