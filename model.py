@@ -482,9 +482,10 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     # 5. Generation: prefill the prompt through forward() into a preallocated KV cache, then one decode_step
-    # per token. A profile of the 135M demo model at batch 1 on CPU showed decoding bound by reading weights
-    # and by fixed per-op costs: the MoE's gate statistics and permute/unpermute cost more than its experts'
-    # matrix-vector products. decode_step runs the same modules without them (bench.py measures it).
+    # per token. A profile of the 135M demo model at batch 1 on CPU (1 thread) showed decoding bound by reading
+    # weights (matrix products ~half the time) and by fixed per-op costs: in the 16/4 MoE, permute, unpermute
+    # and the gate's balance statistics took ~1/4 as long as all matrix products together. decode_step runs the
+    # same modules without them (bench.py --what=decode measures it).
 
     def decode_step(self, idx, pos, compiled=False):
         """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
