@@ -273,11 +273,11 @@ def section_setup(cfg, R):
       f"questions per task ({cfg.split_eval_items} right after a split): {', '.join(tasks) or '-'} (our tasks "
       f"from held-out text and the bsdgames quiz files, 4 choices, chance 0.25 — not the paper's benchmarks).")
     w(f"- Noise: loss differences are compared with the measured seed-to-seed spread (seeds {cfg.seeds}: "
-      f"random {fmt(R.random_noise, 4)}, dense {fmt(R.dense_noise, 4)} nats). Two seeds estimate one run's standard deviation as "
-      f"spread / sqrt(2), so the SE of a difference between two runs is about the spread: a difference within "
-      f"2 x the larger spread ({fmt(R.tie, 4)} nats) is called a tie. Two seeds make this a rough estimate: "
-      f"differences near the threshold are weak evidence either way. Accuracies: a difference within "
-      f"2 x sqrt(SE1² + SE2²) is a tie.\n")
+      f"random {fmt(R.random_noise, 4)}, dense {fmt(R.dense_noise, 4)} nats). Two seeds estimate one run's "
+      f"standard deviation as spread / sqrt(2), so the SE of a difference between two runs is about the spread: "
+      f"a difference within 2 x the larger spread ({fmt(R.tie, 4)} nats) is called a tie. Two seeds make this a "
+      f"rough estimate: differences near the threshold are weak evidence either way. Accuracies: a difference "
+      f"within 2 x sqrt(SE1² + SE2²) is a tie.\n")
     notes = P(cfg, "notes.md")
     if os.path.isfile(notes):
         with open(notes) as f:
@@ -323,7 +323,8 @@ def section_cpt(cfg, R):
               summary(load_json(P(cfg, "stages", f"split_eval-{n}", "eval.json"))) if n != base  # another seed's split
               else R.split.get((shape_name(cfg.cpt_shape), base)))
         w(row(n, R.c(n), tasks, domains, [fmt(at["val"]) if at else "-"]))
-    w(f"\nSeed-to-seed spread of the mean val loss: random {fmt(R.random_noise, 4)}, dense {fmt(R.dense_noise, 4)} nats.\n")
+    w(f"\nSeed-to-seed spread of the mean val loss: random {fmt(R.random_noise, 4)}, "
+      f"dense {fmt(R.dense_noise, 4)} nats.\n")
     w(f"Mean validation loss during CPT (train.py's own evaluation: {cfg.train_eval_windows} windows per domain, "
       f"every {cfg.eval_every} steps; step 0 = before training):\n")
     curves = {n: train_log(P(cfg, "cpt", n))[0] for n in names}
@@ -415,7 +416,8 @@ def section_routing(cfg, R, series, plotted):
               "JS per layer: one colour per method, dashed at the split, solid after CPT.\n")
         else:
             w("\n(No plot: matplotlib was not installed where this section was written; the table above holds "
-              "the numbers. With it, `python experiments/ablations_report.py` draws experiments/results_routing.png.)\n")
+              "the numbers. With it, `python experiments/ablations_report.py` draws "
+              "experiments/results_routing.png.)\n")
     else:
         w("(no routing statistics yet)\n")
     return L
@@ -521,6 +523,10 @@ def section_earlier():
             "Kept for the record; produced by the earlier version of this script on a 5M-parameter model trained "
             "from scratch, where every multiple-choice score was at chance. Its headings are demoted by one level.\n",
             "\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines())]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The paper's claims: a verdict each
 
 def late_train_loss(cfg, name):
     _, trains = train_log(P(cfg, "cpt", name))
