@@ -30,13 +30,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fileio import atomic_dir
+from fileio import atomic_dir, check_output_dir
 from model import ModelConfig, Transformer, rope_inv_freq
 
 NATIVE_MODEL_TYPE = "llama_moe_stacked"
 LLAMA_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
               "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id", "initializer_range"]
+# What a model folder consists of (fileio.check_output_dir: a folder holding anything else is never replaced).
+MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
+               "special_tokens_map.json", "generation_config.json", "chat_template*")
 MAX_SHARD_BYTES = 5 * 2**30  # 5 GiB, transformers' default shard limit
 
 
@@ -656,6 +659,7 @@ def save_pretrained(model, path, format="auto", max_shard_bytes=MAX_SHARD_BYTES)
     if format != "llama" and not model.config.is_moe:
         raise ValueError(f"format {format!r} is for MoE models; a dense model saves as 'llama'")
     config = export_config(model, format)  # raises before anything is written
+    check_output_dir(path, "path", "a model", MODEL_FILES, overwrite=True)  # never a file, nor a user's folder
     # Greedy sharding in state-dict order, as transformers does: a new shard starts when the next tensor
     # would push the current one past the limit. A first pass plans the shards from sizes alone, so that
     # each shard is then written and freed before the next is gathered: peak memory = model + one shard.

@@ -50,9 +50,12 @@ def training(log_path):
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed run (train.py drops such lines on resume)
-            if rec.get("kind") == "train":
+            if isinstance(rec, dict) and rec.get("kind") == "train" and isinstance(rec.get("tokens"), int):
                 tokens = rec["tokens"]
                 seconds = rec.get("train_s", 0.0)  # time in training steps (after a resume: since the resume)
+    if not tokens:
+        raise UserError(f"--train_logs: {log_path} holds no train.py training record (kind 'train'): pass the "
+                        f"log.jsonl in a train.py out_dir, or leave that row's entry empty")
     return tokens, seconds
 
 

@@ -8,18 +8,26 @@ assignments, e.g. config/demo_moe.py) and then `--key=value` arguments override 
 
 A value is read as a Python literal when it is one (`100`, `2e-4`, `True`, `{'code': 0.5}`), else kept as
 text (a path). Each value is checked against the field's type: `--max_steps=2.5` is refused, not rounded,
-and a mistyped key gets "did you mean".
+and a mistyped key gets "did you mean". A setting's valid range or choices are declared beside it:
+
+    learning_rate: float = setting(2e-4, gt=0)
+    parallel: str = setting("ddp", choices=("ddp", "fsdp"))
+
+and checked once, after the last override (`check_ranges`), for every script. Every float must be finite.
+Code past this boundary trusts its settings; only checks that relate settings to data (a seq_len against
+the model's positions) stay in the scripts.
 
 User errors (bad input, not bugs) are raised as `UserError` anywhere in a script; `run_cli` prints them as
 ONE line `script.py: error: ...` and exits with code 2. Anything else is a bug and keeps its traceback.
 """
 import difflib
+import math
 import os
 import sys
 import types
 import typing
 from ast import literal_eval
-from dataclasses import fields
+from dataclasses import field, fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,6 +35,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class UserError(Exception):
     """Bad input from the user: a wrong path, a value out of range, a file that is not what it claims.
     The message names the input, what is wrong and the fix; `run_cli` prints it as one line, exit code 2."""
+
+
+def need(ok, message):
+    """Raise UserError(message) unless ok: the scripts' checks that relate settings to each other or to data."""
+    if not ok:
+        raise UserError(message)
 
 
 def run_cli(main, argv=None):
@@ -40,6 +54,47 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130)
+
+
+def setting(default, *, choices=None, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field with its valid values declared beside it (None = any value of the type).
+    Ranges apply to numbers; None as a value (for `int | None` fields) is always allowed."""
+    return field(default=default, metadata=dict(choices=choices, ge=ge, gt=gt, le=le, lt=lt))
+
+
+def describe_range(m):
+    """The declared range as text: 'one of a, b', '> 0', 'in [0, 1)'."""
+    if m.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in m["choices"])
+    lo = f"[{m['ge']}" if m.get("ge") is not None else f"({m['gt']}" if m.get("gt") is not None else None
+    hi = f"{m['le']}]" if m.get("le") is not None else f"{m['lt']})" if m.get("lt") is not None else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if lo:
+        return (">= " if lo[0] == "[" else "> ") + lo[1:]
+    if hi:
+        return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+    return ""
+
+
+def in_range(value, m):
+    if m.get("choices"):
+        return value in m["choices"]
+    return ((m.get("ge") is None or value >= m["ge"]) and (m.get("gt") is None or value > m["gt"]) and
+            (m.get("le") is None or value <= m["le"]) and (m.get("lt") is None or value < m["lt"]))
+
+
+def check_ranges(cfg):
+    """Refuse a value outside its declared range, and any float that is nan or infinite."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name}={value} must be a finite number")
+        if value is None or isinstance(value, bool) or not f.metadata:
+            continue
+        if not in_range(value, f.metadata):
+            raise UserError(f"--{f.name}={value!r} must be {describe_range(f.metadata)}")
+    return cfg
 
 
 def parse_value(text):
@@ -101,8 +156,9 @@ def load_config(cfg, argv, doc="", aliases=None):
     for arg in argv:
         if arg in ("-h", "--help"):
             print(doc)
-            print("settings (--key=value) and defaults:\n" +
-                  "\n".join(f"  --{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)))
+            print("settings (--key=value), defaults and valid values:\n" + "\n".join(
+                f"  --{f.name}={getattr(cfg, f.name)!r}" + (f"  ({describe_range(f.metadata)})" if f.metadata else "")
+                for f in fields(cfg)))
             raise SystemExit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -116,10 +172,14 @@ def load_config(cfg, argv, doc="", aliases=None):
         else:
             path = find_config_file(arg)
             namespace = {"__file__": path}
-            with open(path) as f:
-                exec(compile(f.read(), path, "exec"), namespace)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    exec(compile(f.read(), path, "exec"), namespace)
+            except Exception as e:  # noqa: BLE001 - whatever a config file does wrong is the user's to fix
+                raise UserError(f"config file {path} cannot be run as Python ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}): fix the file") from None
             for key, value in namespace.items():
                 if key.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
                     continue  # helpers and imports inside a config file are not settings
                 set_key(cfg, key, value, f"in {path}")
-    return cfg
+    return check_ranges(cfg)

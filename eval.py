@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, load_config, run_cli, setting
 from gate import routing_evenness
-from fileio import atomic_file, atomic_write
+from fileio import atomic_file, atomic_write, check_output_file
 from model import Transformer, MoEFeedForward
 from sample import load_meta, eval_windows
 from tokenizer import Tokenizer
@@ -53,27 +53,27 @@ class EvalConfig:
     data: str = "data/embedded"       # shard folder (meta.json, {domain}.val.bin, tasks/); "none": no data
     tasks: str | None = None          # folder of *.jsonl or comma-separated files; None -> {data}/tasks; "none"
     tokenizer: str | None = None      # None -> the checkpoint's own (.gguf, tokenizer.model/.json), else the data's
-    seq_len: int = 256                # validation window length (capped by the model's max positions)
-    batch_size: int = 8               # validation windows per forward pass (a question's choices run together)
-    max_windows: int = 32             # validation windows per domain, spread evenly; 0 = every window
-    shots: int = 0                    # few-shot examples per multiple-choice question
-    max_items: int = 100              # questions per task, spread evenly over the file; 0 = all
+    seq_len: int = setting(256, ge=1)        # validation window length (<= the model's max positions)
+    batch_size: int = setting(8, ge=1)       # validation windows per forward pass (a question's choices run together)
+    max_windows: int = setting(32, ge=0)     # validation windows per domain, spread evenly; 0 = every window
+    shots: int = setting(0, ge=0)            # few-shot examples per multiple-choice question
+    max_items: int = setting(100, ge=0)      # questions per task, spread evenly over the file; 0 = all
     seed: int = 1234                  # few-shot draws (lm-eval-harness's default seed is 1234 too)
-    start_token: str = "auto"         # before every prompt: auto (lm-eval: bos iff the tokenizer adds it) | bos | eos | none
+    # before every prompt: auto (lm-eval: bos iff the tokenizer adds it) | bos | eos | none
+    start_token: str = setting("auto", choices=("auto", "bos", "eos", "none"))
     routing: bool = True              # count routed experts during the validation pass (MoE only)
     heatmap: str | None = None        # PNG path; None -> next to --out (routing.png) when --out is given
     generate: str | None = None       # prompt to sample from
-    num_samples: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int | None = 50
+    num_samples: int = setting(1, ge=1)
+    max_new_tokens: int = setting(64, ge=0)     # prompt + new tokens <= the model's max positions
+    temperature: float = setting(0.8, ge=0)     # 0 = greedy
+    top_k: int | None = setting(50, ge=1)       # None = the whole vocabulary
     out: str | None = None            # json with every number printed
-    device: str | None = None         # None -> cuda if available, else cpu
-    dtype: str = "float32"            # float32 | bfloat16 | float16
+    device: str | None = setting(None, choices=("cpu", "cuda"))  # None -> cuda if available, else cpu
+    dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-START_TOKENS = ("auto", "bos", "eos", "none")
 
 
 def check_settings(cfg):
@@ -83,16 +83,8 @@ def check_settings(cfg):
         raise UserError("--ckpt is required: a checkpoint folder (config.json + safetensors) or a .gguf file")
     if not os.path.exists(cfg.ckpt):
         raise UserError(f"--ckpt={cfg.ckpt}: no such checkpoint folder or .gguf file")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype={cfg.dtype}: use one of {', '.join(DTYPES)}")
-    if cfg.start_token not in START_TOKENS:
-        raise UserError(f"--start_token={cfg.start_token}: use one of {', '.join(START_TOKENS)}")
-    for key in ("seq_len", "batch_size", "num_samples"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key}={getattr(cfg, key)} must be at least 1")
-    for key in ("max_windows", "shots", "max_items", "max_new_tokens"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"--{key}={getattr(cfg, key)} must be 0 or more")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but this torch sees no CUDA device: use --device=cpu (or leave it unset)")
     if cfg.data != "none":
         if not os.path.isdir(cfg.data) or not os.path.isfile(os.path.join(cfg.data, "meta.json")):
             what = "does not exist" if not os.path.exists(cfg.data) else "is not a shard folder (no meta.json)"
@@ -104,22 +96,13 @@ def check_settings(cfg):
             raise UserError(f"--data={cfg.data}: {e}") from None
     elif cfg.tasks is None and cfg.generate is None:
         raise UserError("--data=none with no --tasks and no --generate: nothing to evaluate")
+    inputs = [("--ckpt", cfg.ckpt), ("--data", cfg.data), ("--tasks", cfg.tasks), ("--tokenizer", cfg.tokenizer)]
     for key in ("out", "heatmap"):
         if getattr(cfg, key):
-            check_output(getattr(cfg, key), f"--{key}")
-
-
-def check_output(path, flag):
-    """An output file must be creatable: not an existing folder, in a folder we can write into."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag}={path} is a folder: pass a file path, e.g. {os.path.join(path, 'eval.json')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag}={path}: cannot create its folder ({e.strerror}): pick another path") from None
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"{flag}={path} is not writable: pick another path or fix the permissions")
+            try:
+                check_output_file(getattr(cfg, key), f"--{key}", inputs)
+            except ValueError as e:
+                raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,8 +167,6 @@ def check_same_tokenizer(cfg, tok, model):
     if cfg.data != "none":
         meta = load_meta(cfg.data)
         data_sha = meta.get("tokenizer_sha256")
-        if data_sha is None and os.path.isfile(data_tokenizer_path(cfg.data)):  # a dataset from before the hash
-            data_sha = load_tokenizer(data_tokenizer_path(cfg.data)).fingerprint
         if data_sha:
             have[f"the data {cfg.data} (meta.json)"] = data_sha
         if meta["vocab_size"] > model.config.vocab_size:
@@ -244,7 +225,6 @@ def validation(model, data_dir, seq_len, batch_size=8, max_windows=32, routing=T
     Routing counts (when the model has MoE layers): "selected" (L, D, E) int64 = how often each expert was
     among a token's k choices; "top1" (L, D, E) = how often it was the first choice. D in meta.json order."""
     domains = list(load_meta(data_dir)["domains"])
-    seq_len = min(seq_len, model.config.max_position_embeddings)
     device = model.lm_head.weight.device
     layers = moe_layer_ids(model) if routing else []
     E = model.config.num_experts
@@ -616,8 +596,12 @@ def generate_samples(model, tok, prompt, start=(), num_samples=1, max_new_tokens
     if room <= 0:
         raise UserError(f"--generate: the prompt has {len(ids)} tokens, the model holds "
                         f"{model.config.max_position_embeddings}")
+    if max_new_tokens > room:
+        print(f"[eval] note: --max_new_tokens={max_new_tokens} lowered to {room}, the positions the model has "
+              f"left after the prompt's {len(ids)}")
+        max_new_tokens = room
     idx = torch.tensor([ids] * num_samples, dtype=torch.int64, device=device)  # (n, S)
-    out = model.generate(idx, min(max_new_tokens, room), temperature=temperature, top_k=top_k)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
     return [prompt + tok.decode(row[len(ids):].tolist()) for row in out]
 
 
@@ -668,6 +652,10 @@ def evaluate(cfg):
     check_settings(cfg)
     tasks = find_tasks(cfg)
     model = load_model(cfg)
+    positions = model.config.max_position_embeddings
+    if cfg.seq_len > positions:
+        print(f"[eval] note: --seq_len={cfg.seq_len} lowered to the model's {positions} positions")
+        cfg.seq_len = positions
     tok_path = find_tokenizer(cfg)
     tok = load_tokenizer(tok_path)
     check_same_tokenizer(cfg, tok, model)
@@ -683,9 +671,8 @@ def evaluate(cfg):
     if cfg.data != "none":
         t = time.time()
         val, counts = validation(model, cfg.data, cfg.seq_len, cfg.batch_size, cfg.max_windows, cfg.routing)
-        seq = min(cfg.seq_len, model.config.max_position_embeddings)
-        results["val_setup"] = (f"{cfg.max_windows or 'all'} windows x {seq} tokens per domain" if cfg.max_windows
-                                else f"all windows x {seq} tokens")
+        results["val_setup"] = (f"{cfg.max_windows or 'all'} windows x {cfg.seq_len} tokens per domain"
+                                if cfg.max_windows else f"all windows x {cfg.seq_len} tokens")
         # The mean weighs every domain equally (as the paper's per-domain curves do), not by token count.
         results["val"] = {"domains": val, "mean_loss": float(np.mean([r["loss"] for r in val.values()]))}
         results["wall_s_val"] = round(time.time() - t, 2)

@@ -6,8 +6,14 @@ to a temporary name beside its destination and renamed into place only when comp
 file system is atomic, so a killed process leaves either the old output or the new one, never a mix.
 Temporaries carry the writer's PID (`<dst>.tmp<PID>`), so the next writer can remove those of dead
 processes instead of leaving gigabytes behind.
+
+One rule decides where an output may go, the same for every script and for save_pretrained
+(`check_output_file`, `check_output_dir`): an existing file never becomes a folder; an existing folder is
+replaced only with --overwrite and only if it holds nothing but what that writer writes (a model, a dataset,
+a filter result); and no output is, lies inside, or contains an input.
 """
 import contextlib
+import fnmatch
 import hashlib
 import glob
 import os
@@ -52,6 +58,8 @@ def clean_stale_temporaries(path):
     for cand in glob.glob(glob.escape(path) + ".tmp*") + glob.glob(glob.escape(path) + ".old*"):
         m = _TMP_RE.search(cand)
         if m and cand[:m.start()] == path and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            if ".old" in cand[m.start():] and not os.path.isdir(cand):
+                continue  # a parked file is someone's original, never a leftover of ours: leave it
             if os.path.isdir(cand) and not os.path.islink(cand):
                 shutil.rmtree(cand, ignore_errors=True)
             else:
@@ -96,11 +104,18 @@ def atomic_write(path, data):
 
 
 def replace_dir(tmp, path):
-    """Move a finished folder into place; the old one is removed only once the new one is there."""
+    """Move a finished folder into place; the old one is removed only once the new one is there, and is put
+    back if the new one cannot be moved in."""
     old = f"{path}.old{os.getpid()}"
-    if os.path.exists(path):
+    parked = os.path.exists(path)
+    if parked:
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if parked:
+            os.replace(old, path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -137,3 +152,50 @@ def is_inside(path, folder):
     """True if `path` is `folder` or lies under it (after resolving symlinks): never delete what you read."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _overlap(path, inputs):
+    """The first (flag, input) that `path` is, lies inside, or contains."""
+    for flag, inp in inputs:
+        if inp and os.path.exists(inp) and (is_inside(path, inp) or is_inside(inp, path)):
+            return flag, inp
+    return None
+
+
+def check_output_file(path, flag, inputs=()):
+    """A file output (a report, a .gguf): not a folder, not an input nor inside one, in a writable folder.
+    inputs: (flag, path) pairs. Raises ValueError with the one-line reason (scripts turn it into UserError)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}={path} is a folder: pass a file path, e.g. {os.path.join(path, 'out.json')}")
+    hit = _overlap(path, inputs)
+    if hit:
+        raise ValueError(f"{flag}={path} is or lies inside the input {hit[0]}={hit[1]}, which is never written "
+                         f"to: pick another path")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot create its folder ({e.strerror}): pick another path") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag}={path} is not writable: pick another path or fix the permissions")
+
+
+def check_output_dir(path, flag, kind, holds, overwrite, inputs=()):
+    """A folder output replaced as a whole. `kind` names what it is ("a model"), `holds` the file-name
+    patterns such a folder consists of, inputs (flag, path) pairs. Raises ValueError with the reason."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}={path} is a file, and an existing file is never turned into a folder: pass a "
+                         f"new folder path")
+    hit = _overlap(path, inputs)
+    if hit:
+        raise ValueError(f"{flag}={path} is, lies inside or contains the input {hit[0]}={hit[1]}, which is never "
+                         f"written to or deleted: pick another {flag}")
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if not names:
+        return
+    others = [n for n in sorted(names) if not any(fnmatch.fnmatch(n, p) for p in holds) and not _TMP_RE.search(n)]
+    if others:
+        raise ValueError(f"{flag}={path} holds files that are not {kind} ({', '.join(others[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}); it would be replaced as a whole: pick a new folder")
+    if not overwrite:
+        raise ValueError(f"{flag}={path} exists: pass --overwrite=True to replace it, or pick a new folder")

@@ -25,7 +25,7 @@ Output in --out: kept.jsonl and removed.jsonl (each input record plus "domain", 
 
 Nothing is lost: every input document ends in exactly one of kept.jsonl / removed.jsonl (the report's
 counts add up); a line that is not a JSON document is skipped and listed with file:line; undecodable bytes
-are replaced and counted. A text holding a lone surrogate ("\ud800": valid JSON, not encodable as UTF-8)
+are replaced and counted. A text holding a lone surrogate ("\\ud800": valid JSON, not encodable as UTF-8)
 is scored like any other text and written back with the same escape, so its record leaves unchanged; the
 report counts them. The three outputs are one result, written only after all documents are scored and as
 one folder (fileio.atomic_dir: a killed run leaves the previous --out as it was, never a new kept.jsonl
@@ -46,9 +46,9 @@ from dataclasses import dataclass, asdict
 
 import numpy as np
 
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, load_config, run_cli, setting
 from data.jsonl import SLIMPAJAMA_SETS, decode_counting, read_jsonl, slimpajama_set
-from fileio import atomic_dir
+from fileio import atomic_dir, check_output_dir
 
 
 @dataclass
@@ -58,10 +58,11 @@ class FilterConfig:
     reference: str = ""  # clean text (.txt or .jsonl) for the n-gram model; "" = 2-fold cross-fitting on the input
     ads: bool = True
     fluency: bool = True
-    ad_threshold: float = 0.5  # remove a document whose ad_score is >= this
-    fluency_percentile: float = 15.0  # per domain, remove this % of documents with the highest bits/char
-    order: int = 5  # n-gram order of the character reference model
-    examples: int = 3  # removed examples per domain and filter in the report
+    ad_threshold: float = setting(0.5, ge=0, le=1)  # remove a document whose ad_score is >= this
+    fluency_percentile: float = setting(15.0, ge=0, lt=100)  # per domain, remove this % of documents with the highest bits/char
+    # n-gram order of the character reference model; its tables grow with order x characters, so it is bounded
+    order: int = setting(5, ge=1, le=12)
+    examples: int = setting(3, ge=0)  # removed examples per domain and filter in the report
 
 
 OUTPUTS = ("kept.jsonl", "removed.jsonl", "report.json")  # one result: written together (atomic_dir)
@@ -408,38 +409,22 @@ def input_files(spec):
     return files
 
 
-def check_only_outputs(out):
-    """The result replaces the whole --out folder: refuse one that holds anything else."""
-    others = sorted(set(os.listdir(out)) - set(OUTPUTS)) if os.path.isdir(out) else []
-    if others:
-        raise UserError(f"--out={out} holds other files ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''})"
-                        f": the result replaces the whole folder; choose a new folder, or one holding only a "
-                        f"previous filter.py result")
-
-
 def check_config(config, inputs):
     """Every setting and path is checked before any input is read or output written."""
     if not config.out:
         raise UserError("--out is required: a folder for kept.jsonl, removed.jsonl and report.json")
     if not (config.ads or config.fluency):
         raise UserError("--ads=False and --fluency=False leave nothing to do: enable at least one filter")
-    if not 0.0 <= config.ad_threshold <= 1.0 or not 0.0 <= config.fluency_percentile < 100.0:
-        raise UserError(f"need 0 <= --ad_threshold <= 1 and 0 <= --fluency_percentile < 100, "
-                        f"got {config.ad_threshold} and {config.fluency_percentile}")
-    if config.order < 1:
-        raise UserError(f"--order={config.order}: the n-gram order must be >= 1 (5 = characters in context + 1)")
-    if os.path.exists(config.out) and not os.path.isdir(config.out):
-        raise UserError(f"--out={config.out} is a file, not a folder")
-    check_only_outputs(config.out)
-    parent = os.path.dirname(os.path.realpath(config.out))
-    if os.path.isdir(parent) and not os.access(parent, os.W_OK):
-        raise UserError(f"--out={config.out}: its folder {parent} is not writable (the result is written beside "
-                        f"--out and renamed into place); choose another --out")
-    reads = {os.path.realpath(p) for p in inputs + ([config.reference] if config.reference else [])}
-    for name in OUTPUTS:
-        if os.path.realpath(os.path.join(config.out, name)) in reads:
-            raise UserError(f"--out={config.out} would overwrite the input {os.path.join(config.out, name)}: "
-                            f"inputs are never modified; choose another --out")
+    check_out(config, inputs)
+
+
+def check_out(config, inputs):
+    """fileio's rule: --out is a folder holding at most an earlier filter result, and no input is in it."""
+    reads = [("--input", p) for p in inputs] + ([("--reference", config.reference)] if config.reference else [])
+    try:
+        check_output_dir(config.out, "--out", "a filter result", OUTPUTS, overwrite=True, inputs=reads)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def main(argv=None):
@@ -458,7 +443,7 @@ def main(argv=None):
         write_jsonl(os.path.join(tmp, "removed.jsonl"), removed)
         with open(os.path.join(tmp, "report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, ensure_ascii=True)
-        check_only_outputs(config.out)  # again: something may have been put there while we scored
+        check_out(config, inputs)  # again: something may have been put there while we scored
     print_report(report)
     return report
 

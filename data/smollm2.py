@@ -54,4 +54,15 @@ def fetch(path=DEFAULT):
 
 
 if __name__ == "__main__":
-    print(fetch(sys.argv[1] if len(sys.argv) > 1 else DEFAULT))
+    args = sys.argv[1:]
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nusage: python data/smollm2.py [DESTINATION.gguf]")
+        raise SystemExit(0)
+    try:
+        if len(args) > 1 or (args and (args[0].startswith("-") or not args[0].endswith(".gguf"))):
+            raise SystemExit(f"smollm2.py: error: expected at most one argument, the destination *.gguf file, "
+                             f"got {' '.join(args)}")
+        print(fetch(args[0] if args else DEFAULT))
+    except SystemExit as e:  # our one-line errors: exit code 2, as every script's
+        print(e.code, file=sys.stderr)
+        raise SystemExit(2) from None

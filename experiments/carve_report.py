@@ -6,8 +6,10 @@ verdicts are computed from them, with the tie rule written next to them.
 import json
 import math
 import os
+import sys
 
-from compare import window_stats
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from compare import window_stats  # noqa: E402
 
 BEGIN, END = "<!-- CARVE:BEGIN (experiments/carve_ablations.py writes this section) -->", "<!-- CARVE:END -->"
 

@@ -1,16 +1,27 @@
 """configurator.py: the one --key=value convention every CLI shares, and its refusals."""
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 
-from configurator import UserError, load_config, run_cli
+from configurator import UserError, load_config, run_cli, setting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["train.py", "eval.py", "split.py", "sample.py", "filter.py", "compare.py", "bench.py",
+           "data/prepare.py", "data/smollm2.py", "experiments/ablations.py", "experiments/carve_ablations.py",
+           "experiments/carve_memory.py", "experiments/prune_ffn.py",
+           "experiments/split_table.py"]
 
 
 @dataclass
 class Settings:
-    steps: int = 10
-    lr: float = 1e-3
+    steps: int = setting(10, ge=1)
+    lr: float = setting(1e-3, gt=0)
+    beta: float = setting(0.9, ge=0, lt=1)
+    mode: str = setting("a", choices=("a", "b"))
+    cap: int | None = setting(None, ge=0)
     out: str | None = None
     flag: bool = False
     weights: str | dict = "uniform"
@@ -30,6 +41,12 @@ def test_values_are_typed_and_applied_left_to_right(tmp_path):
     ("--lr=fast", "must be float"),
     ("--stpes=3", "did you mean --steps"),
     ("--out", "needs a value"),               # a bare flag only switches a boolean on
+    ("--steps=0", "--steps=0 must be >= 1"),  # declared ranges, checked after the last override
+    ("--lr=-1", "--lr=-1.0 must be > 0"),
+    ("--beta=1", r"--beta=1.0 must be in \[0, 1\)"),
+    ("--mode=c", "--mode=.c. must be one of 'a', 'b'"),
+    ("--lr=1e999", "must be a finite number"),
+    ("--cap=-1", "--cap=-1 must be >= 0"),
 ])
 def test_bad_settings_are_user_errors(arg, words):
     with pytest.raises(UserError, match=words):
@@ -61,3 +78,30 @@ def test_run_cli_prints_one_line_and_exits_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: data folder 'x' not found" in err
+
+
+def test_ranges_allow_none_and_the_boundaries(tmp_path):
+    cfg = load_config(Settings(), ["--cap=None", "--beta=0", "--steps=1", "--mode=b"])
+    assert (cfg.cap, cfg.beta, cfg.steps, cfg.mode) == (None, 0.0, 1, "b")
+    conf = tmp_path / "c.py"
+    conf.write_text("steps = 0\n")
+    with pytest.raises(UserError, match="steps=0 must be >= 1"):  # a config file is checked like the command line
+        load_config(Settings(), [str(conf)])
+    load_config(Settings(), [str(conf), "--steps=2"])  # ... after the last override, not before
+
+
+@pytest.mark.parametrize("text", ["x = 1\0\n", "x = (\n", "x = undefined_name\n", b"\xff\xfe = 1\n"])
+def test_a_broken_config_file_is_one_line(tmp_path, text):
+    conf = tmp_path / "c.py"
+    conf.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError, match="cannot be run as Python"):
+        load_config(Settings(), [str(conf)])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_prints_its_help(script):
+    """--help: usage text and exit 0, never a traceback (a docstring with a lone surrogate once crashed it)."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and len(run.stdout) > 100

@@ -411,3 +411,7 @@ def test_compare_shows_a_dash_for_a_row_evaluated_without_tasks(tmp_path, capsys
     (tmp_path / "other.json").write_text(json.dumps(dict(rows["with"], tasks={"quiz": task})))
     with pytest.raises(compare.UserError, match="different tasks"):
         compare.main([str(tmp_path / "with.json"), str(tmp_path / "other.json")])
+    garbage = tmp_path / "log.jsonl"
+    garbage.write_text('not json\n{"kind": "eval", "step": 3}\n[1, 2]\n')
+    with pytest.raises(compare.UserError, match="holds no train.py training record"):  # used to report 0 tokens
+        compare.main([str(tmp_path / "with.json"), f"--train_logs={garbage}"])

@@ -121,7 +121,25 @@ def test_out_is_written_atomically(setup, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad, match", [("--ckpt=/no/such/ckpt", "--ckpt="), ("--start_token=bso", "--start_token="),
-                                        ("--dtype=fp8", "--dtype="), ("--batch_size=0", "--batch_size=")])
+                                        ("--dtype=fp8", "--dtype="), ("--batch_size=0", "--batch_size="),
+                                        ("--temperature=-1", "--temperature=-1.0 must be >= 0"),
+                                        ("--top_k=0", "--top_k=0 must be >= 1")])
 def test_bad_settings(setup, bad, match):
     with pytest.raises(ev.UserError, match=match):
         ev.main(args(setup, bad))
+
+
+@pytest.mark.parametrize("where", ["ckpt/config.json", "data/meta.json"])
+def test_out_inside_an_input_is_refused(setup, where):
+    """Used to write the report over the checkpoint's config (the model no longer loaded) or the data's meta."""
+    target = setup["root"] / where
+    before = target.read_bytes()
+    with pytest.raises(ev.UserError, match="input --(ckpt|data)="):
+        ev.main(args(setup, f"--out={target}"))
+    assert target.read_bytes() == before
+
+
+def test_a_seq_len_beyond_the_model_is_lowered_with_a_note(setup, capsys):
+    r = ev.main(args(setup, "--seq_len=1000", "--tasks=none"))
+    assert "--seq_len=1000 lowered to the model's 64 positions" in capsys.readouterr().out
+    assert "x 64 tokens" in r["val_setup"]

@@ -287,6 +287,23 @@ def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
     assert "wrote" in out and "peak memory (RSS)" in out
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p.write_text("my notes"), "is a file"),                              # README.md, say
+    (lambda p: (p.mkdir(), (p / "thesis.tex").write_text("mine")), "not a model"),  # a folder of the user's
+])
+def test_dst_that_is_not_a_model_is_never_replaced(tmp_path, make, match):
+    src, dst = str(tmp_path / "dense"), tmp_path / "dst"
+    tiny_dense(4).save_pretrained(src)
+    make(dst)
+    before = sorted(os.walk(dst)) if dst.is_dir() else dst.read_text()
+    with pytest.raises(UserError, match=match):
+        main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=1", "--overwrite"])
+    assert (sorted(os.walk(dst)) if dst.is_dir() else dst.read_text()) == before
+    with pytest.raises(ValueError, match=match):  # the same rule in the API
+        tiny_dense(4).save_pretrained(str(dst))
+    assert not [n for n in os.listdir(tmp_path) if ".old" in n or ".tmp" in n]
+
+
 @pytest.mark.parametrize("args,match", [
     (["--num_experts=5"], r"not divisible.*\[2, 3, 4, 6, 8"),     # 96 % 5 != 0, says what works
     (["--num_experts=4", "--top_k=5"], "top_k=5"),
@@ -365,4 +382,25 @@ def test_split_holds_about_one_model_in_memory(tmp_path):
         assert r.returncode == 0, r.stderr
         peak[what] = float(r.stdout.split()[-1])
     extra = (peak["split"] - peak["baseline"]) * 2**30 / size
-    assert 0.9 < extra < 1.3, f"the split held {extra:.2f}x the model's size ({peak})"
+    # Measured 1.24-1.26x here (4 runs); holding the file map and the experts at once is ~1.7x. The bound sits
+    # between the two, not at the edge of the measured values (1.3 failed by chance once).
+    assert 0.9 < extra < 1.45, f"the split held {extra:.2f}x the model's size ({peak})"
+
+
+def test_importance_memory_does_not_grow_with_the_sample_batches():
+    """The Taylor-importance pass (sharing methods) holds the model plus ONE batch's graph, however many batches
+    it scores: a hook that kept each batch's activation alive once grew it by a graph per batch. In a fresh
+    process the peak (VmHWM) after scoring 2 batches must not rise when 8 batches of the same shape follow
+    (each batch saves ~60 MB of activations here, so a leak of even two of them shows)."""
+    code = ("import torch, split; from model import ModelConfig, Transformer\n"
+            "torch.manual_seed(0)\n"
+            "m = Transformer(ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024,\n"
+            "                            num_hidden_layers=4, num_attention_heads=4))\n"
+            "batches = lambda n: [[torch.randint(0, 1024, (2, 257)) for _ in range(n)] for _ in range(2)]\n"
+            "split.taylor_importance(m, batches(1)); first = split.peak_rss_gib()\n"
+            "split.taylor_importance(m, batches(4)); print(first, split.peak_rss_gib())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, LLAMA_MOE_KERNELS="reference"))
+    assert r.returncode == 0, r.stderr
+    first, after = map(float, r.stdout.split()[-2:])
+    assert after - first < 0.1, f"8 batches raised the peak from {first:.2f} to {after:.2f} GiB"

@@ -206,34 +206,6 @@ def test_bias_balancing_resumes_bit_identically(data, tmp_path):
     assert len(rec["experts_in_use"]) == 2 and all(1 <= n <= 4 for n in rec["experts_in_use"])
 
 
-def test_a_run_saved_with_separate_gate_and_up_resumes_bit_identically(single, data, tmp_path):
-    """Checkpoints written before the experts stored gate and up as one gate_up_proj hold experts.gate_proj and
-    experts.up_proj apart, in the model and in optimizer.pt: resuming one continues exactly."""
-    from safetensors.torch import load_file, save_file
-    out = str(tmp_path / "old")
-    args = TINY + DYNAMIC + [f"--data_dir={data}", f"--out_dir={out}"]
-    train.main(args + ["--max_steps=2", f"--lr_decay_steps={STEPS}"])
-    ckpt = train_state.latest_checkpoint(out)
-    weights = os.path.join(ckpt, "model", "model.safetensors")
-    tensors, optim = load_file(weights), torch.load(os.path.join(ckpt, "optimizer.pt"))
-    for name in [n for n in tensors if n.endswith("experts.gate_up_proj")]:  # back to the old layout
-        old = name[:-len("gate_up_proj")]
-        for half, value in zip(("gate_proj", "up_proj"), tensors.pop(name).chunk(2, dim=1)):
-            tensors[old + half] = value.contiguous()
-        state = optim["state"].pop(name)
-        halves = {k: v.chunk(2, dim=1) if v.dim() == 3 else (v, v.clone()) for k, v in state.items()}
-        optim["state"][old + "gate_proj"] = {k: h[0].contiguous() for k, h in halves.items()}
-        optim["state"][old + "up_proj"] = {k: h[1].contiguous() for k, h in halves.items()}
-        for group in optim["param_groups"]:
-            if name in group["params"]:
-                i = group["params"].index(name)
-                group["params"][i:i + 1] = [old + "gate_proj", old + "up_proj"]
-    save_file(tensors, weights, metadata={"format": "pt"})
-    torch.save(optim, os.path.join(ckpt, "optimizer.pt"))
-    assert train.main(args + ["--resume", f"--max_steps={STEPS}"])["step"] == STEPS
-    assert losses(out) == losses(single)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Two processes (torchrun, gloo): same global batch -> same losses; exact resumption under FSDP2
 

@@ -86,6 +86,24 @@ def test_overwrite_refuses_to_delete_its_own_input(old_run, data, inside):
     assert snapshot(old_run) == before
 
 
+def test_overwrite_that_cannot_move_the_old_run_leaves_it_whole(old_run, earlier_run, data, monkeypatch):
+    """One file of the old run cannot be moved aside (a permission problem): nothing of it is lost."""
+    before = snapshot(old_run)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the second of the old run's files
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+    monkeypatch.setattr(train_state.os, "replace", replace)
+    with pytest.raises(UserError, match="could not move .* aside .*left whole"):
+        train.main(DENSE + QUICK + [f"--init_from={earlier_run}/final", f"--data_dir={data}",
+                                    f"--out_dir={old_run}", "--overwrite=True"])
+    monkeypatch.undo()
+    assert snapshot(old_run) == before
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tokenizer's identity: recorded from the data into every checkpoint, a mismatch refused
 
@@ -119,10 +137,15 @@ def test_tokenizer_fingerprint_is_recorded_and_a_mismatch_refused(data, tmp_path
 # Values that cannot work
 
 @pytest.mark.parametrize("arg, message", [
-    ("--grad_clip=-1", "grad_clip must be >= 0"),
+    ("--grad_clip=-1", "grad_clip=-1.0 must be >= 0"),
     ("--max_steps=2.5", "max_steps.*must be int"),
-    ("--eval_windows=0", "eval_windows=0"),
-    ("--warmup_steps=-1", "warmup_steps must be >= 0"),
+    ("--eval_windows=0", "eval_windows=0 must be >= 1"),
+    ("--weight_decay=-1", "weight_decay=-1.0 must be >= 0"),
+    ("--hidden_size=0", "hidden_size=0 must be >= 1"),
+    ("--learning_rate=-1", "learning_rate=-1.0 must be > 0"),
+    ("--beta2=1.5", r"beta2=1.5 must be in \[0, 1\)"),
+    ("--bias_rate=1e999", "bias_rate=inf must be a finite number"),
+    ("--warmup_steps=-1", "warmup_steps=-1 must be >= 0"),
     ("--dynamic_weights=True", "eval_interval=0 never evaluates"),
 ])
 def test_values_that_cannot_work_are_refused(data, tmp_path, arg, message):
@@ -205,6 +228,42 @@ def test_a_second_run_into_the_same_out_dir_is_refused(data, tmp_path):
     # the holder is dead now: its stale lock is taken over, and released at the end
     result = train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={out}"])
     assert result["step"] == 2 and not os.path.exists(out / "train.lock")
+
+
+@pytest.mark.parametrize("content", ["", "garbage\n"])
+def test_an_empty_or_unreadable_lock_is_stale(data, tmp_path, content):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "train.lock").write_text(content)  # e.g. left by a disk that filled while the lock was written
+    assert train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={out}"])["step"] == 2
+    assert not os.path.exists(out / "train.lock")
+
+
+def test_out_dir_that_is_a_file_is_refused(data, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is a file"):
+        train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={tmp_path / 'notes.txt'}"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_resumable(data, tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError ("... unexpected pos ..."): one line, no temporary left,
+    the lock released, and --resume continues from the last complete checkpoint once there is space."""
+    out = tmp_path / "run"
+    real = torch.save
+
+    def save(obj, path, *a, **kw):
+        if "ckpt_0000002" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4032")
+        return real(obj, path, *a, **kw)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(UserError, match="writing checkpoint .*ckpt_0000002 failed .*disk full"):
+        train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={out}", "--checkpoint_interval=1"])
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["ckpt_0000001", "log.jsonl"]  # no temporary, no lock
+    result = train.main(DENSE + QUICK + [f"--data_dir={data}", f"--out_dir={out}", "--resume",
+                                         "--checkpoint_interval=1"])
+    assert result["step"] == 2
 
 
 def test_resumed_log_has_each_step_once(data, tmp_path):
