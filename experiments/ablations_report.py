@@ -26,7 +26,7 @@ from configurator import UserError, run_cli  # noqa: E402
 from experiments.ablations import (CPT_METHODS, METHODS, SHEARED_LIKE, P, active_width, git_commit,  # noqa: E402
                                    mean_step_time, reference_losses, run_name, seeds, settings, shape,
                                    shape_name, train_log, variants)
-from fileio import atomic_file, atomic_write  # noqa: E402
+from fileio import atomic_file, atomic_write, check_output_file  # noqa: E402
 from gate import routing_evenness  # noqa: E402
 
 BEGIN = "<!-- ABLATIONS:BEGIN (experiments/ablations_report.py writes this section) -->"
@@ -699,10 +699,10 @@ def check_paths(cfg):
     if not any("done.json" in files for _, _, files in os.walk(cfg.out)):
         raise UserError(f"--out={cfg.out} holds no finished stage (no done.json): run experiments/ablations.py "
                         f"first, or name the --out it wrote")
-    if os.path.isdir(cfg.results):
-        raise UserError(f"--results={cfg.results} is a folder: name the markdown file to write, e.g. RESULTS.md")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(cfg.results))):
-        raise UserError(f"--results={cfg.results}: its folder does not exist; create it or name another file")
+    try:
+        check_output_file(cfg.results, "--results", [("--out", cfg.out)])
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def replace_section(text, section, path):
