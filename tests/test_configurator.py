@@ -10,8 +10,8 @@ from configurator import UserError, load_config, run_cli, setting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["train.py", "eval.py", "split.py", "sample.py", "filter.py", "compare.py", "bench.py",
-           "data/prepare.py", "data/smollm2.py", "experiments/ablations.py", "experiments/carve_ablations.py",
-           "experiments/carve_memory.py", "experiments/prune_ffn.py",
+           "data/prepare.py", "data/smollm2.py", "experiments/ablations.py", "experiments/ablations_report.py",
+           "experiments/carve_ablations.py", "experiments/carve_memory.py", "experiments/prune_ffn.py",
            "experiments/split_table.py"]
 
 
