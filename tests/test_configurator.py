@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["train.py", "eval.py", "split.py", "sample.py", "filter.py", "compare.py", "bench.py",
            "data/prepare.py", "data/smollm2.py", "experiments/ablations.py", "experiments/ablations_report.py",
            "experiments/carve_ablations.py", "experiments/carve_memory.py", "experiments/prune_ffn.py",
-           "experiments/split_table.py"]
+           "experiments/split_table.py", "experiments/lm_eval_speed.py", "experiments/llamacpp_decode.py"]
 
 
 @dataclass
