@@ -25,13 +25,12 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from configurator import UserError, load_config, run_cli
-from fileio import atomic_write
+from configurator import UserError, load_config, need, run_cli, setting
+from fileio import atomic_write, check_output_file
 import checkpoint
 from gate import TopKGate
 from model import ModelConfig, Transformer
@@ -41,25 +40,25 @@ from moe_kernels import backend_name, expert_path, grouped_swiglu, permute, unpe
 
 @dataclass
 class BenchConfig:
-    what: str = "kernels"       # kernels: the MoE layer's kernels; decode: batch-1 generation, dense vs MoE
-    tokens: int = 4096          # T
-    dim: int = 512              # d
-    experts: int = 16           # E
-    top_k: int = 4              # k
-    expert_width: int = 86      # d_e: a dense intermediate of 1376 split 16 ways; active width k*d_e = 344
-    repeats: int = 15           # timed rounds (median reported)
-    warmup: int = 3             # untimed rounds first (builds, allocator, caches)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "auto"         # auto: float32 on CPU, bfloat16 on CUDA
-    threads: int = 0            # CPU threads for this run; 0 = torch's default (all cores)
+    what: str = setting("kernels", choices=("kernels", "decode"))  # kernels: the MoE layer's kernels; decode: batch-1 generation, dense vs MoE
+    tokens: int = setting(4096, ge=1)         # T
+    dim: int = setting(512, ge=1)             # d
+    experts: int = setting(16, ge=1)          # E
+    top_k: int = setting(4, ge=1)             # k <= E
+    expert_width: int = setting(86, ge=1)     # d_e: a dense intermediate of 1376 split 16 ways; active width k*d_e = 344
+    repeats: int = setting(15, ge=1)          # timed rounds (median reported)
+    warmup: int = setting(3, ge=0)            # untimed rounds first (builds, allocator, caches)
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))  # auto: float32 on CPU, bfloat16 on CUDA
+    threads: int = setting(0, ge=0)           # CPU threads for this run; 0 = torch's default (all cores)
     seed: int = 0
     json: str = ""              # also write the figures to this file
     # --what=decode
     parent: str = "data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"  # dense parent; "none" or absent: skipped
-    prompt_tokens: int = 32     # prefill length
-    new_tokens: int = 64        # decode steps per generation
-    decode_repeats: int = 5     # timed generations per model (median reported)
-    stack_layers: int = 2       # LLaMA-2-7B-shaped layers (0: no such stack); fp32: ~1.6 GB per layer pair
+    prompt_tokens: int = setting(32, ge=1)    # prefill length
+    new_tokens: int = setting(64, ge=1)       # decode steps per generation
+    decode_repeats: int = setting(5, ge=1)    # timed generations per model (median reported)
+    stack_layers: int = setting(2, ge=0)      # LLaMA-2-7B-shaped layers (0: no such stack); fp32: ~1.6 GB per layer pair
     compile: bool = True        # also decode the MoEs with torch.compile'd chosen-expert products
 
 
@@ -67,31 +66,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_config(cfg: BenchConfig):
-    """What the kernels and the timing loop assume, as user errors (one line, exit code 2)."""
-    for key, low in (("tokens", 1), ("dim", 1), ("experts", 1), ("expert_width", 1), ("repeats", 1),
-                     ("warmup", 0), ("threads", 0)):
-        if getattr(cfg, key) < low:
-            raise UserError(f"--{key}={getattr(cfg, key)} must be >= {low}")
-    if not 1 <= cfg.top_k <= cfg.experts:
-        raise UserError(f"--top_k={cfg.top_k} must be in 1..experts ({cfg.experts}): each token picks k of the "
-                        f"E experts")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype={cfg.dtype!r} must be auto or one of {', '.join(DTYPES)}")
+    """What relates the settings to each other and to this machine (each one's range is declared above)."""
+    need(cfg.top_k <= cfg.experts, f"--top_k={cfg.top_k} must be <= experts ({cfg.experts}): each token picks k "
+         f"of the E experts")
+    need(cfg.device == "cpu" or torch.cuda.is_available(), f"--device={cfg.device} is not available here; use "
+         f"--device=cpu")
     try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise UserError(f"--device={cfg.device!r} is not a device; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device={cfg.device} is not available here; use --device=cpu")
-    if cfg.what not in ("kernels", "decode"):
-        raise UserError(f"--what={cfg.what!r} must be kernels or decode")
-    for key in ("prompt_tokens", "new_tokens", "decode_repeats"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.stack_layers < 0:
-        raise UserError(f"--stack_layers={cfg.stack_layers} must be >= 0")
-    if cfg.json and Path(cfg.json).is_dir():
-        raise UserError(f"--json={cfg.json} is a folder; give a file name such as bench.json")
+        check_output_file(cfg.json, "--json") if cfg.json else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
