@@ -322,7 +322,7 @@ def set_aside(out_dir, paths):
     deleting anything), then delete that folder. A rename that fails puts the others back and leaves the old
     run whole -> None, or the UserError to raise. Whatever cannot be deleted stays in the temporary folder,
     which the next run removes as a dead process's leftover."""
-    trash, moved = os.path.join(out_dir, f"replaced.tmp{os.getpid()}"), []
+    trash, moved, path = os.path.join(out_dir, f"replaced.tmp{os.getpid()}"), [], out_dir
     try:
         os.makedirs(trash, exist_ok=True)
         for path in paths:
