@@ -36,10 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 from configurator import UserError, load_config, run_cli
 from gate import routing_evenness
 from fileio import atomic_file, atomic_write
-from model import Transformer, MoEFeedForward
+from model import MoEFeedForward
 from sample import load_meta, eval_windows
 from tokenizer import Tokenizer
 
@@ -134,7 +135,7 @@ def load_model(cfg):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         # from_pretrained reads config.json's model_type (llama, mixtral, llama_moe, ours) or a .gguf file.
-        model = Transformer.from_pretrained(cfg.ckpt, dtype=DTYPES[cfg.dtype], device=device)
+        model = checkpoint.load_pretrained(cfg.ckpt, dtype=DTYPES[cfg.dtype], device=device)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--ckpt={cfg.ckpt}: {e}") from None
     return model.eval()

@@ -34,10 +34,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 from configurator import UserError
 from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside, pid_alive, replace_dir
 from checkpoint import config_from_hf
+from gguf_file import model_arch as gguf_arch
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
@@ -380,7 +383,7 @@ def save_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state):
     torch.save({"streams": {s.rank: s.state_dict() for s in streams}, "rng": rng_states()},
                os.path.join(tmp, f"rank{d.rank}.pt"))
     if d.master:
-        full.save_pretrained(os.path.join(tmp, "model"))
+        checkpoint.save_pretrained(full, os.path.join(tmp, "model"), tokenizer=data_tokenizer(cfg))
         pause = pause_for_tests(step)
         if pause:
             open(os.path.join(tmp, "PAUSED"), "w").close()
@@ -406,25 +409,6 @@ def load_file(path, **kw):
                         f"its folder to resume from the one before") from None
 
 
-def upgrade_optimizer_state(optim):
-    """Optimizer states saved before the experts stored gate and up as one gate_up_proj (E, 2 d_e, d) hold
-    experts.gate_proj and experts.up_proj (E, d_e, d) apart: join them the way the weights were joined.
-    Per-element AdamW state concatenates exactly; the step count is the same for both."""
-    state, renamed = optim.get("state", {}), {}
-    for gate_name in [n for n in state if n.endswith(".mlp.experts.gate_proj")]:
-        up_name = gate_name[:-len("gate_proj")] + "up_proj"
-        if up_name not in state:
-            continue
-        gate, up = state.pop(gate_name), state.pop(up_name)
-        new = gate_name[:-len("gate_proj")] + "gate_up_proj"
-        state[new] = {k: torch.cat([v, up[k]], dim=1) if torch.is_tensor(v) and v.dim() == 3 else v
-                      for k, v in gate.items()}
-        renamed[gate_name], renamed[up_name] = new, None
-    for group in optim.get("param_groups", []) if renamed else []:
-        group["params"] = [renamed.get(n, n) for n in group["params"] if renamed.get(n, n) is not None]
-    return optim
-
-
 def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     """Optimizer, sampler streams and RNG states from a checkpoint (the model was built from ckpt/model)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -433,7 +417,7 @@ def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     optim, error = {}, None
     if d.master or not fsdp:
         try:
-            optim = upgrade_optimizer_state(load_file(os.path.join(ckpt, "optimizer.pt")))
+            optim = load_file(os.path.join(ckpt, "optimizer.pt"))
         except UserError as e:
             error = e
     if not agree(error is None, d):  # every rank stops, not only the one that read the file
@@ -491,18 +475,42 @@ def check_finite(cfg, step, loss, norm):
                    f"or check the data")
 
 
+_TOKENIZERS = {}
+
+
+def data_tokenizer(cfg):
+    """The tokenizer the data was prepared with (data/prepare.py writes it beside the shards), read once: every
+    folder a run writes (checkpoints, final/) carries it. None, said once, when the data folder has none."""
+    if cfg.data_dir not in _TOKENIZERS:
+        try:
+            _TOKENIZERS[cfg.data_dir] = Tokenizer(cfg.data_dir)
+        except (OSError, ValueError) as err:
+            _TOKENIZERS[cfg.data_dir] = None
+            print(f"[export] no tokenizer in --data_dir={cfg.data_dir} ({err}): model folders hold no tokenizer",
+                  flush=True)
+    return _TOKENIZERS[cfg.data_dir]
+
+
 def export(cfg, d, model, raw):
-    """The trained model for other tools: out_dir/final in Hugging Face format (dense -> llama, MoE -> our
-    native format), and out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md section 3)."""
+    """The trained model for other tools, each with the data's tokenizer: out_dir/final in Hugging Face format
+    (dense -> llama, MoE -> our native format), out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md
+    section 3), and out_dir/final.gguf for llama.cpp when one of its graphs computes the model (gguf_file.py)."""
     full = gather_model(model, raw, d)
     if not d.master:
         return
+    tok = data_tokenizer(cfg)
     final = os.path.join(cfg.out_dir, "final")
-    full.save_pretrained(final)
+    checkpoint.save_pretrained(full, final, tokenizer=tok)
     print(f"[export] {final} ({'native MoE' if full.config.is_moe else 'llama'} format)", flush=True)
     if full.config.is_moe:
         try:
-            full.save_pretrained(os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral")
+            checkpoint.save_pretrained(full, os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral", tokenizer=tok)
             print(f"[export] {cfg.out_dir}/final_mixtral (Mixtral format, rescale factor folded into w2)", flush=True)
         except ValueError as err:  # e.g. an MLP gate or a shared block: checkpoint.export_config says which
             print(f"[export] Mixtral format skipped: {err}", flush=True)
+    try:
+        path = checkpoint.save_pretrained(full, os.path.join(cfg.out_dir, "final.gguf"), format="gguf", tokenizer=tok,
+                                          overwrite=True)
+        print(f"[export] {path} (GGUF for llama.cpp, {gguf_arch(full)[0]} architecture)", flush=True)
+    except ValueError as err:  # routing no llama.cpp graph has, or no tokenizer: said, not written
+        print(f"[export] GGUF skipped: {err}", flush=True)

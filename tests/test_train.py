@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import train
+import checkpoint
 import train_state
 from configurator import UserError
 from model import Transformer
@@ -170,8 +171,8 @@ def test_single_run_learns_and_exports(single):
     assert evals[-1]["weights"] != evals[0]["weights"]  # dynamic weights moved
     ckpt = train_state.latest_checkpoint(single)
     assert ckpt.endswith("ckpt_0000005") and not any(n.endswith(".tmp") for n in os.listdir(single))
-    final = Transformer.from_pretrained(os.path.join(single, "final"))
-    saved = Transformer.from_pretrained(os.path.join(ckpt, "model"))
+    final = checkpoint.load_pretrained(os.path.join(single, "final"))
+    saved = checkpoint.load_pretrained(os.path.join(ckpt, "model"))
     for (n, a), (_, b) in zip(final.state_dict().items(), saved.state_dict().items()):
         assert torch.equal(a, b), n
     with open(os.path.join(single, "final_mixtral", "config.json")) as f:
@@ -197,41 +198,13 @@ def test_bias_balancing_resumes_bit_identically(data, tmp_path):
     train.main(args + [f"--out_dir={resumed}", "--max_steps=2", f"--lr_decay_steps={STEPS}"])
     train.main(args + [f"--out_dir={resumed}", "--resume", f"--max_steps={STEPS}"])
     assert losses(resumed) == losses(straight)
-    a, b = (Transformer.from_pretrained(os.path.join(train_state.latest_checkpoint(o), "model"))
+    a, b = (checkpoint.load_pretrained(os.path.join(train_state.latest_checkpoint(o), "model"))
             for o in (straight, resumed))
     biases = [m.gate.expert_bias for m in a.moe_layers()]
     assert any(bool(x.any()) for x in biases)                     # it moved (by multiples of the rate)
     assert all(torch.equal(x, m.gate.expert_bias) for x, m in zip(biases, b.moe_layers()))
     rec = records(straight)[-1]
     assert len(rec["experts_in_use"]) == 2 and all(1 <= n <= 4 for n in rec["experts_in_use"])
-
-
-def test_a_run_saved_with_separate_gate_and_up_resumes_bit_identically(single, data, tmp_path):
-    """Checkpoints written before the experts stored gate and up as one gate_up_proj hold experts.gate_proj and
-    experts.up_proj apart, in the model and in optimizer.pt: resuming one continues exactly."""
-    from safetensors.torch import load_file, save_file
-    out = str(tmp_path / "old")
-    args = TINY + DYNAMIC + [f"--data_dir={data}", f"--out_dir={out}"]
-    train.main(args + ["--max_steps=2", f"--lr_decay_steps={STEPS}"])
-    ckpt = train_state.latest_checkpoint(out)
-    weights = os.path.join(ckpt, "model", "model.safetensors")
-    tensors, optim = load_file(weights), torch.load(os.path.join(ckpt, "optimizer.pt"))
-    for name in [n for n in tensors if n.endswith("experts.gate_up_proj")]:  # back to the old layout
-        old = name[:-len("gate_up_proj")]
-        for half, value in zip(("gate_proj", "up_proj"), tensors.pop(name).chunk(2, dim=1)):
-            tensors[old + half] = value.contiguous()
-        state = optim["state"].pop(name)
-        halves = {k: v.chunk(2, dim=1) if v.dim() == 3 else (v, v.clone()) for k, v in state.items()}
-        optim["state"][old + "gate_proj"] = {k: h[0].contiguous() for k, h in halves.items()}
-        optim["state"][old + "up_proj"] = {k: h[1].contiguous() for k, h in halves.items()}
-        for group in optim["param_groups"]:
-            if name in group["params"]:
-                i = group["params"].index(name)
-                group["params"][i:i + 1] = [old + "gate_proj", old + "up_proj"]
-    save_file(tensors, weights, metadata={"format": "pt"})
-    torch.save(optim, os.path.join(ckpt, "optimizer.pt"))
-    assert train.main(args + ["--resume", f"--max_steps={STEPS}"])["step"] == STEPS
-    assert losses(out) == losses(single)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,7 +272,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_pat
     killed = losses(out)
     assert train_state.latest_checkpoint(out) == os.path.join(out, "ckpt_0000001")
     ckpt = train_state.latest_checkpoint(out)
-    Transformer.from_pretrained(os.path.join(ckpt, "model"))  # the previous checkpoint loads
+    checkpoint.load_pretrained(os.path.join(ckpt, "model"))  # the previous checkpoint loads
     with open(os.path.join(ckpt, "state.json")) as f:
         assert json.load(f)["step"] == 1
     # ... and continues exactly: step 2 again gives the loss the killed run logged before it died.
