@@ -570,6 +570,9 @@ def tokenizer_metadata(tok, vocab_size):
         if tok._tt is not None and tok._bpe is None:  # tiktoken: the file itself rides along (same fingerprint)
             data = tok._model_file if tok._model_file is not None else open(tok.path, "rb").read()
             meta[MODEL_FILE_KEY] = base64.b64encode(data).decode()
+        if not bpe["merges"]:
+            raise ValueError(f"cannot write a GGUF tokenizer: {tok.path} has no merges, and a GGUF cannot hold the "
+                             f"empty tokenizer.ggml.merges list llama.cpp requires")
         if any(" " in a for a, _ in bpe["merges"]):
             raise ValueError(f"cannot write a GGUF tokenizer: {tok.path} has a merge whose left part holds a "
                              f"space, which llama.cpp's 'left right' merges cannot carry")

@@ -217,6 +217,8 @@ def test_refusals_write_nothing(tmp_path, smollm_tok, bpe_tok, sp_tok):
     odd = Tokenizer(smollm_tok.path)
     odd._bpe = dict(odd._bpe, pattern=r"\w+|\s+")  # a split regex llama.cpp has no name for
     refused(tiny(smollm_tok), "regex llama.cpp has no name", tok=odd)
+    odd._bpe = dict(smollm_tok._bpe, merges=[])
+    refused(tiny(smollm_tok), "has no merges, and a GGUF cannot hold", tok=odd)
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(ValueError, match="is a folder: a GGUF is one file"):
         checkpoint.save_pretrained(tiny(smollm_tok), tmp_path / "dir.gguf", format="gguf", tokenizer=smollm_tok)
@@ -267,3 +269,39 @@ def test_split_writes_a_gguf_llama_cpp_runs(tmp_path, smollm_tok):
     assert not (tmp_path / "carved.gguf").exists() and not (tmp_path / "mlp.gguf").exists()
     split.main([f"--src={src}", f"--dst={tmp_path / 'folder'}", "--num_experts=4", "--top_k=2"])
     assert Tokenizer(tmp_path / "folder").fingerprint == smollm_tok.fingerprint  # folders carry it too
+
+
+# --- train.py's export -------------------------------------------------------------------------------------
+
+def test_train_exports_carry_the_data_tokenizer(tmp_path):
+    """A run on shards whose folder holds a 64-id byte-level tokenizer: final/, final_mixtral/ and final.gguf
+    all carry it (transformers reads the folders), and final.gguf gives final/'s logits."""
+    import train
+    from test_train import TINY, make_shards
+    data = make_shards(tmp_path / "shards")
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    vocab = {c: i + 3 for i, c in enumerate(chars + list("12345678") + ["ab"])}           # ids 3..63
+    specials = ["<|endoftext|>", "<s>", "</s>"]
+    spec = {"version": "1.0", "added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(specials)],
+            "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "post_processor": None, "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": {**vocab, **{t: i for i, t in enumerate(specials)}}, "merges": ["a b"]}}
+    (tmp_path / "shards" / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "shards" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer(tmp_path / "shards")
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    meta.update(tokenizer="tokenizer.json", tokenizer_sha256=tok.fingerprint)
+    (tmp_path / "shards" / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "--export=False"] + [f"--data_dir={data}", f"--out_dir={out}", "--max_steps=1",
+                                                          "--export=True"]
+    train.main(args)
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    for folder in ("final", "final_mixtral", "final.gguf", "ckpt_0000001/model"):
+        assert Tokenizer(out / folder).fingerprint == tok.fingerprint, folder
+        if not folder.endswith(".gguf"):
+            assert AutoTokenizer.from_pretrained(str(out / folder))("abc XYZ 1234")["input_ids"] == tok.encode("abc XYZ 1234")
+    final, gg = checkpoint.load_pretrained(out / "final"), checkpoint.load_pretrained(out / "final.gguf")
+    ids = torch.tensor([tok.encode("abc def ghi")])
+    with torch.no_grad():
+        torch.testing.assert_close(gg(ids)[0], final(ids)[0], rtol=0, atol=2e-5)
