@@ -1,8 +1,8 @@
 """
 Chapter 2: checkpoint I/O - every format a model is read from or written to.
 
-The model chapter (model.py) knows nothing of files; `Transformer.from_pretrained` / `save_pretrained` call
-`load_pretrained` / `save_pretrained` here. Every folder format is config.json + model.safetensors (or shards
+The model chapter (model.py) knows nothing of files: `load_pretrained(path)` / `save_pretrained(model, path)`
+here read and write every format. Every folder format is config.json + model.safetensors (or shards
 of at most 5 GiB + model.safetensors.index.json, as transformers writes them):
 
     "llama"      Hugging Face LlamaForCausalLM (dense models). Tensor names equal ours.
@@ -10,15 +10,18 @@ of at most 5 GiB + model.safetensors.index.json, as transformers writes them):
     "mixtral"    Hugging Face MixtralForCausalLM (linear gate, no shared block; scale folded into w2).
     "llama_moe"  the paper's released format (model_type llama_moe), one tensor per expert.
 
-and one single-file format, read only:
+and one single-file format, llama.cpp's:
 
-    .gguf        llama.cpp's file of general.architecture "llama", quantized or not (section 3).
+    "gguf"       one .gguf file, quantized or not, the tokenizer inside (gguf_file.py reads and writes it).
+
+Every folder written carries the model's tokenizer (tokenizer.json + tokenizer_config.json, and tokenizer.model
+for sentencepiece / tiktoken models; hf_tokenizer.py) and generation_config.json, so that transformers'
+AutoTokenizer / AutoModelForCausalLM and llama.cpp's convert_hf_to_gguf.py take the folder as it is.
 
 Read top to bottom:
   1. Configs       - config.json of each format -> ModelConfig.
   2. Reading       - stream tensors one at a time onto a model built on the meta device (peak ~1 model).
-  3. GGUF          - metadata -> ModelConfig, dequantize tensor by tensor, undo llama.cpp's q/k row order.
-  4. Writing       - name tensors for the target format, shard, write atomically (fileio.atomic_dir).
+  3. Writing       - name tensors for the target format, shard, write atomically (fileio.atomic_dir).
 
 Every error names the file (and tensor), says what is wrong and what to do.
 """
@@ -26,12 +29,13 @@ import json
 import os
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from fileio import atomic_dir, check_output_dir
+from fileio import atomic_dir, atomic_write, check_output_dir
+from gguf_file import is_gguf, read_gguf, save_gguf
 from model import ModelConfig, Transformer, rope_inv_freq
+from tokenizer import Tokenizer
 
 NATIVE_MODEL_TYPE = "llama_moe_stacked"
 LLAMA_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -152,7 +156,7 @@ def open_checkpoint(path, own_memory=False):
             raise ValueError(f"{path}: a single file is read only if it is GGUF; for Hugging Face / our "
                              f"checkpoints pass the folder holding config.json")
         config, tensors = read_gguf(path)
-        return config, "llama", tensors
+        return config, "gguf", tensors
     if os.path.isdir(path):
         raw = read_config_json(path)
         config = config_from_hf(raw, os.path.join(path, "config.json"))
@@ -230,6 +234,7 @@ def fill_model(config, mtype, tensors, path, dtype=None, device=None):
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config).to(device)
+    model.source = os.fspath(path)  # where save_pretrained looks for the tokenizer when none is given
     return model.eval()
 
 
@@ -302,8 +307,8 @@ def from_hf_names(name, mtype):
             if which not in ("gate", "up", "down") or not j.isdigit():
                 return name, None, None  # not a tensor of this model: fill_model says so, naming it
             expert = int(j)
-    elif mtype == NATIVE_MODEL_TYPE and name.endswith((".mlp.experts.gate_proj", ".mlp.experts.up_proj")):
-        # written before gate and up were stored as one tensor: still read
+    elif mtype == "gguf" and name.endswith((".mlp.experts.gate_proj", ".mlp.experts.up_proj")):
+        # gguf_file names llama.cpp's ffn_gate_exps / ffn_up_exps so: the two halves of our gate_up_proj
         head, rest = name.split(".mlp.experts.")
         which = rest[:-len("_proj")]
     if which is None:
@@ -347,199 +352,7 @@ def set_tensor(model, name, tensor):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. GGUF (llama.cpp's format), read with the `gguf` package that llama.cpp itself publishes.
-#
-# A GGUF file holds key/value metadata ("llama.block_count", "tokenizer.ggml.tokens", ...) and tensors named
-# "blk.L.attn_q.weight", each stored as floats or in one of ggml's block quantizations (Q8_0: 32 weights
-# share one fp16 scale; Q4_1: 32 4-bit weights share a scale and a minimum; the K-quants nest blocks of 256).
-# Two things differ from a Hugging Face folder besides the names:
-#   - ggml lists a tensor's dims innermost first ([d, vocab]); the reader's numpy view is already (vocab, d).
-#   - llama.cpp rotates (x_2i, x_2i+1) pairs of a head (the original Meta layout), while Hugging Face and
-#     we rotate (x_i, x_i+hd/2) (rotate-half). Its converter therefore reorders the rows of attn_q/attn_k
-#     within each head; unpermute_rope_rows below undoes that exactly.
-
-GGUF_NAMES = {  # GGUF name (with L for the layer) -> ours
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.L.attn_norm.weight": "model.layers.L.input_layernorm.weight",
-    "blk.L.attn_q.weight": "model.layers.L.self_attn.q_proj.weight",
-    "blk.L.attn_k.weight": "model.layers.L.self_attn.k_proj.weight",
-    "blk.L.attn_v.weight": "model.layers.L.self_attn.v_proj.weight",
-    "blk.L.attn_output.weight": "model.layers.L.self_attn.o_proj.weight",
-    "blk.L.ffn_norm.weight": "model.layers.L.post_attention_layernorm.weight",
-    "blk.L.ffn_gate.weight": "model.layers.L.mlp.gate_proj.weight",
-    "blk.L.ffn_up.weight": "model.layers.L.mlp.up_proj.weight",
-    "blk.L.ffn_down.weight": "model.layers.L.mlp.down_proj.weight",
-}
-
-
-def is_gguf(path):
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def unpermute_rope_rows(w, n_heads):
-    """Undo llama.cpp's q/k row order. Its converter maps each head's rows (2, hd/2) -> (hd/2, 2), i.e.
-    rotate-half row order [x_0..x_{hd/2-1}, x_{hd/2}..] becomes interleaved [x_0, x_{hd/2}, x_1, ...]."""
-    rows, cols = w.shape
-    # (H*hd, d) -> (H, hd/2, 2, d) -> swap -> (H, 2, hd/2, d) -> (H*hd, d)
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def open_gguf(path):
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
-
-    class Reader(gguf.GGUFReader):
-        def _build_tensors(self, start_offs, fields):
-            # Before the reader maps each tensor's bytes: name the first tensor that the file cuts short.
-            for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
-                name = bytes(name).decode(errors="replace")
-                if int(raw_type[0]) not in gguf.GGML_QUANT_SIZES:
-                    raise ValueError(f"tensor {name!r} has ggml type {int(raw_type[0])}, unknown to this gguf "
-                                     f"package (a newer llama.cpp type?): upgrade gguf, or convert the model "
-                                     f"with a common type")
-                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
-                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
-                if end > len(self.data):
-                    raise ValueError(f"tensor {name!r} ends at byte {end} but the file has {len(self.data)}")
-            return super()._build_tensors(start_offs, fields)
-
-    try:
-        return Reader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/... on a bad header or short data
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
-                         f"or damaged ({os.path.getsize(path)} bytes): download or convert it again") from None
-
-
-def gguf_value(reader, key, default=KeyError):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is KeyError:
-            raise KeyError(key)
-        return default
-    return field.contents()
-
-
-def gguf_config(reader, path):
-    """llama.* metadata -> ModelConfig (the names of llama.cpp's convert_hf_to_gguf.py)."""
-    arch = gguf_value(reader, "general.architecture", None)
-    if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are read (LLaMA "
-                         f"1/2/3, SmolLM, TinyLlama, ...): convert other models to a Hugging Face folder")
-    if gguf_value(reader, "llama.expert_count", 0):
-        raise ValueError(f"{path}: a Mixture-of-Experts GGUF (llama.expert_count > 0) is not read: convert it to "
-                         f"a Hugging Face Mixtral folder and load that")
-    tensors = {t.name: t for t in reader.tensors}
-    try:
-        d = int(gguf_value(reader, "llama.embedding_length"))
-        n_head = int(gguf_value(reader, "llama.attention.head_count"))
-        head_dim = int(gguf_value(reader, "llama.attention.key_length", d // n_head))
-        if int(gguf_value(reader, "llama.rope.dimension_count", head_dim)) != head_dim:
-            raise ValueError(f"{path}: llama.rope.dimension_count differs from the head size {head_dim} "
-                             f"(partial rotary embeddings are not supported)")
-        if "token_embd.weight" not in tensors:
-            raise ValueError(f"{path}: tensor 'token_embd.weight' is missing: the file is incomplete")
-        kw = dict(
-            vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml dims: [d, vocab]
-            hidden_size=d,
-            intermediate_size=int(gguf_value(reader, "llama.feed_forward_length")),
-            num_hidden_layers=int(gguf_value(reader, "llama.block_count")),
-            num_attention_heads=n_head,
-            num_key_value_heads=int(gguf_value(reader, "llama.attention.head_count_kv", n_head)),
-            head_dim=head_dim,
-            rms_norm_eps=float(gguf_value(reader, "llama.attention.layer_norm_rms_epsilon")),
-            rope_theta=float(gguf_value(reader, "llama.rope.freq_base", 10000.0)),
-            max_position_embeddings=int(gguf_value(reader, "llama.context_length")),
-            tie_word_embeddings="output.weight" not in tensors,  # llama.cpp then reuses token_embd
-            bos_token_id=gguf_value(reader, "tokenizer.ggml.bos_token_id", None),
-            eos_token_id=gguf_value(reader, "tokenizer.ggml.eos_token_id", None),
-        )
-    except KeyError as e:
-        raise ValueError(f"{path}: metadata key {e.args[0]!r} is missing: the file is not a complete llama "
-                         f"GGUF; convert the model again") from None
-    kw["rope_scaling"] = gguf_rope_scaling(reader, path, kw, tensors.get("rope_freqs.weight"))
-    try:
-        return ModelConfig(**kw)
-    except ValueError as e:  # sizes that do not fit together
-        raise ValueError(f"{path}: {e}") from None
-
-
-def gguf_rope_scaling(reader, path, kw, rope_freqs):
-    """The rope_scaling dict ModelConfig understands, from llama.rope.scaling.* or a rope_freqs tensor."""
-    kind = gguf_value(reader, "llama.rope.scaling.type", "none")
-    factor = gguf_value(reader, "llama.rope.scaling.factor", 1.0)
-    if kind == "linear" and factor != 1.0:
-        return {"rope_type": "linear", "factor": float(factor)}
-    if kind not in ("none", "linear"):
-        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (only linear, and "
-                         f"LLaMA-3.1's scaling stored as rope_freqs)")
-    if rope_freqs is None:
-        return None
-    # LLaMA-3.1/3.2: the converter stores per-frequency divisors instead of the parameters. They follow
-    # from factor, low/high_freq_factor and the original context; Meta's releases all use low 1, high 4 and
-    # 8192 positions, with factor = the largest divisor. Check that this reproduces the stored divisors.
-    import gguf
-    divisors = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).copy()).float()
-    scaling = {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    base = rope_inv_freq(ModelConfig(**dict(kw, rope_scaling=None)))
-    ours = rope_inv_freq(ModelConfig(**dict(kw, rope_scaling=scaling)))
-    if divisors.shape != base.shape or not torch.allclose(ours, base / divisors, rtol=1e-5, atol=0):
-        raise ValueError(f"{path}: tensor 'rope_freqs.weight' holds rotary scaling factors that are not "
-                         f"LLaMA-3's (factor {scaling['factor']}, low 1, high 4, 8192 positions); convert the "
-                         f"model to a Hugging Face folder with its rope_scaling instead")
-    return scaling
-
-
-def read_gguf(path):
-    """-> (ModelConfig, a generator of (our name, float32 tensor, path)) dequantizing one tensor at a time."""
-    import gguf
-    reader = open_gguf(path)
-    config = gguf_config(reader, path)
-    try:  # the tokenizer fingerprint, when tokenizer.py can read this file's vocabulary
-        from tokenizer import Tokenizer
-        config.tokenizer_sha256 = Tokenizer(path).fingerprint
-    except Exception:
-        config.tokenizer_sha256 = None
-
-    def tensors():
-        for t in reader.tensors:
-            if t.name == "rope_freqs.weight":
-                continue  # already folded into config.rope_scaling
-            layer, key = None, t.name
-            if t.name.startswith("blk."):
-                _, layer, rest = t.name.split(".", 2)
-                key = f"blk.L.{rest}"
-            if key not in GGUF_NAMES:
-                raise ValueError(f"{path}: unexpected tensor {t.name!r} of type {t.tensor_type.name} for a "
-                                 f"LLaMA model (biases, MoE experts or another layout): not supported")
-            name = GGUF_NAMES[key].replace(".L.", f".{layer}.")
-            try:
-                w = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) float32
-            except NotImplementedError:
-                raise ValueError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the gguf "
-                                 f"package cannot dequantize: convert the model with a supported type "
-                                 f"(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_K, Q6_K, ...)") from None
-            if not w.flags.writeable:  # F32 comes back as a view of the read-only file mapping
-                w = w.copy()
-            w = torch.from_numpy(w.astype(np.float32, copy=False))
-            if key == "blk.L.attn_q.weight":
-                w = unpermute_rope_rows(w, config.num_attention_heads)
-            elif key == "blk.L.attn_k.weight":
-                w = unpermute_rope_rows(w, config.num_key_value_heads)
-            yield name, w, f"{path} (tensor {t.name!r})"
-
-    return config, tensors()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Writing
+# 3. Writing
 
 # One tensor per expert on disk: (gate, up, down) names of expert j of the MoE layer at `head`.
 EXPERT_NAMES = {
@@ -631,7 +444,7 @@ def export_config(model, format):
                     gate_noise_epsilon=c.gate_noise_eps, calculator_type="UniversalCalculator",
                     multiply_gate_scores=True, score_scale_factor=scales[0] if len(set(scales)) == 1 else scales,
                     add_weight_norm=False, drop_tokens=True, dropped_padding="zero", capacity_factor=1.25)
-    raise ValueError(f"unknown checkpoint format {format!r}: use llama, native, mixtral or llama_moe")
+    raise ValueError(f"unknown checkpoint format {format!r}: use llama, native, mixtral, llama_moe or gguf")
 
 
 def unshare(tensors):
@@ -647,11 +460,40 @@ def unshare(tensors):
     return out
 
 
-def save_pretrained(model, path, format="auto", max_shard_bytes=MAX_SHARD_BYTES):
+def model_tokenizer(model, tokenizer=None):
+    """The Tokenizer a model's files should carry: `tokenizer` (a Tokenizer, or a path Tokenizer reads) when
+    given, refused if it is not the one the model was trained with (config.tokenizer_sha256); else the one
+    beside the checkpoint the model was loaded from, when it is that one; else None."""
+    want = model.config.tokenizer_sha256
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        if want and tok.fingerprint != want:
+            raise ValueError(f"tokenizer {tok.path} (sha256 {tok.fingerprint[:12]}...) is not the one this model "
+                             f"was trained with (sha256 {want[:12]}...): pass the model's own tokenizer")
+        return tok
+    source = getattr(model, "source", None)
+    if source is None:
+        return None
+    try:
+        tok = Tokenizer(source)
+    except (OSError, ValueError):
+        return None
+    return tok if not want or tok.fingerprint == want else None
+
+
+def save_pretrained(model, path, format="auto", max_shard_bytes=MAX_SHARD_BYTES, tokenizer=None, gguf_type="auto",
+                    overwrite=False):
     """Write config.json + safetensors (shards of at most max_shard_bytes, 5 GiB by default) atomically:
     into a temporary folder renamed into place (fileio.atomic_dir), so a killed process never leaves a
-    half-written checkpoint under `path`, and the temporaries of dead processes are cleaned."""
+    half-written checkpoint under `path`, and the temporaries of dead processes are cleaned. The folder also
+    gets the tokenizer (model_tokenizer says which) and generation_config.json.
+
+    format="gguf": one file `path` for llama.cpp instead (gguf_file.save_gguf: gguf_type f32, f16, bf16, q8_0 or
+    auto = the model's dtype; the tokenizer is required; an existing file is replaced only with overwrite)."""
     from safetensors.torch import save_file
+    tok = model_tokenizer(model, tokenizer)
+    if format == "gguf":
+        return save_gguf(model, path, tok, gguf_type=gguf_type, overwrite=overwrite)
     if format == "auto":
         format = "native" if model.config.is_moe else "llama"
     if format == "llama" and model.config.is_moe:
@@ -688,3 +530,9 @@ def save_pretrained(model, path, format="auto", max_shard_bytes=MAX_SHARD_BYTES)
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
+        c = model.config
+        atomic_write(os.path.join(tmp, "generation_config.json"), json.dumps(
+            {k: v for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id)) if v is not None}))
+        if tok is not None:
+            tok.save(tmp)
+    return path

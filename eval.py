@@ -34,10 +34,11 @@ from dataclasses import dataclass, asdict
 import numpy as np
 import torch
 
+import checkpoint
 from configurator import UserError, load_config, run_cli, setting
 from gate import routing_evenness
 from fileio import atomic_file, atomic_write, check_output_file
-from model import Transformer, MoEFeedForward
+from model import MoEFeedForward
 from multiple_choice import pick_items, prefix_token, read_task, score_task
 from sample import load_meta, eval_windows
 from tokenizer import Tokenizer
@@ -116,7 +117,7 @@ def load_model(cfg):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         # from_pretrained reads config.json's model_type (llama, mixtral, llama_moe, ours) or a .gguf file.
-        model = Transformer.from_pretrained(cfg.ckpt, dtype=DTYPES[cfg.dtype], device=device)
+        model = checkpoint.load_pretrained(cfg.ckpt, dtype=DTYPES[cfg.dtype], device=device)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--ckpt={cfg.ckpt}: {e}") from None
     return model.eval()

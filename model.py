@@ -7,9 +7,9 @@ Read top to bottom:
   2. RMSNorm, RoPE, Attention, FeedForward - the dense LLaMA block (SPEC.md section 1).
   3. MoEFeedForward - the LLaMA-MoE layer (SPEC.md sections 2, 3, 7): gate -> permute -> experts -> unpermute,
                      and for the few rows of a decoding step, only the chosen experts' weights.
-  4. Transformer   - the stack, forward(idx, targets) -> ModelOutput(logits, loss, balance_loss, routing);
-                     from_pretrained / save_pretrained hand over to checkpoint.py (every file format).
+  4. Transformer   - the stack, forward(idx, targets) -> ModelOutput(logits, loss, balance_loss, routing).
   5. Generation    - a preallocated KV cache, prefill through forward(), then decode_step() per token.
+Files (every checkpoint format, GGUF) are checkpoint.py's: checkpoint.load_pretrained / save_pretrained.
 
 Shapes: B batch, S sequence, d hidden, H query heads, Hkv key/value heads, hd head dim, T = B*S tokens,
 E experts, k selected experts, d_e expert width.
@@ -551,17 +551,4 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
         self.rope_table = self.cache_positions = None
-
-    # ------------------------------------------------------------------------------------------------------
-    # Checkpoint I/O lives in checkpoint.py (every format: HF LLaMA, Mixtral, llama_moe, native, GGUF).
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        """A checkpoint folder (HF LLaMA, Mixtral, llama_moe, ours) or a llama .gguf file -> model in eval mode."""
-        import checkpoint  # imported here: checkpoint.py builds Transformers, so it imports this file
-        return checkpoint.load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path, format="auto", max_shard_bytes=5 * 2**30):  # shards of at most 5 GiB
-        import checkpoint
-        checkpoint.save_pretrained(self, path, format=format, max_shard_bytes=max_shard_bytes)
 

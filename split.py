@@ -12,6 +12,10 @@ only by routing each token to k of the E experts. A gate (gate.py, SPEC section 
 
     python split.py --src=llama-2-7b-hf --dst=llama-moe-4of16 --num_experts=16 --top_k=4 --method=random
     python split.py --src=SmolLM2-135M-Instruct.Q4_1.gguf --dst=out/moe --num_experts=16 --top_k=4 --overwrite
+    python split.py --src=SmolLM2-135M-Instruct.Q4_1.gguf --dst=out/moe.gguf --format=gguf --gguf_type=q8_0
+
+The output carries the source's tokenizer (a folder: tokenizer.json ...; a GGUF: inside), so transformers,
+llama.cpp and its converter take it as it is.
 
 Read top to bottom:
   1. SplitConfig, check_split - the settings, validated once, and the sizes that follow (expert width d_e,
@@ -44,15 +48,16 @@ import carve
 import checkpoint
 from checkpoint import MODEL_FILES
 from configurator import UserError, check_ranges, load_config, need, run_cli, setting
-from fileio import check_output_dir
+from fileio import check_output_dir, check_output_file
 from gate import GATE_TYPES
+from gguf_file import GGUF_TYPES, gguf_arch, tokenizer_metadata
 from model import EXPERT_WEIGHTINGS, Transformer
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle", "activation")
 INDEPENDENT = ("random", "clustering")      # disjoint experts covering all neurons: width d_h / E
 NEEDS_IMPORTANCE = ("sharing_inner", "sharing_inter")
 ROUTER_INITS = ("random", "centroid", "fit")  # the paper's random gate, or carve.py's two from the data
-FORMATS = ("native", "mixtral", "llama_moe")
+FORMATS = ("native", "mixtral", "llama_moe", "gguf")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,7 +68,8 @@ class SplitConfig:
     src: str = ""                         # dense LLaMA: checkpoint folder (config.json + safetensors) or .gguf
     dst: str = ""                         # output folder, written atomically
     overwrite: bool = False               # replace an existing dst
-    format: str = setting("native", choices=FORMATS)  # checkpoint.py's formats for MoE models
+    format: str = setting("native", choices=FORMATS)  # checkpoint.py's formats for MoE models; gguf: one file
+    gguf_type: str = setting("auto", choices=GGUF_TYPES + ("auto",))  # --format=gguf; auto: the source's dtype
     num_experts: int = setting(16, ge=1)  # E
     top_k: int = setting(4, ge=1)         # k experts per token, <= E
     method: str = setting("random", choices=METHODS)
@@ -114,8 +120,8 @@ def check_split(cfg, config):
     need(cfg.router_init == "random" or m != "upcycle", "--router_init from the data needs experts that differ; "
          "upcycled experts are identical copies: use --router_init=random")
     weighting = cfg.expert_weighting or ("unit" if m == "activation" else "softmax")
-    need(cfg.format == "native" or weighting == "softmax", f"--format={cfg.format} weights the chosen experts "
-         f"by a softmax; --expert_weighting={weighting} needs --format=native")
+    need(cfg.format in ("native", "gguf") or weighting == "softmax", f"--format={cfg.format} weights the chosen "
+         f"experts by a softmax; --expert_weighting={weighting} needs --format=native")
     if m in INDEPENDENT:
         need(d_h % E == 0, f"intermediate_size {d_h} is not divisible by --num_experts={E}: the independent "
              f"methods give every expert d_h/E neurons. Expert counts that divide it (<= 256): "
@@ -154,8 +160,15 @@ def check_split(cfg, config):
     # whole split).
     need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
          "(Mixtral's router is one linear layer): use --gate_type=linear or --format=native")
-    need(cfg.format == "native" or not shared, f"--format={cfg.format} has no place for SharingInter's shared "
-         f"block: use --format=native")
+    need(cfg.format in ("native", "gguf") or not shared, f"--format={cfg.format} has no place for SharingInter's "
+         f"shared block: use --format=native or gguf")
+    if cfg.format == "gguf":  # which llama.cpp graph runs the split, or why none does
+        moe = replace(config, num_experts=E, num_experts_per_tok=k, expert_intermediate_size=d_e,
+                      shared_intermediate_size=shared, gate_type=cfg.gate_type, expert_weighting=weighting)
+        try:
+            gguf_arch(moe)
+        except ValueError as e:
+            raise UserError(f"--format=gguf: {e}") from None
     if m in NEEDS_IMPORTANCE or needs_profile(cfg):
         check_data(cfg, config)
     return d_e, shared, scale, weighting
@@ -583,11 +596,16 @@ def check_paths(cfg):
          "are required")
     need(os.path.exists(cfg.src), f"--src={cfg.src} does not exist: give a dense LLaMA checkpoint folder "
          f"(config.json + safetensors) or a .gguf file")
+    inputs = [("--src", cfg.src), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer)]
     try:
-        check_output_dir(cfg.dst, "--dst", "a model", MODEL_FILES, cfg.overwrite,
-                         [("--src", cfg.src), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer)])
+        if cfg.format == "gguf":  # one file
+            check_output_file(cfg.dst, "--dst", inputs)
+        else:
+            check_output_dir(cfg.dst, "--dst", "a model", MODEL_FILES, cfg.overwrite, inputs)
     except ValueError as e:
         raise UserError(str(e)) from None
+    need(cfg.format != "gguf" or cfg.overwrite or not os.path.exists(cfg.dst), f"--dst={cfg.dst} exists: pass "
+         f"--overwrite=True to replace it, or choose another --dst")
 
 
 def split_checkpoint(cfg):
@@ -599,13 +617,22 @@ def split_checkpoint(cfg):
     except (OSError, ValueError) as e:  # missing, malformed or not a LLaMA: the loader's message names the file
         raise UserError(f"--src={cfg.src}: {e}") from None
     sizes = check_split(cfg, config)
+    if cfg.format == "gguf":  # the source's tokenizer goes inside: one GGUF can carry, checked before any weight
+        try:
+            tokenizer_metadata(checkpoint.Tokenizer(cfg.src), config.vocab_size)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--format=gguf needs the source's tokenizer inside the file: {e}") from None
     try:  # each tensor copied out of its file, one at a time (memory: one model)
         dense = checkpoint.fill_model(config, mtype, tensors, cfg.src, device=cfg.device)
     except (OSError, ValueError) as e:
         raise UserError(f"--src={cfg.src}: {e}") from None
     moe = split_model(dense, cfg, sizes, free_dense=True)
     del dense
-    moe.save_pretrained(cfg.dst, format=cfg.format)
+    moe.source = cfg.src  # save_pretrained writes the source's tokenizer into the split (or the GGUF)
+    try:
+        checkpoint.save_pretrained(moe, cfg.dst, format=cfg.format, gguf_type=cfg.gguf_type, overwrite=cfg.overwrite)
+    except ValueError as e:  # a tokenizer GGUF cannot carry, or none: said before anything is written
+        raise UserError(f"--dst={cfg.dst}: {e}") from None
     return moe
 
 

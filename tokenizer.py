@@ -12,11 +12,15 @@ LLaMA-family models come with their tokenizer in one of four forms:
     folders on the Hub ship): a vocabulary spelled in GPT-2's byte alphabet, the merges best first,
     the pre-tokenizer (a split regex), the added (special) tokens.
   * a `.gguf` checkpoint, which carries the same byte-level BPE as metadata (tokenizer.ggml.*:
-    tokens, token types, merges, and the *name* of the pre-tokenizer, e.g. "smollm").
+    tokens, token types, merges, and the *name* of the pre-tokenizer, e.g. "smollm"), or a
+    sentencepiece vocabulary.
 
 `Tokenizer(path)` reads any of them, or a checkpoint folder holding one, and hides the difference
 behind encode / decode / bos_id / eos_id / vocab_size / special_tokens / add_bos, so the data
-pipeline (data/prepare.py) and eval.py never ask which one they have. Both byte-level BPE forms run
+pipeline (data/prepare.py) and eval.py never ask which one they have. The file formats are read in
+their own chapters: hf_tokenizer.py (tokenizer.json, and writing every kind as one), gguf_file.py (GGUF
+metadata, read and written). `save(folder)` writes a tokenizer for us and for transformers. Both
+byte-level BPE forms run
 through tiktoken: its ranks are the merge order (= the token ids, for real vocabularies), so it
 merges in the order the merges list says (build_byte_level_bpe says how far that is checked). `train_sentencepiece` trains the small BPE our embedded
 demo uses (data/prepare.py, SPEC.md §4), set up so that decode(encode(x)) == x for any text,
@@ -24,9 +28,10 @@ whitespace of source code included.
 """
 
 import base64
+import contextlib
+import hashlib
 import os
 import re
-import struct
 from pathlib import Path
 
 # -----------------------------------------------------------------------------
@@ -83,20 +88,6 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 # follows ends there, as it would at the end of a between-digits piece ("a  5" -> "a", "  ", "5").
 # (A plain " ?\p{N}" would give "a", " ", " 5": what transformers' GGUF loader does, see the README.)
 SMOLLM_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
-
-# tokenizer.ggml.pre (llama.cpp's name for the pre-tokenizer) -> split regex
-GGUF_PRE_PATTERNS = {
-    "gpt-2": GPT2_PATTERN,
-    "smollm": SMOLLM_PATTERN,
-    "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN,
-}
-# llama.cpp adds BOS by default to the LLaMA-3 family only (a GGUF's add_bos_token key overrides it);
-# it also takes a pre-token that is itself a vocabulary entry whole ("ignore_merges"), as tiktoken does.
-GGUF_PRE_ADDS_BOS = {"llama-bpe", "llama3", "llama-v3"}
-
-# llama.cpp's token types (tokenizer.ggml.token_type)
-GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
-
 
 def gpt2_bytes_to_unicode():
     """GPT-2's byte -> character table. Byte-level vocabularies spell every token with printable
@@ -201,10 +192,10 @@ def _sniff_kind(path):
     return "tiktoken" if _TIKTOKEN_LINE.match(first_line) else "sentencepiece"
 
 
-def load_tiktoken_ranks(path):
-    """Parse a tiktoken BPE file: {token bytes: rank}. Ranks are token ids of the base vocab."""
+def load_tiktoken_ranks(path, data=None):
+    """Parse a tiktoken BPE file (or its bytes, `data`): {token bytes: rank}. Ranks are token ids of the base vocab."""
     ranks = {}
-    with open(path, "rb") as f:
+    with open(path, "rb") if data is None else contextlib.nullcontext(data.splitlines()) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -247,95 +238,6 @@ def find_tokenizer(folder):
                             f"and a single *.gguf; pass the tokenizer file itself")
 
 
-def _json_token_name(value):
-    """tokenizer_config.json writes a token as "<s>" or as {"content": "<s>", ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _hf_split_pattern(pre, where):
-    """The split regex a tokenizer.json's pre_tokenizer runs, for the byte-level layouts real models
-    use: ByteLevel (GPT-2 regex); Sequence[Split(regex, isolated), ByteLevel(no regex)] (LLaMA-3);
-    Sequence[Digits(individual), ByteLevel] (SmolLM, StarCoder). Anything else is refused."""
-    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre]
-    names = [(s or {}).get("type") for s in steps]
-    last = steps[-1] if steps and steps[-1] else {}
-    if last.get("type") == "ByteLevel" and not last.get("add_prefix_space", False):
-        if len(steps) == 1 and last.get("use_regex", True):
-            return GPT2_PATTERN
-        first = steps[0]
-        if (len(steps) == 2 and first.get("type") == "Split" and not last.get("use_regex", True)
-                and str(first.get("behavior", "")).lower() == "isolated" and not first.get("invert", False)
-                and "Regex" in (first.get("pattern") or {})):
-            return first["pattern"]["Regex"]
-        if (len(steps) == 2 and first.get("type") == "Digits" and first.get("individual_digits")
-                and last.get("use_regex", True)):
-            return SMOLLM_PATTERN
-    raise ValueError(f"{where}: pre_tokenizer {names} is not a layout we read; supported: ByteLevel, "
-                     f"Sequence[Split(Regex, isolated), ByteLevel(use_regex=false)], "
-                     f"Sequence[Digits(individual_digits), ByteLevel] (all with add_prefix_space=false)")
-
-
-def _template_bos(post, specials):
-    """(adds bos?, bos id) from a TemplateProcessing post-processor (maybe inside a Sequence):
-    a SpecialToken before the text ("$A") is what Hugging Face prepends by default."""
-    if not post:
-        return None, None
-    if post.get("type") == "Sequence":
-        for p in post.get("processors", []):
-            found = _template_bos(p, specials)
-            if found[0] is not None:
-                return found
-        return None, None
-    if post.get("type") != "TemplateProcessing":
-        return None, None
-    single = post.get("single") or []
-    first = single[0] if single else {}
-    if "SpecialToken" not in first:
-        return False, None
-    name = first["SpecialToken"].get("id")
-    ids = ((post.get("special_tokens") or {}).get(name) or {}).get("ids") or []
-    return True, (ids[0] if ids else specials.get(name))
-
-
-def _varint(n):
-    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number, value):
-    """One protobuf field: int / bool -> varint, float -> fixed32, str / bytes -> length-delimited."""
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3 | 0) + _varint(int(value))
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def sentencepiece_model_proto(pieces, scores, types, add_dummy_prefix=True, remove_extra_whitespaces=False,
-                              unk_bos_eos=(0, 1, 2)):
-    """A sentencepiece BPE ModelProto (what a LLaMA-1/2 tokenizer.model holds) from a GGUF's
-    sentencepiece-style vocabulary, serialised by hand (the protobuf package is not a dependency).
-    Field numbers from sentencepiece_model.proto; token types share sentencepiece's numbering
-    (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
-    body = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
-                    for p, s, t in zip(pieces, scores, types))
-    trainer = _field(3, 2) + _field(35, 6 in types)   # model_type = BPE; byte_fallback when <0xXX> pieces exist
-    unk, bos, eos = unk_bos_eos
-    trainer += _field(40, unk) + _field(41, bos) + _field(42, eos) + _field(43, -1)  # unk / bos / eos / pad ids
-    trainer += b"".join(_field(k, pieces[i]) for k, i in ((45, unk), (46, bos), (47, eos)) if 0 <= i < len(pieces))
-    normalizer = (_field(1, "identity") + _field(3, bool(add_dummy_prefix))
-                  + _field(4, bool(remove_extra_whitespaces)) + _field(5, True))  # escape spaces as U+2581
-    return body + _field(2, trainer) + _field(3, normalizer)
-
-
 # -----------------------------------------------------------------------------
 # the tokenizer
 
@@ -355,7 +257,7 @@ class Tokenizer:
         self.path = str(path)
         self.kind = _sniff_kind(path)
         self._sp = self._tt = self._remap = self._id_bytes = self._fingerprint = None
-        self._bpe = self._sp_proto = None
+        self._bpe = self._model_file = self._tt_bpe = None  # _model_file: a tokenizer.model a GGUF held
         self.pre = None  # a GGUF's tokenizer.ggml.pre
         if self.kind == "tiktoken":
             self._init_tiktoken()
@@ -366,9 +268,9 @@ class Tokenizer:
         else:
             self._init_sentencepiece()
 
-    def _init_tiktoken(self):
+    def _init_tiktoken(self, data=None):
         import tiktoken
-        ranks = load_tiktoken_ranks(self.path)
+        ranks = load_tiktoken_ranks(self.path, data)
         n = len(ranks)
         self.special_tokens = {tok: n + i for i, tok in enumerate(llama3_special_tokens())}
         self._tt = tiktoken.Encoding(name=Path(self.path).name, pat_str=LLAMA3_PATTERN,
@@ -379,55 +281,27 @@ class Tokenizer:
         self.add_bos = True  # Meta's LLaMA-3 and its Hugging Face tokenizer prepend <|begin_of_text|>
 
     def _init_gguf(self):
-        """The tokenizer a GGUF carries as metadata (llama.cpp's keys), read with ggml's gguf package.
-        Only the metadata is read (the file is memory-mapped; no tensor data is touched)."""
-        from gguf import GGUFReader
-        try:
-            fields = GGUFReader(self.path).fields
-        except Exception as e:  # the reader raises whatever struct / numpy / value error it meets
-            raise ValueError(f"{self.path} is not a readable GGUF file (truncated or damaged?): "
-                             f"{type(e).__name__}: {e}") from None
-
-        def get(key, default=None):
-            field = fields.get(key)
-            return default if field is None else field.contents()
-
-        model, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")
-        if model is None:
-            raise ValueError(f"{self.path} holds no tokenizer (no tokenizer.ggml.model key); pass the model's "
-                             f"tokenizer.json or tokenizer.model instead")
-        if model == "llama":
-            return self._init_gguf_sentencepiece(get)
-        if model != "gpt2":
-            raise ValueError(f"{self.path}: tokenizer.ggml.model = {model!r} is not supported; supported: "
-                             f"'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)")
-        if pre not in GGUF_PRE_PATTERNS:
-            raise ValueError(f"{self.path}: tokenizer.ggml.pre = {pre!r} is not a pre-tokenizer we know; "
-                             f"supported: {', '.join(sorted(GGUF_PRE_PATTERNS))}")
-        tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
-        if not tokens or merges is None:
-            raise ValueError(f"{self.path}: a gpt2 tokenizer needs tokenizer.ggml.tokens and "
-                             f"tokenizer.ggml.merges; {'tokens' if not tokens else 'merges'} missing")
-        types = get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
-        if len(types) != len(tokens):
-            raise ValueError(f"{self.path}: {len(tokens)} tokens but {len(types)} token types")
-        # control (<|im_start|>) and user-defined tokens are matched whole, never merged
-        self.special_tokens = {t: i for i, (t, ty) in enumerate(zip(tokens, types))
-                               if ty in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)}
-        vocab = {}
-        for i, t in enumerate(tokens):
-            vocab.setdefault(t, i)
-        pairs = []
-        for k, m in enumerate(merges):
-            cut = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
-            if cut < 0:
-                raise ValueError(f"{self.path}: merge {k} {m!r} is not 'left right'")
-            pairs.append((m[:cut], m[cut + 1:]))
-        self._init_byte_level(vocab, pairs, GGUF_PRE_PATTERNS[pre])
-        self.vocab_size = len(tokens)
-        self.bos_id, self.eos_id = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
-        self.add_bos = bool(get("tokenizer.ggml.add_bos_token", pre in GGUF_PRE_ADDS_BOS))
-        self.pre = pre
+        """The tokenizer a GGUF carries as metadata (gguf_file.read_gguf_tokenizer reads it)."""
+        from gguf_file import read_gguf_tokenizer
+        spec = read_gguf_tokenizer(self.path)
+        if spec["kind"] == "sentencepiece":
+            self._init_sentencepiece(spec["proto"])
+            if not spec["original"]:  # a literal U+2581 reads as a space, as in llama.cpp and sentencepiece
+                self._lower_block_ids = None
+            self.bos_id, self.eos_id, self.add_bos = spec["bos"], spec["eos"], spec["add_bos"]
+            # the model is the tokenizer: save() writes it as tokenizer.model, same fingerprint
+            self._model_file = spec["proto"]
+            self._fingerprint = hashlib.sha256(spec["proto"]).hexdigest()
+            return
+        if spec["kind"] == "tiktoken":  # LLaMA-3's tokenizer.model, held whole by a GGUF we wrote
+            self._init_tiktoken(spec["model_file"])
+            self._model_file = spec["model_file"]
+            self._fingerprint = hashlib.sha256(spec["model_file"]).hexdigest()
+            return
+        self.special_tokens = spec["specials"]
+        self._init_byte_level(spec["vocab"], spec["merges"], spec["pattern"])
+        self.vocab_size = spec["vocab_size"]
+        self.bos_id, self.eos_id, self.add_bos, self.pre = spec["bos"], spec["eos"], spec["add_bos"], spec["pre"]
 
     def _init_byte_level(self, vocab, merges, pattern):
         self._tt, self._remap, self._id_bytes = build_byte_level_bpe(
@@ -438,7 +312,6 @@ class Tokenizer:
         """sha256 of what decides the ids: the split regex, each id's bytes, the merges, the special
         tokens, bos / eos. Not the weights (the same tokenizer in two quantizations agrees) and not the
         file layout: a GGUF and the tokenizer.json `save` writes from it share the fingerprint."""
-        import hashlib
         import json
         canon = json.dumps({"format": "byte-level-bpe", "pattern": self._bpe["pattern"],
                             "ids": [b.hex() for b in self._id_bytes],
@@ -447,87 +320,14 @@ class Tokenizer:
                             "bos": self.bos_id, "eos": self.eos_id}, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
-    def _init_gguf_sentencepiece(self, get):
-        """tokenizer.ggml.model = llama: a sentencepiece BPE vocabulary (pieces, scores, types), as
-        llama.cpp's convert script copies it out of a LLaMA-1/2 tokenizer.model. We rebuild that
-        model (sentencepiece_model_proto) and let sentencepiece run it, with llama.cpp's defaults:
-        a dummy-prefix space unless tokenizer.ggml.add_space_prefix says no, BOS added by default."""
-        import hashlib
-        tokens, scores = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores")
-        types = get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens or [])
-        if not tokens or scores is None or len(scores) != len(tokens) or len(types) != len(tokens):
-            raise ValueError(f"{self.path}: a 'llama' tokenizer needs tokenizer.ggml.tokens, .scores and "
-                             f".token_type of one length each")
-        if 2 not in types:
-            raise ValueError(f"{self.path}: the sentencepiece vocabulary has no unknown-type token (<unk>)")
-        add_prefix = bool(get("tokenizer.ggml.add_space_prefix", True))
-        remove_ws = bool(get("tokenizer.ggml.remove_extra_whitespaces", False))
-        unk = types.index(2)
-        bos = get("tokenizer.ggml.bos_token_id", -1)
-        eos = get("tokenizer.ggml.eos_token_id", -1)
-        proto = sentencepiece_model_proto(tokens, scores, types, add_prefix, remove_ws, (unk, bos, eos))
-        self._init_sentencepiece(proto)
-        self._lower_block_ids = None  # a literal U+2581 reads as a space, as in llama.cpp and sentencepiece
-        self.bos_id = None if bos < 0 else bos
-        self.eos_id = None if eos < 0 else eos
-        self.add_bos = bool(get("tokenizer.ggml.add_bos_token", True))
-        # the rebuilt model is the tokenizer: save() writes it as tokenizer.model, same fingerprint
-        self._sp_proto = proto
-        self._fingerprint = hashlib.sha256(proto).hexdigest()
-
     def _init_hf_json(self):
-        """A Hugging Face tokenizer.json with a byte-level BPE model (GPT-2 style: SmolLM, LLaMA-3,
-        ...); tokenizer_config.json beside it, when present, names bos / eos and add_bos_token."""
-        import json
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path} is not valid JSON: {e}") from None
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise ValueError(f"{self.path}: model.type = {model.get('type')!r}; only byte-level BPE "
-                             f"tokenizer.json files are supported (for sentencepiece models pass tokenizer.model)")
-        for key, ok in (("byte_fallback", False), ("continuing_subword_prefix", ""), ("end_of_word_suffix", ""),
-                        ("dropout", None)):
-            if model.get(key) not in (ok, None):
-                raise ValueError(f"{self.path}: model.{key} = {model.get(key)!r} is not supported "
-                                 f"(byte-level BPE has {ok!r})")
-        if spec.get("normalizer"):
-            raise ValueError(f"{self.path}: normalizer {spec['normalizer'].get('type')!r} is not supported; "
-                             f"byte-level BPE tokenizers have none")
-        pattern = _hf_split_pattern(spec.get("pre_tokenizer"), self.path)
-        vocab = model.get("vocab") or {}
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
-        if not vocab:
-            raise ValueError(f"{self.path}: model.vocab is empty")
-        self.special_tokens = {a["content"]: a["id"] for a in spec.get("added_tokens") or []}
-        self._init_byte_level(vocab, merges, pattern)
+        """A Hugging Face tokenizer.json with a byte-level BPE model (hf_tokenizer.read_tokenizer_json)."""
+        from hf_tokenizer import read_tokenizer_json
+        spec = read_tokenizer_json(self.path)
+        self.special_tokens = spec["specials"]
+        self._init_byte_level(spec["vocab"], spec["merges"], spec["pattern"])
         self.vocab_size = len(self._id_bytes)
-
-        cfg_path = Path(self.path).with_name("tokenizer_config.json")
-        cfg = {}
-        if cfg_path.is_file():
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        template_bos, template_bos_id = _template_bos(spec.get("post_processor"), self.special_tokens)
-
-        def token_id(name):
-            return None if name is None else self.special_tokens.get(name, vocab.get(name))
-
-        self.bos_id = token_id(_json_token_name(cfg.get("bos_token")))
-        if self.bos_id is None:
-            self.bos_id = template_bos_id
-        self.eos_id = token_id(_json_token_name(cfg.get("eos_token")))
-        for names, attr in ((("<|begin_of_text|>", "<s>", "<|endoftext|>"), "bos_id"),
-                            (("<|end_of_text|>", "</s>", "<|endoftext|>"), "eos_id")):
-            for name in names:
-                if getattr(self, attr) is None:
-                    setattr(self, attr, token_id(name))
-        if template_bos is not None:
-            self.add_bos = template_bos
-        else:
-            self.add_bos = bool(cfg.get("add_bos_token", False))
+        self.bos_id, self.eos_id, self.add_bos = spec["bos"], spec["eos"], spec["add_bos"]
 
     def _init_sentencepiece(self, proto=None):
         import sentencepiece as spm
@@ -645,68 +445,42 @@ class Tokenizer:
         if self._fingerprint is None and self._bpe is not None:
             self._fingerprint = self._byte_level_fingerprint()
         if self._fingerprint is None:
-            import hashlib
             with open(self.path, "rb") as f:
                 self._fingerprint = hashlib.sha256(f.read()).hexdigest()
         return self._fingerprint
 
     def save(self, folder):
-        """Write this tokenizer into a (checkpoint) folder in a form both `Tokenizer(folder)` and
-        transformers read, with the same fingerprint and the same ids: tokenizer.model (a copy, or the
-        sentencepiece model rebuilt from a GGUF), or tokenizer.json + tokenizer_config.json for a
-        byte-level BPE -- never the GGUF's weights. Returns the path written."""
-        import json
-        from fileio import atomic_write
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self._bpe is None:
-            dst = folder / "tokenizer.model"
-            if self._sp_proto is not None:
-                atomic_write(dst, self._sp_proto)
-            elif not (dst.exists() and dst.samefile(self.path)):
-                atomic_write(dst, Path(self.path).read_bytes())
-            return dst
-        names = {i: t for t, i in self.special_tokens.items()}
-        atomic_write(folder / "tokenizer.json", json.dumps(self.hf_tokenizer_json(), ensure_ascii=False))
-        atomic_write(folder / "tokenizer_config.json", json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(self.bos_id),
-            "eos_token": names.get(self.eos_id), "add_bos_token": self.add_bos,
-            "clean_up_tokenization_spaces": False}, ensure_ascii=False, indent=1))
-        return folder / "tokenizer.json"
+        """Write this tokenizer into a (checkpoint) folder for us and for transformers (hf_tokenizer.save):
+        returns the file Tokenizer(folder) reads, tokenizer.model or tokenizer.json."""
+        from hf_tokenizer import save_tokenizer
+        return save_tokenizer(self, folder)
 
-    def hf_tokenizer_json(self):
-        """The Hugging Face tokenizer.json (as a dict) of a byte-level BPE tokenizer. ignore_merges: a
-        pre-token that is itself a token is taken whole, as tiktoken does."""
-        pattern = self._bpe["pattern"]
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
-        if pattern == GPT2_PATTERN:
-            pre = byte_level
-        elif pattern == SMOLLM_PATTERN:
-            pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-        else:
-            pre = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-                dict(byte_level, use_regex=False)]}
-        names = {i: t for t, i in self.special_tokens.items()}
-        post = None
-        if self.add_bos and self.bos_id in names:
-            bos = names[self.bos_id]
-            post = {"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
-        return {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for i, t in sorted(names.items())],
-            "normalizer": None, "pre_tokenizer": pre, "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": True, "vocab": self._bpe["vocab"],
-                      "merges": [[a, b] for a, b in self._bpe["merges"]]},
-        }
+    def byte_level(self):
+        """{"vocab", "merges", "pattern"} of a byte-level BPE; for LLaMA-3's tiktoken file the merges are
+        recovered from the ranks (each token of rank r splits, by BPE over the ranks below r, into the two
+        tokens that made it) and the tokens spelled in GPT-2's byte alphabet, as tokenizer.json has them."""
+        if self._bpe is None and self._tt is not None and self._tt_bpe is None:
+            ranks = self._tt._mergeable_ranks
+            to_char = gpt2_bytes_to_unicode()
+            spell = lambda b: "".join(to_char[x] for x in b)  # noqa: E731
+            merges = []
+            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                if len(token) < 2:
+                    continue
+                parts = [bytes([b]) for b in token]
+                while len(parts) > 2:
+                    pair = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+                    if ranks.get(parts[pair] + parts[pair + 1], rank) >= rank:
+                        break
+                    parts[pair:pair + 2] = [parts[pair] + parts[pair + 1]]
+                if len(parts) != 2:
+                    raise ValueError(f"{self.path}: token of rank {rank} is not the merge of two lower ranks")
+                merges.append((spell(parts[0]), spell(parts[1])))
+            self._tt_bpe = {"vocab": {spell(t): r for t, r in ranks.items()}, "merges": merges,
+                            "pattern": LLAMA3_PATTERN}
+        if self._bpe is None and self._tt_bpe is None:
+            raise ValueError(f"{self.path} is a sentencepiece model, not a byte-level BPE")
+        return self._bpe or self._tt_bpe
 
     def __repr__(self):
         return (f"Tokenizer({self.path!r}, kind={self.kind}, vocab_size={self.vocab_size}, "

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import train_state
 from configurator import UserError, load_config, need, run_cli, setting
 from gate import GATE_TYPES, routing_evenness, update_bias
@@ -221,7 +222,7 @@ def build_model(cfg, d, mc, weights_path):
             torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
             return Transformer(mc)
         with user_input(weights_path):
-            return Transformer.from_pretrained(weights_path, dtype=torch.float32)  # fp32 master weights
+            return checkpoint.load_pretrained(weights_path, dtype=torch.float32)  # fp32 master weights
 
     fsdp = cfg.parallel == "fsdp" and d.distributed
     if fsdp:
@@ -384,7 +385,7 @@ KL_CHUNK = 128
 def load_parent(cfg, d, mc):
     """-> (parent Transformer returning its final hidden states, its lm_head weight (vocab, d))."""
     with user_input(f"--distill_from={cfg.distill_from}"):
-        parent = Transformer.from_pretrained(cfg.distill_from, dtype=compute_dtype(cfg, d), device=d.device)
+        parent = checkpoint.load_pretrained(cfg.distill_from, dtype=compute_dtype(cfg, d), device=d.device)
     pc = parent.config
     if pc.vocab_size != mc.vocab_size:
         raise UserError(f"--distill_from={cfg.distill_from} has a vocabulary of {pc.vocab_size} ids, the model "

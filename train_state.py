@@ -35,10 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 from configurator import UserError
 from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside, pid_alive, replace_dir
 from checkpoint import config_from_hf
+from gguf_file import model_arch as gguf_arch
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
@@ -434,7 +437,7 @@ def write_checkpoint(cfg, d, step, model, raw, optimizer, streams, run_state, fi
     torch.save({"streams": {s.rank: s.state_dict() for s in streams}, "rng": rng_states()},
                os.path.join(tmp, f"rank{d.rank}.pt"))
     if d.master:
-        full.save_pretrained(os.path.join(tmp, "model"))
+        checkpoint.save_pretrained(full, os.path.join(tmp, "model"), tokenizer=data_tokenizer(cfg))
         pause = pause_for_tests(step)
         if pause:
             open(os.path.join(tmp, "PAUSED"), "w").close()
@@ -526,18 +529,42 @@ def check_finite(cfg, step, loss, norm):
                    f"or check the data")
 
 
+_TOKENIZERS = {}
+
+
+def data_tokenizer(cfg):
+    """The tokenizer the data was prepared with (data/prepare.py writes it beside the shards), read once: every
+    folder a run writes (checkpoints, final/) carries it. None, said once, when the data folder has none."""
+    if cfg.data_dir not in _TOKENIZERS:
+        try:
+            _TOKENIZERS[cfg.data_dir] = Tokenizer(cfg.data_dir)
+        except (OSError, ValueError) as err:
+            _TOKENIZERS[cfg.data_dir] = None
+            print(f"[export] no tokenizer in --data_dir={cfg.data_dir} ({err}): model folders hold no tokenizer",
+                  flush=True)
+    return _TOKENIZERS[cfg.data_dir]
+
+
 def export(cfg, d, model, raw):
-    """The trained model for other tools: out_dir/final in Hugging Face format (dense -> llama, MoE -> our
-    native format), and out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md section 3)."""
+    """The trained model for other tools, each with the data's tokenizer: out_dir/final in Hugging Face format
+    (dense -> llama, MoE -> our native format), out_dir/final_mixtral for MoE models Mixtral can express (SPEC.md
+    section 3), and out_dir/final.gguf for llama.cpp when one of its graphs computes the model (gguf_file.py)."""
     full = gather_model(model, raw, d)
     if not d.master:
         return
+    tok = data_tokenizer(cfg)
     final = os.path.join(cfg.out_dir, "final")
-    full.save_pretrained(final)
+    checkpoint.save_pretrained(full, final, tokenizer=tok)
     print(f"[export] {final} ({'native MoE' if full.config.is_moe else 'llama'} format)", flush=True)
     if full.config.is_moe:
         try:
-            full.save_pretrained(os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral")
+            checkpoint.save_pretrained(full, os.path.join(cfg.out_dir, "final_mixtral"), format="mixtral", tokenizer=tok)
             print(f"[export] {cfg.out_dir}/final_mixtral (Mixtral format, rescale factor folded into w2)", flush=True)
         except ValueError as err:  # e.g. an MLP gate or a shared block: checkpoint.export_config says which
             print(f"[export] Mixtral format skipped: {err}", flush=True)
+    try:
+        path = checkpoint.save_pretrained(full, os.path.join(cfg.out_dir, "final.gguf"), format="gguf", tokenizer=tok,
+                                          overwrite=True)
+        print(f"[export] {path} (GGUF for llama.cpp, {gguf_arch(full)[0]} architecture)", flush=True)
+    except ValueError as err:  # routing no llama.cpp graph has, or no tokenizer: said, not written
+        print(f"[export] GGUF skipped: {err}", flush=True)

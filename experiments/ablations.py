@@ -62,6 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
+import checkpoint  # noqa: E402
 from configurator import UserError, load_config, run_cli  # noqa: E402
 from fileio import atomic_dir, atomic_file, atomic_write  # noqa: E402
 
@@ -307,7 +308,7 @@ def make_toy_parent(cfg, path):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=meta.get("bos_id"), eos_token_id=meta["eos_id"],
                          tokenizer_sha256=meta.get("tokenizer_sha256"))
-        Transformer(mc).save_pretrained(path)
+        checkpoint.save_pretrained(Transformer(mc), path)
     return (f"(toy parent: random 2-layer LLaMA -> {path})", go)
 
 

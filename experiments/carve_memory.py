@@ -21,6 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 from configurator import load_config, run_cli  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -47,7 +48,7 @@ def main(argv):
             for name, p in model.named_parameters():
                 p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
         model.inv_freq = torch.ones(1)  # unused by save_pretrained
-        model.save_pretrained(src)
+        checkpoint.save_pretrained(model, src)
         del model
     if not os.path.exists(os.path.join(data, "meta.json")):  # a shard folder of random tokens, one domain
         os.makedirs(data, exist_ok=True)

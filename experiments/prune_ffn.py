@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 from configurator import UserError, load_config, run_cli  # noqa: E402
 from model import Transformer  # noqa: E402
 import split  # noqa: E402
@@ -62,7 +63,7 @@ def main(argv):
     cfg = load_config(PruneConfig(), argv, doc=__doc__)
     if not cfg.src or not cfg.dst or not os.path.exists(cfg.src):
         raise UserError("--src=<dense checkpoint folder or .gguf> (existing) and --dst=<folder> are required")
-    dense = Transformer.from_pretrained(cfg.src, dtype=torch.float32)
+    dense = checkpoint.load_pretrained(cfg.src, dtype=torch.float32)
     d_h = dense.config.intermediate_size
     if cfg.keep:
         if not 0 < cfg.keep <= d_h:
@@ -74,7 +75,7 @@ def main(argv):
                                  batch_size=cfg.batch_size, seed=cfg.seed)
         importance = split.taylor_importance(dense, split.importance_batches(dense, scfg))
         dense = prune_ffn(dense, cfg.keep, importance)
-    dense.save_pretrained(cfg.dst)
+    checkpoint.save_pretrained(dense, cfg.dst)
     print(f"wrote {cfg.dst}: dense, FFN {dense.config.intermediate_size} of {d_h} neurons per layer, "
           f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M parameters")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 from configurator import UserError, load_config, run_cli  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from sample import DomainSampler, eval_windows, load_meta  # noqa: E402
@@ -66,7 +67,7 @@ def train_dense(data, out, seconds, seed=0):
         if step % 50 == 0:
             print(f"  step {step:4d}  loss {loss.item():.3f}  ({time.time() - start:.0f} s)", flush=True)
         step += 1
-    model.eval().save_pretrained(out)
+    checkpoint.save_pretrained(model.eval(), out)
     print(f"trained {step} steps ({step * 16 * 128 / 1e6:.1f}M tokens) -> {out}")
 
 
@@ -87,7 +88,7 @@ def main(argv):
     if a.dense is None:
         train_dense(a.data, a.out, a.train_seconds, a.seed)
         a.dense = a.out
-    dense = Transformer.from_pretrained(a.dense)
+    dense = checkpoint.load_pretrained(a.dense)
     domains = list(load_meta(a.data)["domains"])
     windows = {d: list(eval_windows(a.data, d, a.seq_len, batch_size=8, max_windows=a.eval_windows))
                for d in domains}

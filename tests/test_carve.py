@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import carve
 from configurator import UserError
 from gate import TopKGate, routing_evenness, update_bias
@@ -154,7 +155,7 @@ def test_bad_settings_are_one_line_errors_before_anything_is_written(tmp_path):
         with pytest.raises(UserError, match=message):
             split_model(dense, act_cfg(data, **kw))
     src = tmp_path / "dense"
-    dense.save_pretrained(src)
+    checkpoint.save_pretrained(dense, src)
     dst = tmp_path / "moe"
     r = subprocess.run([sys.executable, "split.py", f"--src={src}", f"--dst={dst}", "--method=activation",
                         "--num_experts=4", "--top_k=2", "--shared_size=15", f"--data={data}"],
@@ -185,13 +186,12 @@ def test_bias_balancing_evens_a_skewed_load():
 
 
 def test_bias_is_saved_and_loaded_with_the_model(tmp_path):
-    from model import Transformer
     dense = tiny_dense(0)
     moe = split_model(dense, SplitConfig(num_experts=4, top_k=2))
     moe.model.layers[1].mlp.gate.expert_bias.copy_(torch.tensor([0.5, -0.25, 0.0, 1.0]))
-    moe.save_pretrained(tmp_path / "m")
-    back = Transformer.from_pretrained(tmp_path / "m")
+    checkpoint.save_pretrained(moe, tmp_path / "m")
+    back = checkpoint.load_pretrained(tmp_path / "m")
     assert torch.equal(back.model.layers[1].mlp.gate.expert_bias, torch.tensor([0.5, -0.25, 0.0, 1.0]))
     with pytest.raises(ValueError, match="balancing bias"):                  # Mixtral has no router bias
-        moe.save_pretrained(tmp_path / "mx", format="mixtral")
+        checkpoint.save_pretrained(moe, tmp_path / "mx", format="mixtral")
     assert not os.path.exists(tmp_path / "mx")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 from gate import cv_squared, normal_cdf
-from model import Transformer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "llama_moe_tiny")
 VARIANTS = ["mlp", "linear"]
@@ -21,7 +21,7 @@ TOL = 1e-5
 
 def load(variant):
     path = os.path.join(FIXTURES, variant)
-    return Transformer.from_pretrained(path), load_file(os.path.join(path, "reference.safetensors"))
+    return checkpoint.load_pretrained(path), load_file(os.path.join(path, "reference.safetensors"))
 
 
 def run(model, ref, noise=False):
@@ -139,7 +139,7 @@ def test_where_the_two_load_formulas_part(variant):
 def test_llama_moe_round_trip(variant, tmp_path):
     src = os.path.join(FIXTURES, variant)
     model, _ = load(variant)
-    model.save_pretrained(tmp_path / "out", format="llama_moe")
+    checkpoint.save_pretrained(model, tmp_path / "out", format="llama_moe")
     original = load_file(os.path.join(src, "model.safetensors"))
     saved = load_file(tmp_path / "out" / "model.safetensors")
     original = {k: v for k, v in original.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -154,7 +154,7 @@ def test_llama_moe_round_trip(variant, tmp_path):
                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
                 "vocab_size", "tie_word_embeddings"):
         assert raw_out[key] == raw_in[key], key
-    again = Transformer.from_pretrained(tmp_path / "out").eval()
+    again = checkpoint.load_pretrained(tmp_path / "out").eval()
     idx = torch.randint(0, 257, (1, 9))
     with torch.no_grad():
         assert torch.equal(again(idx)[0], model.eval()(idx)[0])
@@ -163,7 +163,7 @@ def test_llama_moe_round_trip(variant, tmp_path):
 def test_linear_gate_exports_to_mixtral(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, ref = load("linear")
-    model.save_pretrained(tmp_path / "mixtral", format="mixtral")
+    checkpoint.save_pretrained(model, tmp_path / "mixtral", format="mixtral")
     mixtral, info = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral", output_loading_info=True,
                                                                     attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -171,7 +171,7 @@ def test_linear_gate_exports_to_mixtral(tmp_path):
         got = mixtral.eval()(ref["input_ids"]).logits
     assert (got - ref["logits"]).abs().max() < TOL
     # ... and our loader reads the Mixtral folder back to the same eval logits.
-    back = Transformer.from_pretrained(tmp_path / "mixtral")
+    back = checkpoint.load_pretrained(tmp_path / "mixtral")
     with torch.no_grad():
         assert (back(ref["input_ids"])[0] - ref["logits"]).abs().max() < TOL
 
@@ -179,7 +179,7 @@ def test_linear_gate_exports_to_mixtral(tmp_path):
 def test_mlp_gate_refuses_mixtral(tmp_path):
     model, _ = load("mlp")
     with pytest.raises(ValueError, match="MLP gate"):
-        model.save_pretrained(tmp_path / "mixtral", format="mixtral")
+        checkpoint.save_pretrained(model, tmp_path / "mixtral", format="mixtral")
     assert not os.path.exists(tmp_path / "mixtral")  # nothing half-written
 
 
@@ -197,4 +197,4 @@ def test_unsupported_llama_moe_settings_are_refused(edit, message, tmp_path):
     raw.update(edit)
     json.dump(raw, open(dst / "config.json", "w"))
     with pytest.raises(ValueError, match=message):
-        Transformer.from_pretrained(dst)
+        checkpoint.load_pretrained(dst)

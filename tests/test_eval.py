@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import eval as ev
 import multiple_choice as mc
 from model import ModelConfig, ModelOutput, Transformer
@@ -361,8 +362,8 @@ def test_mixtral_export_gives_same_numbers_as_native(tmp_path):
     torch.manual_seed(0)
     # E/k = 2: folding the scale into w2 is exact in floating point, so the two loads agree to the bit.
     model = Transformer(ModelConfig(**dict(TINY_MOE, vocab_size=300, hidden_size=16, initializer_range=0.2)))
-    model.save_pretrained(str(tmp_path / "native"), format="native")
-    model.save_pretrained(str(tmp_path / "mixtral"), format="mixtral")
+    checkpoint.save_pretrained(model, str(tmp_path / "native"), format="native")
+    checkpoint.save_pretrained(model, str(tmp_path / "mixtral"), format="mixtral")
 
     out = {}
     for fmt in ("native", "mixtral"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import eval as ev
 from model import ModelConfig, Transformer
 
@@ -40,7 +41,7 @@ def setup(tmp_path_factory):
                 for _ in range(3)))
     torch.manual_seed(0)
     ckpt = root / "ckpt"
-    Transformer(ModelConfig(**TINY, tokenizer_sha256=tok.fingerprint)).save_pretrained(str(ckpt))
+    checkpoint.save_pretrained(Transformer(ModelConfig(**TINY, tokenizer_sha256=tok.fingerprint)), str(ckpt))
     return {"root": root, "data": str(data), "ckpt": str(ckpt), "sha": tok.fingerprint}
 
 
@@ -101,7 +102,7 @@ def test_tokenizer_not_the_datas_is_refused(setup, tmp_path):
 def test_checkpoint_of_another_tokenizer_is_refused(setup, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt"
-    Transformer(ModelConfig(**TINY, tokenizer_sha256="0" * 64)).save_pretrained(str(ckpt))
+    checkpoint.save_pretrained(Transformer(ModelConfig(**TINY, tokenizer_sha256="0" * 64)), str(ckpt))
     with pytest.raises(ev.UserError, match="tokenizer mismatch.*config.json"):
         ev.main(args(setup, f"--ckpt={ckpt}"))
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 from conftest import SMOLLM2_GGUF, smollm2_gguf
 from model import Transformer
 
@@ -122,7 +123,7 @@ def write_gguf(path, hf, types=None, arch="llama", skip=(), meta=None, extra=Non
 
 
 def ours_logits(path, idx):
-    model = Transformer.from_pretrained(path)
+    model = checkpoint.load_pretrained(path)
     with torch.no_grad():
         return model(idx)[0]
 
@@ -145,14 +146,14 @@ def test_f32_file_reproduces_the_model_it_was_written_from(tmp_path, tied):
     path = write_gguf(tmp_path / "f32.gguf", hf)
     with torch.no_grad():
         want = hf(IDX).logits
-    model = Transformer.from_pretrained(path)
+    model = checkpoint.load_pretrained(path)
     assert model.config.tie_word_embeddings == tied
     assert (model.model.embed_tokens.weight is model.lm_head.weight) == tied
     with torch.no_grad():
         got = model(IDX)[0]
     assert (got - want).abs().max().item() < 1e-5
     # GGUF -> Hugging Face folder: what we save from it, transformers loads to the same logits.
-    model.save_pretrained(tmp_path / "hf")
+    checkpoint.save_pretrained(model, tmp_path / "hf")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     with torch.no_grad():
         assert (back(IDX).logits - want).abs().max().item() < 1e-5
@@ -174,7 +175,7 @@ def test_quantized_file_matches_transformers_gguf_loader(tmp_path, tied, types):
 def test_metadata_maps_onto_the_config(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", hf_llama(), meta=dict(add_rope_scaling_type=gguf.RopeScalingType.LINEAR,
                                                                  add_rope_scaling_factor=2.0))
-    c = Transformer.from_pretrained(path).config
+    c = checkpoint.load_pretrained(path).config
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (len(TOKENS), 64, 128, 2)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (4, 2, 16)
     assert (c.max_position_embeddings, c.rope_theta) == (128, 10000.0)
@@ -200,7 +201,7 @@ def test_llama3_rope_freqs_tensor_becomes_llama3_scaling(tmp_path):
     # head size 16: wavelengths 6.3 .. 19869 positions, so all three regimes (1, blended, factor) occur
     path = write_gguf(tmp_path / "l3.gguf", hf_llama(),
                       extra={"rope_freqs.weight": (np.array(divisors, dtype=np.float32), None)})
-    model = Transformer.from_pretrained(path)
+    model = checkpoint.load_pretrained(path)
     assert model.config.rope_scaling["rope_type"] == "llama3"
     want = torch.tensor(1.0 / base ** (np.arange(0, hd, 2) / hd) / np.array(divisors), dtype=torch.float32)
     torch.testing.assert_close(model.inv_freq, want, rtol=1e-5, atol=0)
@@ -213,7 +214,7 @@ def test_tokenizer_fingerprint_is_recorded_when_tokenizer_py_reads_the_file(tmp_
         want = Tokenizer(str(path)).fingerprint
     except Exception:  # a tokenizer.py without GGUF support: the model loads, with no fingerprint
         want = None
-    assert Transformer.from_pretrained(path).config.tokenizer_sha256 == want
+    assert checkpoint.load_pretrained(path).config.tokenizer_sha256 == want
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_tokenizer_fingerprint_is_recorded_when_tokenizer_py_reads_the_file(tmp_
 def test_other_architecture_is_refused(tmp_path):
     path = write_gguf(tmp_path / "g.gguf", hf_llama(), arch="gpt2")
     with pytest.raises(ValueError, match=r"g\.gguf: general.architecture is 'gpt2'.*only 'llama'"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_truncated_file_is_refused(tmp_path):
@@ -231,13 +232,13 @@ def test_truncated_file_is_refused(tmp_path):
     path.write_bytes(data[:len(data) - 100])  # the last tensor, output_norm.weight (64 floats), is cut short
     with pytest.raises(ValueError, match=rf"t\.gguf: not a readable GGUF file \(ValueError: tensor 'output_norm\.weight' "
                                          rf"ends at byte {len(data)} but the file has {len(data) - 100}\).*truncated"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_missing_tensor_is_refused(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", hf_llama(), skip={"blk.1.ffn_up.weight"})
     with pytest.raises(ValueError, match=r"m\.gguf: missing tensors.*model\.layers\.1\.mlp\.up_proj\.weight"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_type_the_gguf_package_cannot_dequantize_is_refused(tmp_path):
@@ -245,7 +246,7 @@ def test_type_the_gguf_package_cannot_dequantize_is_refused(tmp_path):
     path = write_gguf(tmp_path / "q.gguf", hf_llama(), skip={"blk.0.ffn_up.weight"},
                       extra={"blk.0.ffn_up.weight": (np.zeros((128, 2 * 40), dtype=np.uint8), Q.Q8_1)})
     with pytest.raises(ValueError, match=r"q\.gguf: tensor 'blk\.0\.ffn_up\.weight' is stored as Q8_1"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_unknown_type_number_is_refused(tmp_path):
@@ -261,21 +262,21 @@ def test_unknown_type_number_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"u\.gguf: not a readable GGUF file .*tensor 'output_norm\.weight' has "
                                          r"ggml type 77, unknown to this gguf package"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_unexpected_tensor_is_refused(tmp_path):
     path = write_gguf(tmp_path / "b.gguf", hf_llama(),
                       extra={"blk.0.attn_q.bias": (np.zeros(64, dtype=np.float32), None)})
     with pytest.raises(ValueError, match=r"b\.gguf: unexpected tensor 'blk\.0\.attn_q\.bias'"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"not a model")
     with pytest.raises(ValueError, match=r"x\.gguf: a single file is read only if it is GGUF"):
-        Transformer.from_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ PROMPT = [504, 3575, 282, 4649, 314]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return Transformer.from_pretrained(SMOLLM2)
+    return checkpoint.load_pretrained(SMOLLM2)
 
 
 @needs_smollm2
@@ -340,14 +341,14 @@ def split_random(dense, E, k, seed=0):
 @pytest.mark.parametrize("source", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_split_model_exports_to_mixtral_and_generates_the_same(source, tmp_path, request):
     if source == "tiny":
-        dense, E, k = Transformer.from_pretrained(write_gguf(tmp_path / "d.gguf", hf_llama(), types=MIXED)), 4, 2
+        dense, E, k = checkpoint.load_pretrained(write_gguf(tmp_path / "d.gguf", hf_llama(), types=MIXED)), 4, 2
         prompt = IDX[:1, :6]
     else:
         if not os.path.exists(SMOLLM2):
             pytest.skip(f"{SMOLLM2} not present")
         dense, E, k, prompt = request.getfixturevalue("smollm2"), 16, 4, torch.tensor([PROMPT])
     moe = split_random(dense, E, k)
-    moe.save_pretrained(tmp_path / "mixtral", format="mixtral")
+    checkpoint.save_pretrained(moe, tmp_path / "mixtral", format="mixtral")
     mixtral, info = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral", output_loading_info=True,
                                                                     attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"], info

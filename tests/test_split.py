@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 from configurator import UserError
 from model import ModelConfig, Transformer, rope_cos_sin
 from split import (SplitConfig, balanced_assign, build_moe, main, split_checkpoint, split_clustering, split_model,
@@ -272,9 +273,9 @@ def test_llama_to_mixtral_round_trip(tmp_path):
 
 def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
     src, dst = str(tmp_path / "dense"), str(tmp_path / "moe")
-    tiny_dense(4, tokenizer_sha256="ab" * 32).save_pretrained(src)
+    checkpoint.save_pretrained(tiny_dense(4, tokenizer_sha256="ab" * 32), src)
     main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=1", "--method=clustering"])
-    moe = Transformer.from_pretrained(dst)
+    moe = checkpoint.load_pretrained(dst)
     assert (moe.config.num_experts, moe.config.num_experts_per_tok, moe.config.score_scale) == (4, 1, 4.0)
     assert moe.config.tokenizer_sha256 == "ab" * 32  # the experts read the source's token ids
     before = {f: os.path.getmtime(os.path.join(dst, f)) for f in os.listdir(dst)}
@@ -282,7 +283,7 @@ def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
         main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=2"])
     assert {f: os.path.getmtime(os.path.join(dst, f)) for f in os.listdir(dst)} == before
     main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=2", "--scale=1", "--overwrite"])
-    assert Transformer.from_pretrained(dst).config.score_scale == 1.0
+    assert checkpoint.load_pretrained(dst).config.score_scale == 1.0
     out = capsys.readouterr().out
     assert "wrote" in out and "peak memory (RSS)" in out
 
@@ -293,14 +294,14 @@ def test_cli_writes_loads_and_refuses_existing_destination(tmp_path, capsys):
 ])
 def test_dst_that_is_not_a_model_is_never_replaced(tmp_path, make, match):
     src, dst = str(tmp_path / "dense"), tmp_path / "dst"
-    tiny_dense(4).save_pretrained(src)
+    checkpoint.save_pretrained(tiny_dense(4), src)
     make(dst)
     before = sorted(os.walk(dst)) if dst.is_dir() else dst.read_text()
     with pytest.raises(UserError, match=match):
         main([f"--src={src}", f"--dst={dst}", "--num_experts=4", "--top_k=1", "--overwrite"])
     assert (sorted(os.walk(dst)) if dst.is_dir() else dst.read_text()) == before
     with pytest.raises(ValueError, match=match):  # the same rule in the API
-        tiny_dense(4).save_pretrained(str(dst))
+        checkpoint.save_pretrained(tiny_dense(4), str(dst))
     assert not [n for n in os.listdir(tmp_path) if ".old" in n or ".tmp" in n]
 
 
@@ -322,7 +323,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, match):
     """... and before the weights are read (a 7B source is 13 GB): here they are unreadable, yet the settings'
     error is the one reported."""
     src, dst = str(tmp_path / "dense"), str(tmp_path / "moe")
-    tiny_dense().save_pretrained(src)
+    checkpoint.save_pretrained(tiny_dense(), src)
     with open(os.path.join(src, "model.safetensors"), "r+b") as f:
         f.truncate(100)
     open(tmp_path / "x", "w").close()
@@ -334,7 +335,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, args, match):
 def test_source_must_be_a_dense_llama_and_stay_untouched(tmp_path):
     moe_dir, dense_dir = str(tmp_path / "moe"), str(tmp_path / "runs" / "dense")
     dense = tiny_dense()
-    build_moe(dense, [(split_random(96, 4), None, None, None)] * 2, 4, 2, 24, 0, 2.0).save_pretrained(moe_dir)  # native MoE format
+    checkpoint.save_pretrained(build_moe(dense, [(split_random(96, 4), None, None, None)] * 2, 4, 2, 24, 0, 2.0), moe_dir)  # native MoE format
     with pytest.raises(UserError, match="dense LLaMA"):
         main([f"--src={moe_dir}", f"--dst={tmp_path / 'out'}", "--num_experts=4", "--top_k=2"])
     with pytest.raises(UserError, match="does not exist"):
@@ -342,7 +343,7 @@ def test_source_must_be_a_dense_llama_and_stay_untouched(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(UserError, match="config.json"):  # a folder that is not a checkpoint: the loader says why
         main([f"--src={tmp_path / 'empty'}", f"--dst={tmp_path / 'out'}"])
-    dense.save_pretrained(dense_dir)
+    checkpoint.save_pretrained(dense, dense_dir)
     files = {f: open(os.path.join(dense_dir, f), "rb").read() for f in os.listdir(dense_dir)}
     for dst in (dense_dir, os.path.join(dense_dir, "moe"), str(tmp_path / "runs")):  # src = dst, inside, around
         with pytest.raises(UserError, match="--dst"):
@@ -365,7 +366,7 @@ def test_split_holds_about_one_model_in_memory(tmp_path):
     src = str(tmp_path / "dense")
     torch.manual_seed(0)
     config = dict(vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
-    Transformer(ModelConfig(**config)).save_pretrained(src)   # 54M fp32 parameters: 218 MB
+    checkpoint.save_pretrained(Transformer(ModelConfig(**config)), src)   # 54M fp32 parameters: 218 MB
     size = os.path.getsize(os.path.join(src, "model.safetensors"))
     code = ("import sys, torch, split; from model import ModelConfig\n"
             "split.Transformer.save_pretrained = lambda *a, **k: None  # the split alone, not the writer\n"

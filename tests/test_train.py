@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import train
+import checkpoint
 import train_state
 from configurator import UserError
 from model import Transformer
@@ -170,8 +171,8 @@ def test_single_run_learns_and_exports(single):
     assert evals[-1]["weights"] != evals[0]["weights"]  # dynamic weights moved
     ckpt = train_state.latest_checkpoint(single)
     assert ckpt.endswith("ckpt_0000005") and not any(n.endswith(".tmp") for n in os.listdir(single))
-    final = Transformer.from_pretrained(os.path.join(single, "final"))
-    saved = Transformer.from_pretrained(os.path.join(ckpt, "model"))
+    final = checkpoint.load_pretrained(os.path.join(single, "final"))
+    saved = checkpoint.load_pretrained(os.path.join(ckpt, "model"))
     for (n, a), (_, b) in zip(final.state_dict().items(), saved.state_dict().items()):
         assert torch.equal(a, b), n
     with open(os.path.join(single, "final_mixtral", "config.json")) as f:
@@ -197,7 +198,7 @@ def test_bias_balancing_resumes_bit_identically(data, tmp_path):
     train.main(args + [f"--out_dir={resumed}", "--max_steps=2", f"--lr_decay_steps={STEPS}"])
     train.main(args + [f"--out_dir={resumed}", "--resume", f"--max_steps={STEPS}"])
     assert losses(resumed) == losses(straight)
-    a, b = (Transformer.from_pretrained(os.path.join(train_state.latest_checkpoint(o), "model"))
+    a, b = (checkpoint.load_pretrained(os.path.join(train_state.latest_checkpoint(o), "model"))
             for o in (straight, resumed))
     biases = [m.gate.expert_bias for m in a.moe_layers()]
     assert any(bool(x.any()) for x in biases)                     # it moved (by multiples of the rate)
@@ -271,7 +272,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_pat
     killed = losses(out)
     assert train_state.latest_checkpoint(out) == os.path.join(out, "ckpt_0000001")
     ckpt = train_state.latest_checkpoint(out)
-    Transformer.from_pretrained(os.path.join(ckpt, "model"))  # the previous checkpoint loads
+    checkpoint.load_pretrained(os.path.join(ckpt, "model"))  # the previous checkpoint loads
     with open(os.path.join(ckpt, "state.json")) as f:
         assert json.load(f)["step"] == 1
     # ... and continues exactly: step 2 again gives the loss the killed run logged before it died.

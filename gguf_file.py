@@ -1,0 +1,686 @@
+"""
+Chapter: GGUF, llama.cpp's one-file format - the model and its tokenizer, read and written.
+
+A GGUF file holds key/value metadata ("llama.block_count", "tokenizer.ggml.tokens", ...) and tensors named
+"blk.L.attn_q.weight", each stored as floats or in one of ggml's block quantizations (Q8_0: 32 weights share
+one fp16 scale; Q4_1: 32 4-bit weights share a scale and a minimum; the K-quants nest blocks of 256). Both
+directions use the `gguf` package that llama.cpp itself publishes (its reader, its writer, its quantizers).
+Two things differ from a Hugging Face folder besides the names:
+  - ggml lists a tensor's dims innermost first ([d, vocab]); numpy's view of it is (vocab, d).
+  - llama.cpp's "llama" graph rotates (x_2i, x_2i+1) pairs of a head (Meta's layout), while Hugging Face and
+    we rotate (x_i, x_i+hd/2) (rotate-half). Its converter reorders the rows of attn_q / attn_k within each
+    head (permute_rope_rows); unpermute_rope_rows undoes that exactly. Architectures with "NEOX" rotary
+    embeddings (glm4moe) rotate halves like us: their rows are stored as they are.
+
+Which llama.cpp graph runs our model (gguf_arch says, before anything is written):
+    dense LLaMA                                   -> "llama"
+    MoE, linear router, softmax over the top-k    -> "llama" with expert tensors (as Mixtral GGUFs are); the
+                                                     rescale factor s is folded into ffn_down_exps
+    ... plus SharingInter's always-on shared block -> "granitemoe" (llama's graph + an ungated shared FFN)
+    ... with a nonzero loss-free balancing bias   -> "glm4moe" with expert_gating_func = softmax_weight: top-k
+                                                     of (logits + bias), softmax over the chosen raw logits
+    "unit" weighting with every expert chosen     -> "llama", dense: the experts side by side are one FFN
+    refused: an MLP router, "unit" weighting of k < E experts (no llama.cpp graph weights experts by 1)
+Unequal expert widths are padded with zero neurons (silu(0) * 0 = 0: exact).
+
+Read top to bottom:
+  1. Names and files  - tensor names, opening a file with clear errors.
+  2. Reading          - metadata -> ModelConfig, tensors dequantized one at a time; the tokenizer's metadata.
+  3. Writing          - which graph, the tensors, the tokenizer's metadata, the file (atomically).
+"""
+import base64
+import os
+import re
+
+import numpy as np
+import torch
+
+from model import ModelConfig, rope_inv_freq
+from tokenizer import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Names and files
+
+GGUF_NAMES = {  # GGUF name (with L for the layer) -> ours
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.L.attn_norm.weight": "model.layers.L.input_layernorm.weight",
+    "blk.L.attn_q.weight": "model.layers.L.self_attn.q_proj.weight",
+    "blk.L.attn_k.weight": "model.layers.L.self_attn.k_proj.weight",
+    "blk.L.attn_v.weight": "model.layers.L.self_attn.v_proj.weight",
+    "blk.L.attn_output.weight": "model.layers.L.self_attn.o_proj.weight",
+    "blk.L.ffn_norm.weight": "model.layers.L.post_attention_layernorm.weight",
+    "blk.L.ffn_gate.weight": "model.layers.L.mlp.gate_proj.weight",
+    "blk.L.ffn_up.weight": "model.layers.L.mlp.up_proj.weight",
+    "blk.L.ffn_down.weight": "model.layers.L.mlp.down_proj.weight",
+    # experts: (E, d_e, d) per half; checkpoint.from_hf_names puts the halves into gate_up_proj
+    "blk.L.ffn_gate_inp.weight": "model.layers.L.mlp.gate.gate_network.weight",
+    "blk.L.ffn_gate_exps.weight": "model.layers.L.mlp.experts.gate_proj",
+    "blk.L.ffn_up_exps.weight": "model.layers.L.mlp.experts.up_proj",
+    "blk.L.ffn_down_exps.weight": "model.layers.L.mlp.experts.down_proj",
+    "blk.L.exp_probs_b.bias": "model.layers.L.mlp.gate.expert_bias",
+    "blk.L.ffn_gate_shexp.weight": "model.layers.L.mlp.shared.gate_proj.weight",
+    "blk.L.ffn_up_shexp.weight": "model.layers.L.mlp.shared.up_proj.weight",
+    "blk.L.ffn_down_shexp.weight": "model.layers.L.mlp.shared.down_proj.weight",
+}
+ARCHS = ("llama", "granitemoe", "glm4moe")
+NEOX_ARCHS = ("glm4moe",)                  # rotate-half rotary embeddings: q / k rows stored as they are
+RENAMED = {"glm4moe": {"blk.L.ffn_norm.weight": "blk.L.post_attention_norm.weight"}}  # its pre-FFN norm
+SOFTMAX_WEIGHT = 3                         # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT
+
+# llama.cpp's token types (tokenizer.ggml.token_type; sentencepiece numbers its piece types the same way)
+GGUF_TOKEN_NORMAL, GGUF_TOKEN_UNKNOWN, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 2, 3, 4
+GGUF_TOKEN_UNUSED, GGUF_TOKEN_BYTE = 5, 6
+PAD_TOKEN = re.compile(r"\[PAD\d+\]")      # the filler of ids a tokenizer lacks (as llama.cpp's converter)
+MODEL_FILE_KEY = "llama_moe.tokenizer.model"  # ours: the sentencepiece / tiktoken tokenizer.model, base64
+# tokenizer.ggml.pre (llama.cpp's name for the pre-tokenizer) -> split regex (tokenizer.py says what they are)
+GGUF_PRE_PATTERNS = {
+    "gpt-2": GPT2_PATTERN,
+    "smollm": SMOLLM_PATTERN,
+    "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN,
+}
+GGUF_PRE_NAMES = {GPT2_PATTERN: "gpt-2", SMOLLM_PATTERN: "smollm", LLAMA3_PATTERN: "llama-bpe"}  # for writing
+# llama.cpp adds BOS by default to the LLaMA-3 family only (a GGUF's add_bos_token key overrides it);
+# it also takes a pre-token that is itself a vocabulary entry whole ("ignore_merges"), as tiktoken does.
+GGUF_PRE_ADDS_BOS = {"llama-bpe", "llama3", "llama-v3"}
+
+
+def is_gguf(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def unpermute_rope_rows(w, n_heads):
+    """Undo llama.cpp's q/k row order. Its converter maps each head's rows (2, hd/2) -> (hd/2, 2), i.e.
+    rotate-half row order [x_0..x_{hd/2-1}, x_{hd/2}..] becomes interleaved [x_0, x_{hd/2}, x_1, ...]."""
+    rows, cols = w.shape
+    # (H*hd, d) -> (H, hd/2, 2, d) -> swap -> (H, 2, hd/2, d) -> (H*hd, d)
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_rope_rows(w, n_heads):
+    """Ours -> llama.cpp's q/k row order (the inverse of unpermute_rope_rows)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def open_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            # Before the reader maps each tensor's bytes: name the first tensor that the file cuts short.
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                name = bytes(name).decode(errors="replace")
+                if int(raw_type[0]) not in gguf.GGML_QUANT_SIZES:
+                    raise ValueError(f"tensor {name!r} has ggml type {int(raw_type[0])}, unknown to this gguf "
+                                     f"package (a newer llama.cpp type?): upgrade gguf, or convert the model "
+                                     f"with a common type")
+                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
+                if end > len(self.data):
+                    raise ValueError(f"tensor {name!r} ends at byte {end} but the file has {len(self.data)}")
+            return super()._build_tensors(start_offs, fields)
+
+    try:
+        return Reader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/... on a bad header or short data
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
+                         f"or damaged ({os.path.getsize(path)} bytes): download or convert it again") from None
+
+
+def gguf_value(reader, key, default=KeyError):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is KeyError:
+            raise KeyError(key)
+        return default
+    return field.contents()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Reading
+
+def gguf_config(reader, path):
+    """{arch}.* metadata -> ModelConfig (the names of llama.cpp's convert_hf_to_gguf.py)."""
+    arch = gguf_value(reader, "general.architecture", None)
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files (LLaMA 1/2/3, "
+                         f"SmolLM, TinyLlama, Mixtral, ...) and the MoE files this project writes (granitemoe, "
+                         f"glm4moe) are read: convert other models to a Hugging Face folder")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(key, default=KeyError):
+        return gguf_value(reader, f"{arch}.{key}", default)
+
+    try:
+        d = int(get("embedding_length"))
+        n_head = int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", d // n_head))
+        if int(get("rope.dimension_count", head_dim)) != head_dim:
+            raise ValueError(f"{path}: {arch}.rope.dimension_count differs from the head size {head_dim} "
+                             f"(partial rotary embeddings are not supported)")
+        if "token_embd.weight" not in tensors:
+            raise ValueError(f"{path}: tensor 'token_embd.weight' is missing: the file is incomplete")
+        kw = dict(
+            vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml dims: [d, vocab]
+            hidden_size=d,
+            intermediate_size=int(get("feed_forward_length", 0)),
+            num_hidden_layers=int(get("block_count")),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(get("attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(get("context_length")),
+            tie_word_embeddings="output.weight" not in tensors,  # llama.cpp then reuses token_embd
+            bos_token_id=gguf_value(reader, "tokenizer.ggml.bos_token_id", None),
+            eos_token_id=gguf_value(reader, "tokenizer.ggml.eos_token_id", None),
+        )
+        if get("expert_count", 0):
+            kw.update(gguf_moe_config(reader, path, arch, tensors))
+    except KeyError as e:
+        raise ValueError(f"{path}: metadata key {e.args[0]!r} is missing: the file is not a complete {arch} "
+                         f"GGUF; convert the model again") from None
+    kw["rope_scaling"] = gguf_rope_scaling(reader, path, arch, kw, tensors.get("rope_freqs.weight"))
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:  # sizes that do not fit together
+        raise ValueError(f"{path}: {e}") from None
+
+
+def gguf_moe_config(reader, path, arch, tensors):
+    """The MoE fields of an expert GGUF, refusing the routing llama.cpp's graph has that ours has not."""
+    def get(key, default=KeyError):
+        return gguf_value(reader, f"{arch}.{key}", default)
+
+    if "blk.0.ffn_gate_exps.weight" not in tensors:
+        raise ValueError(f"{path}: {arch}.expert_count is set but blk.0.ffn_gate_exps.weight is missing "
+                         f"(merged gate_up expert tensors are not read): convert the model again")
+    width = int(tensors["blk.0.ffn_gate_exps.weight"].shape[1])    # ggml dims [d, d_e, E]
+    scale = 1.0
+    if arch == "granitemoe":
+        neutral = {"logit_scale": 1.0, "residual_scale": 0.0, "embedding_scale": 0.0, "attention_scale": 0.0}
+        odd = [k for k, v in neutral.items() if float(get(k, v)) not in (v, 1.0)]
+        if odd:
+            raise ValueError(f"{path}: granitemoe scales {odd} are not 1: IBM's Granite models are not read "
+                             f"(only the granitemoe files this project writes)")
+    if arch == "glm4moe":
+        if int(get("expert_gating_func", 0)) != SOFTMAX_WEIGHT or int(get("leading_dense_block_count", 0)) \
+                or int(get("nextn_predict_layers", 0)) or "blk.0.attn_q_norm.weight" in tensors:
+            raise ValueError(f"{path}: a GLM-4.5 style glm4moe file (sigmoid routing, dense or MTP layers, q/k "
+                             f"norms) is not read; only the glm4moe files this project writes")
+        scale = float(get("expert_weights_scale", 1.0)) or 1.0
+    shared = 0
+    if "blk.0.ffn_gate_shexp.weight" in tensors:
+        shared = int(tensors["blk.0.ffn_gate_shexp.weight"].shape[1])
+    experts = int(get("expert_count"))
+    return dict(num_experts=experts, num_experts_per_tok=int(get("expert_used_count")),
+                expert_intermediate_size=width, shared_intermediate_size=shared, score_scale=scale,
+                intermediate_size=width * experts, gate_type="linear", gate_noise=False)
+
+
+def gguf_rope_scaling(reader, path, arch, kw, rope_freqs):
+    """The rope_scaling dict ModelConfig understands, from {arch}.rope.scaling.* or a rope_freqs tensor."""
+    kind = gguf_value(reader, f"{arch}.rope.scaling.type", "none")
+    factor = gguf_value(reader, f"{arch}.rope.scaling.factor", 1.0)
+    if kind == "linear" and factor != 1.0:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind not in ("none", "linear"):
+        raise ValueError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (only linear, and "
+                         f"LLaMA-3.1's scaling stored as rope_freqs)")
+    if rope_freqs is None:
+        return None
+    # LLaMA-3.1/3.2: the converter stores per-frequency divisors instead of the parameters. They follow
+    # from factor, low/high_freq_factor and the original context; Meta's releases all use low 1, high 4 and
+    # 8192 positions, with factor = the largest divisor. Check that this reproduces the stored divisors.
+    import gguf
+    divisors = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).copy()).float()
+    scaling = {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    base = rope_inv_freq(ModelConfig(**dict(kw, rope_scaling=None)))
+    ours = rope_inv_freq(ModelConfig(**dict(kw, rope_scaling=scaling)))
+    if divisors.shape != base.shape or not torch.allclose(ours, base / divisors, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: tensor 'rope_freqs.weight' holds rotary scaling factors that are not "
+                         f"LLaMA-3's (factor {scaling['factor']}, low 1, high 4, 8192 positions); convert the "
+                         f"model to a Hugging Face folder with its rope_scaling instead")
+    return scaling
+
+
+def read_gguf(path):
+    """-> (ModelConfig, a generator of (our name, float32 tensor, path)) dequantizing one tensor at a time."""
+    import gguf
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    arch = gguf_value(reader, "general.architecture")
+    try:  # the tokenizer fingerprint, when tokenizer.py can read this file's vocabulary
+        from tokenizer import Tokenizer
+        config.tokenizer_sha256 = Tokenizer(path).fingerprint
+    except Exception:
+        config.tokenizer_sha256 = None
+    names = {RENAMED.get(arch, {}).get(k, k): v for k, v in GGUF_NAMES.items()}
+
+    def tensors():
+        for t in reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue  # already folded into config.rope_scaling
+            layer, key = None, t.name
+            if t.name.startswith("blk."):
+                _, layer, rest = t.name.split(".", 2)
+                key = f"blk.L.{rest}"
+            if key not in names:
+                raise ValueError(f"{path}: unexpected tensor {t.name!r} of type {t.tensor_type.name} for a "
+                                 f"{arch} model (biases, merged or per-layer tensors of another layout): not "
+                                 f"supported")
+            name = names[key].replace(".L.", f".{layer}.")
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy in reversed ggml dims, float32
+            except NotImplementedError:
+                raise ValueError(f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the gguf "
+                                 f"package cannot dequantize: convert the model with a supported type "
+                                 f"(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_K, Q6_K, ...)") from None
+            if not w.flags.writeable:  # F32 comes back as a view of the read-only file mapping
+                w = w.copy()
+            w = torch.from_numpy(w.astype(np.float32, copy=False))
+            if arch not in NEOX_ARCHS and key == "blk.L.attn_q.weight":
+                w = unpermute_rope_rows(w, config.num_attention_heads)
+            elif arch not in NEOX_ARCHS and key == "blk.L.attn_k.weight":
+                w = unpermute_rope_rows(w, config.num_key_value_heads)
+            yield name, w, f"{path} (tensor {t.name!r})"
+
+    return config, tensors()
+
+
+def read_gguf_tokenizer(path):
+    """The tokenizer a GGUF carries as metadata (llama.cpp's keys; no tensor data is touched), as a dict:
+    {"kind": "bpe", vocab, merges, specials, pre, pattern, bos, eos, add_bos} for a byte-level BPE ('gpt2'),
+    {"kind": "sentencepiece", proto, bos, eos, add_bos} for a sentencepiece BPE (model 'llama'),
+    {"kind": "tiktoken", model_file} for a byte-level BPE we wrote from LLaMA-3's tiktoken file, which the file
+    holds too (MODEL_FILE_KEY): read from it, the tokenizer keeps its fingerprint."""
+    from gguf import GGUFReader
+    try:
+        fields = GGUFReader(path).fields
+    except Exception as e:  # the reader raises whatever struct / numpy / value error it meets
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged?): "
+                         f"{type(e).__name__}: {e}") from None
+
+    def get(key, default=None):
+        field = fields.get(key)
+        return default if field is None else field.contents()
+
+    model = get("tokenizer.ggml.model")
+    if model is None:
+        raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.model key); pass the model's "
+                         f"tokenizer.json or tokenizer.model instead")
+    if model == "llama":
+        return read_sentencepiece_vocab(path, get)
+    if model != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model = {model!r} is not supported; supported: "
+                         f"'gpt2' (byte-level BPE), 'llama' (sentencepiece BPE)")
+    if get(MODEL_FILE_KEY) is not None:  # LLaMA-3's tiktoken file, which the byte-level vocabulary was made from
+        return dict(kind="tiktoken", model_file=base64.b64decode(get(MODEL_FILE_KEY)))
+    pre = get("tokenizer.ggml.pre")
+    if pre not in GGUF_PRE_PATTERNS:
+        raise ValueError(f"{path}: tokenizer.ggml.pre = {pre!r} is not a pre-tokenizer we know; "
+                         f"supported: {', '.join(sorted(GGUF_PRE_PATTERNS))}")
+    tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ValueError(f"{path}: a gpt2 tokenizer needs tokenizer.ggml.tokens and "
+                         f"tokenizer.ggml.merges; {'tokens' if not tokens else 'merges'} missing")
+    types = get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    # control (<|im_start|>) and user-defined tokens are matched whole, never merged
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types))
+                if ty in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)}
+    vocab = {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if not (ty == GGUF_TOKEN_UNUSED and PAD_TOKEN.fullmatch(t)):  # fillers up to the model's vocab size
+            vocab.setdefault(t, i)
+    pairs = []
+    for k, m in enumerate(merges):
+        cut = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
+        if cut < 0:
+            raise ValueError(f"{path}: merge {k} {m!r} is not 'left right'")
+        pairs.append((m[:cut], m[cut + 1:]))
+    return dict(kind="bpe", vocab=vocab, merges=pairs, specials=specials, pre=pre, pattern=GGUF_PRE_PATTERNS[pre],
+                vocab_size=len(tokens), bos=get("tokenizer.ggml.bos_token_id"),
+                eos=get("tokenizer.ggml.eos_token_id"),
+                add_bos=bool(get("tokenizer.ggml.add_bos_token", pre in GGUF_PRE_ADDS_BOS)))
+
+
+def read_sentencepiece_vocab(path, get):
+    """tokenizer.ggml.model = llama: a sentencepiece BPE vocabulary (pieces, scores, types), as llama.cpp's
+    convert script copies it out of a LLaMA-1/2 tokenizer.model. Files we write also hold that
+    tokenizer.model itself (MODEL_FILE_KEY), which is then used as it is; otherwise the model is rebuilt
+    (sentencepiece_model_proto) with llama.cpp's defaults: a dummy-prefix space unless
+    tokenizer.ggml.add_space_prefix says no, BOS added by default."""
+    tokens, scores = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores")
+    types = get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens or [])
+    if not tokens or scores is None or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise ValueError(f"{path}: a 'llama' tokenizer needs tokenizer.ggml.tokens, .scores and "
+                         f".token_type of one length each")
+    if GGUF_TOKEN_UNKNOWN not in types:
+        raise ValueError(f"{path}: the sentencepiece vocabulary has no unknown-type token (<unk>)")
+    bos, eos = get("tokenizer.ggml.bos_token_id", -1), get("tokenizer.ggml.eos_token_id", -1)
+    original = get(MODEL_FILE_KEY)
+    if original is not None:
+        proto = base64.b64decode(original)
+    else:
+        proto = sentencepiece_model_proto(tokens, scores, types, bool(get("tokenizer.ggml.add_space_prefix", True)),
+                                          bool(get("tokenizer.ggml.remove_extra_whitespaces", False)),
+                                          (types.index(GGUF_TOKEN_UNKNOWN), bos, eos))
+    return dict(kind="sentencepiece", proto=proto, bos=None if bos < 0 else bos, eos=None if eos < 0 else eos,
+                add_bos=bool(get("tokenizer.ggml.add_bos_token", True)), original=original is not None)
+
+
+def _varint(n):
+    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number, value):
+    """One protobuf field: int / bool -> varint, float -> fixed32, str / bytes -> length-delimited."""
+    import struct
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3 | 0) + _varint(int(value))
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def sentencepiece_model_proto(pieces, scores, types, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                              unk_bos_eos=(0, 1, 2)):
+    """A sentencepiece BPE ModelProto (what a LLaMA-1/2 tokenizer.model holds) from a GGUF's
+    sentencepiece-style vocabulary, serialised by hand (the protobuf package is not a dependency).
+    Field numbers from sentencepiece_model.proto; token types share sentencepiece's numbering
+    (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+    body = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
+                    for p, s, t in zip(pieces, scores, types))
+    trainer = _field(3, 2) + _field(35, 6 in types)   # model_type = BPE; byte_fallback when <0xXX> pieces exist
+    unk, bos, eos = unk_bos_eos
+    trainer += _field(40, unk) + _field(41, bos) + _field(42, eos) + _field(43, -1)  # unk / bos / eos / pad ids
+    trainer += b"".join(_field(k, pieces[i]) for k, i in ((45, unk), (46, bos), (47, eos)) if 0 <= i < len(pieces))
+    normalizer = (_field(1, "identity") + _field(3, bool(add_dummy_prefix))
+                  + _field(4, bool(remove_extra_whitespaces)) + _field(5, True))  # escape spaces as U+2581
+    return body + _field(2, trainer) + _field(3, normalizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Writing
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def gguf_arch(config, has_bias=False):
+    """Which llama.cpp architecture runs this model exactly -> (arch, dense: experts written as one FFN).
+    Raises ValueError, one line naming what would fit, for a model no llama.cpp graph computes."""
+    if not config.is_moe:
+        return "llama", False
+    E, k = config.num_experts, config.num_experts_per_tok
+    if config.expert_weighting == "unit" and k == E:  # every expert at weight s, always: one dense FFN
+        return "llama", True
+    if config.expert_weighting == "unit" and k > 1:
+        raise ValueError(f"cannot write a GGUF: 'unit' expert weighting of {k} of {E} experts has no llama.cpp "
+                         f"graph (they all weight the chosen experts by router scores); save format='native', "
+                         f"or split with --expert_weighting=softmax or --top_k={E}")
+    if config.gate_type != "linear":
+        raise ValueError("cannot write a GGUF: llama.cpp's routers are one linear layer and this model has an "
+                         "MLP gate; save format='native', or split with --gate_type=linear")
+    if has_bias:
+        return "glm4moe", False
+    return ("granitemoe" if config.shared_intermediate_size else "llama"), False
+
+
+def model_arch(model):
+    """gguf_arch for a built model: a nonzero loss-free balancing bias counts."""
+    has_bias = model.config.is_moe and any(bool(m.gate.expert_bias.any()) for m in model.moe_layers())
+    return gguf_arch(model.config, has_bias)
+
+
+def pad_rows(w, rows):
+    """(n, ...) -> (rows, ...) with zeros appended: zero neurons add nothing to a SwiGLU FFN."""
+    return w if w.shape[0] == rows else torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])])
+
+
+def gguf_tensors(model, arch, dense):
+    """(GGUF name, float32 tensor) in llama.cpp's layout, one at a time."""
+    c = model.config
+    rename = RENAMED.get(arch, {})
+    ours_to_gguf = {v: rename.get(k, k) for k, v in GGUF_NAMES.items()}
+    state = model.state_dict()
+    scales = c.layer_list("score_scale") if c.is_moe else None
+    width = max(c.layer_list("expert_intermediate_size")) if c.is_moe else 0
+    shared = c.shared_intermediate_size
+    if arch == "glm4moe" and shared:  # its shared block is expert_shared_count experts wide
+        shared = -(-shared // width) * width
+
+    def out(name, t):
+        return name, t.detach().to("cpu", torch.float32)
+
+    yield out("token_embd.weight", state["model.embed_tokens.weight"])
+    yield out("output_norm.weight", state["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        yield out("output.weight", state["lm_head.weight"])
+    if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type")) == "llama3":
+        base = rope_inv_freq(ModelConfig(**{**c.__dict__, "rope_scaling": None}))
+        yield out("rope_freqs.weight", base / rope_inv_freq(c))  # the divisors llama.cpp applies
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for ours, t in state.items():
+            if not ours.startswith(p) or ".mlp." in ours:
+                continue
+            key = ours_to_gguf[ours.replace(p, "model.layers.L.")]
+            if arch not in NEOX_ARCHS and key.endswith(("attn_q.weight", "attn_k.weight")):
+                t = permute_rope_rows(t, c.num_attention_heads if "attn_q" in key else c.num_key_value_heads)
+            yield out(key.replace(".L.", f".{i}."), t)
+        b = f"blk.{i}."
+        if not c.is_moe:
+            for part in ("gate", "up", "down"):
+                yield out(f"{b}ffn_{part}.weight", state[f"{p}mlp.{part}_proj.weight"])
+            continue
+        gate_up, down = state[f"{p}mlp.experts.gate_up_proj"], state[f"{p}mlp.experts.down_proj"]
+        gate, up = gate_up.chunk(2, dim=1)                                        # 2 x (E, d_e, d)
+        down = down * scales[i]                                                   # (E, d, d_e), s folded in
+        if dense:  # the experts side by side (then the shared block): one FFN of width E d_e + shared
+            parts = [(gate.flatten(0, 1), up.flatten(0, 1), down.permute(1, 0, 2).flatten(1))]
+            if shared:
+                parts.append(tuple(state[f"{p}mlp.shared.{n}_proj.weight"] for n in ("gate", "up", "down")))
+            gate, up, down = (torch.cat(ts, dim=1 if j == 2 else 0) for j, ts in enumerate(zip(*parts)))
+            rows = width * c.num_experts + shared  # the widest layer's: llama.cpp has one FFN width
+            for part, t in (("gate", pad_rows(gate, rows)), ("up", pad_rows(up, rows)), ("down", pad_rows(down.T, rows).T)):
+                yield out(f"{b}ffn_{part}.weight", t)
+            continue
+        yield out(f"{b}ffn_gate_inp.weight", state[f"{p}mlp.gate.gate_network.weight"])
+        yield out(f"{b}ffn_gate_exps.weight", pad_rows(gate.transpose(0, 1), width).transpose(0, 1))
+        yield out(f"{b}ffn_up_exps.weight", pad_rows(up.transpose(0, 1), width).transpose(0, 1))
+        yield out(f"{b}ffn_down_exps.weight", pad_rows(down.permute(2, 0, 1), width).permute(1, 2, 0))
+        if arch == "glm4moe":
+            yield out(f"{b}exp_probs_b.bias", state[f"{p}mlp.gate.expert_bias"])
+        if shared:
+            for part in ("gate", "up"):
+                yield out(f"{b}ffn_{part}_shexp.weight", pad_rows(state[f"{p}mlp.shared.{part}_proj.weight"], shared))
+            yield out(f"{b}ffn_down_shexp.weight",
+                      pad_rows(state[f"{p}mlp.shared.down_proj.weight"].T, shared).T)
+
+
+def gguf_type_of(name, array, gtype):
+    """The ggml type a tensor is written in: llama.cpp's converter's rules (norms, 1-D tensors, biases and
+    the router stay F32; a row that is no whole number of quantization blocks falls back to F16)."""
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    if array.ndim <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not name.endswith(".weight"):
+        return Q.F32
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gtype]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if array.shape[-1] % block == 0 else Q.F16
+
+
+def tokenizer_metadata(tok, vocab_size):
+    """{GGUF key: value} of a Tokenizer, or ValueError when GGUF cannot carry it."""
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"cannot write a GGUF: the tokenizer has {tok.vocab_size} ids but the model only "
+                         f"{vocab_size} embeddings: it is not this model's tokenizer")
+    meta = {}
+    if tok._sp is not None:
+        sp = tok._sp
+        pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+        types = [GGUF_TOKEN_UNKNOWN if sp.is_unknown(i) else GGUF_TOKEN_CONTROL if sp.is_control(i)
+                 else GGUF_TOKEN_UNUSED if sp.is_unused(i) else GGUF_TOKEN_BYTE if sp.is_byte(i)
+                 else GGUF_TOKEN_NORMAL for i in range(len(pieces))]
+        scores = [float(sp.get_score(i)) for i in range(len(pieces))]
+        proto = tok._model_file if tok._model_file is not None else open(tok.path, "rb").read()
+        extra = len(pieces)
+        pieces += [f"[PAD{i}]" for i in range(extra, vocab_size)]
+        meta.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+                     "tokenizer.ggml.scores": scores + [0.0] * (vocab_size - extra),
+                     "tokenizer.ggml.token_type": types + [GGUF_TOKEN_UNUSED] * (vocab_size - extra),
+                     "tokenizer.ggml.add_space_prefix": bool(tok._dummy_prefix),
+                     "tokenizer.ggml.remove_extra_whitespaces": sp.decode(sp.encode("a  b")) == "a b",
+                     MODEL_FILE_KEY: base64.b64encode(proto).decode()})
+    else:
+        bpe = tok.byte_level()
+        pre = GGUF_PRE_NAMES.get(bpe["pattern"])
+        if pre is None:
+            raise ValueError(f"cannot write a GGUF tokenizer: {tok.path} splits text with a regex llama.cpp has no "
+                             f"name (tokenizer.ggml.pre) for; it knows GPT-2's, SmolLM's and LLaMA-3's")
+        tokens = [None] * vocab_size
+        types = [GGUF_TOKEN_UNUSED] * vocab_size
+        for t, i in bpe["vocab"].items():
+            if tokens[i] is None:
+                tokens[i], types[i] = t, GGUF_TOKEN_NORMAL
+        for t, i in tok.special_tokens.items():
+            tokens[i], types[i] = t, GGUF_TOKEN_CONTROL
+        tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+        meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+                     "tokenizer.ggml.token_type": types,
+                     "tokenizer.ggml.merges": [f"{a} {b}" for a, b in bpe["merges"]]})
+        if tok._tt is not None and tok._bpe is None:  # tiktoken: the file itself rides along (same fingerprint)
+            data = tok._model_file if tok._model_file is not None else open(tok.path, "rb").read()
+            meta[MODEL_FILE_KEY] = base64.b64encode(data).decode()
+        if not bpe["merges"]:
+            raise ValueError(f"cannot write a GGUF tokenizer: {tok.path} has no merges, and a GGUF cannot hold the "
+                             f"empty tokenizer.ggml.merges list llama.cpp requires")
+        if any(" " in a for a, _ in bpe["merges"]):
+            raise ValueError(f"cannot write a GGUF tokenizer: {tok.path} has a merge whose left part holds a "
+                             f"space, which llama.cpp's 'left right' merges cannot carry")
+    for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
+        if value is not None:
+            meta[f"tokenizer.ggml.{key}"] = int(value)
+    meta["tokenizer.ggml.add_bos_token"] = bool(tok.add_bos)
+    meta["tokenizer.ggml.add_eos_token"] = False
+    return meta
+
+
+def add_metadata(w, key, value):
+    """One key of our {key: value} dict, typed as llama.cpp reads it (token types int32, scores float32)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
+
+
+def save_gguf(model, path, tokenizer, gguf_type="auto", overwrite=False):
+    """Write `model` as one GGUF file llama.cpp runs, its tokenizer inside. gguf_type: f32, f16, bf16, q8_0
+    (quantized with the gguf package's own code) or auto (the model's dtype). Everything that can be refused
+    (the architecture, the type, the tokenizer, an existing file) is refused before a byte is written; the
+    file is written under a temporary name and renamed into place. Memory: the model plus the file's tensors
+    (gguf's writer holds them until it writes; no copy for F32 tensors of an F32 model but the reordered ones)."""
+    import gguf
+    from fileio import _fix_mode
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: a GGUF is one file (e.g. {os.path.join(path, 'model.gguf')})")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True (--overwrite) to replace it")
+    if gguf_type == "auto":
+        gguf_type = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(model.lm_head.weight.dtype, "f32")
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type {gguf_type!r}: use one of {', '.join(GGUF_TYPES)} or auto")
+    arch, dense = model_arch(model)
+    if tokenizer is None:
+        raise ValueError("a GGUF carries its tokenizer: pass tokenizer= (a Tokenizer or its path), e.g. the "
+                         "model's source folder or GGUF, or the data folder it was trained on")
+    tok_meta = tokenizer_metadata(tokenizer, model.config.vocab_size)
+    c = model.config
+    w = gguf.GGUFWriter(None, arch)
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    scaling = c.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    if c.is_moe and not dense:
+        width = max(c.layer_list("expert_intermediate_size"))
+        w.add_feed_forward_length(width)
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(width)
+        if arch == "granitemoe":
+            w.add_logit_scale(1.0)
+            if c.shared_intermediate_size:
+                w.add_expert_shared_feed_forward_length(c.shared_intermediate_size)
+        if arch == "glm4moe":
+            w.add_expert_shared_count(-(-c.shared_intermediate_size // width))
+            w.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=arch), SOFTMAX_WEIGHT)
+            w.add_expert_weights_norm(True)
+            w.add_expert_weights_scale(1.0)
+            w.add_leading_dense_block_count(0)
+    elif c.is_moe:
+        w.add_feed_forward_length(max(c.layer_list("expert_intermediate_size")) * c.num_experts
+                                  + c.shared_intermediate_size)
+    else:
+        w.add_feed_forward_length(c.intermediate_size)
+    for key, value in tok_meta.items():
+        add_metadata(w, key, value)
+    for name, t in gguf_tensors(model, arch, dense):
+        array = t.numpy()
+        qtype = gguf_type_of(name, array, gguf_type)
+        data = array if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(array, qtype)
+        w.add_tensor(name, data, raw_dtype=qtype)
+    tmp = f"{os.path.abspath(path)}.tmp{os.getpid()}"
+    try:
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _fix_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
