@@ -4,6 +4,7 @@
     python bench.py --json=out.json       # also write the figures
     python bench.py --threads=1 --tokens=8192 --dim=2048
     python bench.py --what=decode --threads=1     # generation: dense vs MoE tokens/s, prefill and decode
+    python bench.py --what=decode --threads=1 --moe=out/smollm2_moe_cpt/final --stack_layers=0  # a real MoE
 
 --what=kernels asks two questions (SPEC.md §7):
  1. permute + unpermute are pure memory movement: how close do they come to tensor.copy_ of the same bytes?
@@ -58,6 +59,7 @@ class BenchConfig:
     prompt_tokens: int = setting(32, ge=1)    # prefill length
     new_tokens: int = setting(64, ge=1)       # decode steps per generation
     decode_repeats: int = setting(5, ge=1)    # timed generations per model (median reported)
+    moe: str = ""               # an MoE checkpoint made from --parent (e.g. the demo's): timed against it instead
     stack_layers: int = setting(2, ge=0)      # LLaMA-2-7B-shaped layers (0: no such stack); fp32: ~1.6 GB per layer pair
     compile: bool = True        # also decode the MoEs with torch.compile'd chosen-expert products
 
@@ -71,6 +73,8 @@ def check_config(cfg: BenchConfig):
          f"of the E experts")
     need(cfg.device == "cpu" or torch.cuda.is_available(), f"--device={cfg.device} is not available here; use "
          f"--device=cpu")
+    need(not cfg.moe or (os.path.exists(cfg.moe) and os.path.isfile(cfg.parent)), f"--moe={cfg.moe} is timed "
+         f"against --parent={cfg.parent}: both must exist (python data/smollm2.py fetches the SmolLM2 parent)")
     try:
         check_output_file(cfg.json, "--json") if cfg.json else None
     except ValueError as e:
@@ -395,26 +399,27 @@ def time_models(family, models, cfg, device):
         same = "same" if r["tokens"] == twin["tokens"] else "DIFFER"
         print(f"   {r['model']:42s} {r['params'] / 1e6:7.1f}M {r['decode_weight_MB']:9.1f} {r['bound']:5.2f}x"
               f" {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.2f} {r['decode_vs_dense']:15.2f}x {same:>7s}")
-    best = {kind: max((r for r in rows if r["model"].startswith(kind)), key=lambda r: r["decode_tok_s"])
-            for kind in ("dense", "split", "carved")}
-    for kind in ("split", "carved"):
+    kinds = dict.fromkeys(r["model"].rsplit(", ", 1)[0] for r in rows)  # "dense", then each MoE, in order
+    best = {kind: max((r for r in rows if r["model"].rsplit(", ", 1)[0] == kind), key=lambda r: r["decode_tok_s"])
+            for kind in kinds}
+    for kind in list(kinds)[1:]:
         ratio = best[kind]["decode_tok_s"] / best["dense"]["decode_tok_s"]
-        print(f"   fastest {kind} MoE / fastest dense decode: {ratio:.2f}x ({best[kind]['model']} vs "
+        print(f"   fastest {kind} / fastest dense decode: {ratio:.2f}x ({best[kind]['model']} vs "
               f"{best['dense']['model']}; goal >= 1.6x on CPU fp32: {'met' if ratio >= 1.6 else 'MISSED'})")
     return rows
 
 
+def both_ways(named_models, compile):
+    """{name: model} -> {"name, eager": (model, False), "name, compiled": (model, True)} (compiled if asked)."""
+    return {f"{name}, {how}": (m, how == "compiled") for name, m in named_models.items()
+            for how in (("eager", "compiled") if compile else ("eager",))}
+
+
 def moe_variants(dense, cfg, shared_carved):
     """The dense model and its two MoE layouts, each decoded eagerly and (with --compile) compiled."""
-    split, carved = moe_of(dense, 16, 4), moe_of(dense, 14, 2, shared_carved)
-    models = {"dense, eager": (dense, False)}
-    if cfg.compile:
-        models["dense, compiled"] = (dense, True)
-    for name, m in (("split 16 experts, 4 active", split), (f"carved {shared_carved} shared + 14, 2 active", carved)):
-        models[name + ", eager"] = (m, False)
-        if cfg.compile:
-            models[name + ", compiled"] = (m, True)
-    return models
+    return both_ways({"dense": dense, "split 16 experts, 4 active": moe_of(dense, 16, 4),
+                      f"carved {shared_carved} shared + 14, 2 active": moe_of(dense, 14, 2, shared_carved)},
+                     cfg.compile)
 
 
 def bench_decode(cfg, dtype):
@@ -425,8 +430,16 @@ def bench_decode(cfg, dtype):
     results = {"config": asdict(cfg), "dtype": str(dtype), "rows": []}
     if cfg.parent != "none" and os.path.isfile(cfg.parent):
         dense = checkpoint.load_pretrained(cfg.parent, dtype=dtype, device=dev)
-        shared = 2 * dense.config.intermediate_size // 16   # carve.py's layout: two experts' worth, 192 here
-        results["rows"] += time_models(f"SmolLM2-135M ({cfg.parent})", moe_variants(dense, cfg, shared), cfg, dev)
+        if cfg.moe:  # a real MoE made from this parent (the demo's), against it
+            moe = checkpoint.load_pretrained(cfg.moe, dtype=dtype, device=dev)
+            need(moe.config.is_moe and moe.config.vocab_size == dense.config.vocab_size, f"--moe={cfg.moe} is not "
+                 f"an MoE with --parent's vocabulary: pass one that split.py made from --parent={cfg.parent}")
+            models = both_ways({"dense": dense, f"MoE {cfg.moe}": moe}, cfg.compile)
+            results["rows"] += time_models(f"{cfg.parent} and {cfg.moe}", models, cfg, dev)
+            del moe
+        else:
+            shared = 2 * dense.config.intermediate_size // 16   # carve.py's layout: two experts' worth, 192 here
+            results["rows"] += time_models(f"SmolLM2-135M ({cfg.parent})", moe_variants(dense, cfg, shared), cfg, dev)
         del dense
     elif cfg.parent != "none":
         print(f"\n--parent={cfg.parent} not found: no SmolLM2 rows (python data/smollm2.py fetches it)")

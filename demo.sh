@@ -5,7 +5,7 @@
 #   -> the paper's split (16 experts, 4 active, IndependentRandom, rescaled) -> eval
 #   -> carved from activations (192 shared neurons + 14 routed experts, 2 active: the same 25% of the FFN;
 #      router fitted to the data, W_down refitted; carve.py) -> eval -> continual pretraining of the carved
-#      MoE (torchrun, 2 ranks) -> eval -> one side-by-side table.
+#      MoE (torchrun, 2 ranks) -> eval -> one side-by-side table -> decode speed, MoE vs parent.
 # Run from anywhere: `bash demo.sh` (852 s measured in a fresh clone and venv on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
 # path instead (a 4-layer LLaMA trained here, then split; ~10 min), which needs no model at all.
 set -euo pipefail
@@ -72,4 +72,8 @@ python eval.py --ckpt=out/smollm2_moe_cpt/final "${EVAL[@]}" --out=out/demo/cpt.
 
 python compare.py out/demo/dense.json out/demo/random.json out/demo/carved.json out/demo/cpt.json \
     --names=dense,random-split,carved,carved+CPT --train_logs=,,,out/smollm2_moe_cpt/log.jsonl
+
+stage "speed: batch-1 greedy decoding, the trained MoE against its dense parent, side by side (1 thread)"
+python bench.py --what=decode --threads=1 --parent="$GGUF" --moe=out/smollm2_moe_cpt/final --stack_layers=0 \
+    --decode_repeats=3 --json=out/demo/speed.json
 stage "done in $(( $(date +%s) - start ))s"
