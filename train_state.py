@@ -45,7 +45,7 @@ from tokenizer import Tokenizer
 
 CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
-RUN_FILES = ("final", "final_mixtral", "log.jsonl")  # besides ckpt_*: what a fresh run replaces
+RUN_FILES = ("final", "final_mixtral", "final.gguf", "log.jsonl")  # besides ckpt_*: what a fresh run replaces
 LOCK = "train.lock"
 
 
