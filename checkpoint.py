@@ -35,7 +35,7 @@ import torch.nn as nn
 from fileio import atomic_dir, atomic_write, check_output_dir
 from gguf_file import is_gguf, read_gguf, save_gguf
 from model import ModelConfig, Transformer, rope_inv_freq
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_same_tokenizer
 
 NATIVE_MODEL_TYPE = "llama_moe_stacked"
 LLAMA_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -467,9 +467,8 @@ def model_tokenizer(model, tokenizer=None):
     want = model.config.tokenizer_sha256
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        if want and tok.fingerprint != want:
-            raise ValueError(f"tokenizer {tok.path} (sha256 {tok.fingerprint[:12]}...) is not the one this model "
-                             f"was trained with (sha256 {want[:12]}...): pass the model's own tokenizer")
+        check_same_tokenizer({"the model": want, f"tokenizer {tok.path}": tok.fingerprint},
+                             "pass the model's own tokenizer")
         return tok
     source = getattr(model, "source", None)
     if source is None:

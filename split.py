@@ -52,6 +52,7 @@ from fileio import check_output_dir, check_output_file
 from gate import GATE_TYPES
 from gguf_file import GGUF_TYPES, gguf_arch, tokenizer_metadata
 from model import EXPERT_WEIGHTINGS, Transformer
+from tokenizer import check_same_tokenizer
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle", "activation")
 INDEPENDENT = ("random", "clustering")      # disjoint experts covering all neurons: width d_h / E
@@ -187,12 +188,11 @@ def check_data(cfg, config):
     if os.path.isdir(cfg.data):
         from sample import load_meta
         try:
-            data_sha = load_meta(cfg.data).get("tokenizer_sha256")
+            check_same_tokenizer({"the model": config.tokenizer_sha256,
+                                  "the data": load_meta(cfg.data).get("tokenizer_sha256")},
+                                 "prepare it with the model's own tokenizer")
         except (OSError, ValueError) as e:
             raise UserError(f"--data={cfg.data}: {e}") from None
-        need(not (data_sha and config.tokenizer_sha256) or data_sha == config.tokenizer_sha256,
-             f"--data={cfg.data} was tokenised with another tokenizer (sha256 {str(data_sha)[:12]}...) than the "
-             f"model's ({str(config.tokenizer_sha256)[:12]}...): prepare it with the model's own tokenizer")
     else:
         need(cfg.tokenizer or cfg.src, f"--data={cfg.data} is a text file: pass --tokenizer=... to tokenise it")
 

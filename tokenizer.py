@@ -487,6 +487,17 @@ class Tokenizer:
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})")
 
 
+def check_same_tokenizer(named_fingerprints, fix):
+    """A token id means something only under the tokenizer that made it. named_fingerprints: {what: sha256}
+    (a Tokenizer's fingerprint, meta.json's or config.json's tokenizer_sha256), None where none was recorded
+    (not checked). Raises ValueError, one line naming the first two that differ and `fix`."""
+    known = [(what, sha) for what, sha in named_fingerprints.items() if sha]
+    for what, sha in known[1:]:
+        if sha != known[0][1]:
+            raise ValueError(f"tokenizer mismatch: {what} comes from another tokenizer than {known[0][0]} "
+                             f"(tokenizer_sha256 {sha[:12]}... vs {known[0][1][:12]}...): {fix}")
+
+
 def _tiktoken_chunks(text):
     """Split text into pieces tiktoken's regex can take: each <= TIKTOKEN_MAX_CHARS and without a
     run of whitespace / non-whitespace longer than TIKTOKEN_MAX_RUN.

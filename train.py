@@ -45,6 +45,7 @@ from configurator import UserError, load_config, need, run_cli, setting
 from gate import GATE_TYPES, routing_evenness, update_bias
 from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
+from tokenizer import check_same_tokenizer
 from train_state import (Log, agree, all_reduce, check_finite, commit_start, export, load_training_state,
                          resolve_start, save_checkpoint, setup_distributed)
 
@@ -393,9 +394,9 @@ def load_parent(cfg, d, mc):
     if cfg.seq_len > pc.max_position_embeddings:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the parent's max_position_embeddings "
                         f"{pc.max_position_embeddings} (--distill_from={cfg.distill_from})")
-    if pc.tokenizer_sha256 and mc.tokenizer_sha256 and pc.tokenizer_sha256 != mc.tokenizer_sha256:
-        raise UserError(f"--distill_from={cfg.distill_from} was trained with another tokenizer (tokenizer_sha256 "
-                        f"{pc.tokenizer_sha256[:12]}...) than the data and model ({mc.tokenizer_sha256[:12]}...)")
+    with user_input(f"--distill_from={cfg.distill_from}"):
+        check_same_tokenizer({"the data and model": mc.tokenizer_sha256, "the parent": pc.tokenizer_sha256},
+                             "distil from the parent the model was split from")
     parent.requires_grad_(False).eval()
     head = parent.lm_head.weight
     parent.lm_head = torch.nn.Identity()  # forward's logits are now (b, S, d); distill_kl applies the head per slice

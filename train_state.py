@@ -41,7 +41,7 @@ from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside,
 from checkpoint import config_from_hf
 from gguf_file import model_arch as gguf_arch
 from model import ModelConfig, Transformer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_same_tokenizer
 
 CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
@@ -290,11 +290,13 @@ def resolve_start(cfg, meta, n_streams, scratch_config, hint=""):
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_position_embeddings "
                         f"{mc.max_position_embeddings}: lower --seq_len")
     data_tok = meta.get("tokenizer_sha256")  # absent in datasets made before it was recorded: not checked
-    if data_tok and mc.tokenizer_sha256 and data_tok != mc.tokenizer_sha256:
-        where = start.weights or init_from
-        raise UserError(f"the data ({data_meta}: tokenizer_sha256 {data_tok[:12]}...) was tokenized with another "
-                        f"tokenizer than the model ({where}/config.json: {mc.tokenizer_sha256[:12]}...): "
-                        f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer={where})")
+    where = start.weights or init_from
+    try:
+        check_same_tokenizer({f"the model ({where}/config.json)": mc.tokenizer_sha256,
+                              f"the data ({data_meta})": data_tok},
+                             f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer={where})")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if data_tok:
         mc.tokenizer_sha256 = data_tok  # every checkpoint of this run records the data's tokenizer
     return start
