@@ -121,8 +121,6 @@ def check_split(cfg, config):
     need(cfg.router_init == "random" or m != "upcycle", "--router_init from the data needs experts that differ; "
          "upcycled experts are identical copies: use --router_init=random")
     weighting = cfg.expert_weighting or ("unit" if m == "activation" else "softmax")
-    need(cfg.format in ("native", "gguf") or weighting == "softmax", f"--format={cfg.format} weights the chosen "
-         f"experts by a softmax; --expert_weighting={weighting} needs --format=native")
     if m in INDEPENDENT:
         need(d_h % E == 0, f"intermediate_size {d_h} is not divisible by --num_experts={E}: the independent "
              f"methods give every expert d_h/E neurons. Expert counts that divide it (<= 256): "
@@ -157,19 +155,16 @@ def check_split(cfg, config):
     # brings it to ~1/k of it, not all the way. Upcycled experts are each the full FFN, so their weighted sum
     # already is the FFN: s = 1 is their default.
     scale = float(cfg.scale if cfg.scale is not None else (1.0 if m in ("upcycle", "activation") else E / k))
-    # What the output format can hold (checkpoint.export_config refuses it too, but only when saving, after the
-    # whole split).
-    need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
-         "(Mixtral's router is one linear layer): use --gate_type=linear or --format=native")
-    need(cfg.format in ("native", "gguf") or not shared, f"--format={cfg.format} has no place for SharingInter's "
-         f"shared block: use --format=native or gguf")
-    if cfg.format == "gguf":  # which llama.cpp graph runs the split, or why none does
+    if cfg.format != "native":  # what the output format can hold: asked now, not when saving after the whole split
         moe = replace(config, num_experts=E, num_experts_per_tok=k, expert_intermediate_size=d_e,
                       shared_intermediate_size=shared, gate_type=cfg.gate_type, expert_weighting=weighting)
         try:
-            gguf_arch(moe)
+            if cfg.format == "gguf":
+                gguf_arch(moe)  # which llama.cpp graph runs the split, or why none does
+            else:
+                checkpoint.check_hf_moe_format(cfg.format, moe)
         except ValueError as e:
-            raise UserError(f"--format=gguf: {e}") from None
+            raise UserError(f"--format={cfg.format}: {e}") from None
     if m in NEEDS_IMPORTANCE or needs_profile(cfg):
         check_data(cfg, config)
     return d_e, shared, scale, weighting
