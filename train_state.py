@@ -101,6 +101,21 @@ def agree(ok, d):
     return bool(all_reduce(torch.tensor([0 if ok else 1], device=d.device), d).item() == 0)
 
 
+def together(d, here, fn, failed):
+    """fn() on the ranks where `here` is true (rank 0, say) -> its result, None elsewhere. A UserError there
+    stops every rank, not only that one (the others would wait for it at the next collective): they raise
+    "{failed} (its message says why)"."""
+    result, error = None, None
+    if here:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if not agree(error is None, d):
+        raise error or UserError(f"{failed} (its message says why)")
+    return result
+
+
 def barrier(d):
     if d.distributed:
         dist.barrier()
@@ -307,11 +322,8 @@ def commit_start(cfg, d, start):
     --overwrite=True replaces, or, on a resume, cuts log.jsonl back to the checkpoint's step (the steps
     after it will be logged again), and removes temporaries that killed processes left behind."""
     barrier(d)  # every rank has read out_dir before anything in it changes
-    error = None
-    if d.master and start.clear:
-        error = set_aside(cfg.out_dir, start.clear)
-    if not agree(error is None, d):
-        raise error or UserError(f"rank 0 could not replace the earlier run in {cfg.out_dir!r} (its message says why)")
+    together(d, d.master and start.clear, lambda: set_aside(cfg.out_dir, start.clear),
+             f"rank 0 could not replace the earlier run in {cfg.out_dir!r}")
     if d.master:
         if start.resume_from:
             truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), start.step)
@@ -325,7 +337,7 @@ def commit_start(cfg, d, start):
 def set_aside(out_dir, paths):
     """--overwrite: move the earlier run's files into one temporary folder (renames, which do not depend on
     deleting anything), then delete that folder. A rename that fails puts the others back and leaves the old
-    run whole -> None, or the UserError to raise. Whatever cannot be deleted stays in the temporary folder,
+    run whole and raises UserError. Whatever cannot be deleted stays in the temporary folder,
     which the next run removes as a dead process's leftover."""
     trash, moved, path = os.path.join(out_dir, f"replaced.tmp{os.getpid()}"), [], out_dir
     try:
@@ -337,10 +349,9 @@ def set_aside(out_dir, paths):
         for path in reversed(moved):
             os.replace(os.path.join(trash, os.path.basename(path)), path)
         shutil.rmtree(trash, ignore_errors=True)
-        return UserError(f"--overwrite=True could not move {path} aside ({e.strerror}); the earlier run is left "
-                         f"whole: fix the permissions or pick another --out_dir")
+        raise UserError(f"--overwrite=True could not move {path} aside ({e.strerror}); the earlier run is left "
+                        f"whole: fix the permissions or pick another --out_dir") from None
     shutil.rmtree(trash, ignore_errors=True)
-    return None
 
 
 def truncate_log(path, step):
@@ -470,14 +481,8 @@ def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     ckpt = start.resume_from
     # Under FSDP only rank 0 reads the optimizer file and broadcasts; otherwise each rank reads it.
-    optim, error = {}, None
-    if d.master or not fsdp:
-        try:
-            optim = load_file(os.path.join(ckpt, "optimizer.pt"))
-        except UserError as e:
-            error = e
-    if not agree(error is None, d):  # every rank stops, not only the one that read the file
-        raise error or UserError(f"{ckpt}/optimizer.pt cannot be read on rank 0 (its message says why)")
+    optim = together(d, d.master or not fsdp, lambda: load_file(os.path.join(ckpt, "optimizer.pt")),
+                     f"{ckpt}/optimizer.pt cannot be read on rank 0") or {}
     set_optimizer_state_dict(model if isinstance(model, Transformer) else raw, optimizer, optim,
                              options=full_state_options(broadcast_from_rank0=fsdp))
     # Streams are numbered by micro-batch slot, not by rank: find ours in whichever rank file holds them.
