@@ -48,7 +48,8 @@ from checkpoint import MODEL_FILES
 from configurator import check_ranges, load_config, need, run_cli, setting, user_input
 from fileio import check_output_dir, check_output_file
 from gate import GATE_TYPES
-from gguf_file import GGUF_TYPES, gguf_arch, tokenizer_metadata
+from gguf_file import GGUF_TYPES, gguf_arch
+from gguf_tokenizer import tokenizer_metadata
 from model import EXPERT_WEIGHTINGS, Transformer
 from sample import load_meta, sample_sequences
 from tokenizer import check_same_tokenizer
