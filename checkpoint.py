@@ -35,7 +35,7 @@ import torch.nn as nn
 from fileio import atomic_dir, atomic_write, check_output_dir
 from gguf_file import is_gguf, read_gguf, save_gguf
 from model import ModelConfig, Transformer, rope_inv_freq
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_same_tokenizer
 
 NATIVE_MODEL_TYPE = "llama_moe_stacked"
 LLAMA_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -395,6 +395,30 @@ def export_tensors(model, format):
         # (mixtral: gate.weight_noise is dropped: Mixtral has no noise, and eval never used it)
 
 
+HF_MOE_FORMATS = ("mixtral", "llama_moe")
+
+
+def check_hf_moe_format(format, c, has_bias=False):
+    """ValueError naming all that Mixtral's or llama_moe's config (format) cannot hold of the MoE whose ModelConfig
+    is c (has_bias: a nonzero loss-free balancing bias). Neither routes with a bias or adds experts at unit weight:
+    refused, not approximated. split.py asks before it splits, export_config before a file is written."""
+    mixtral, name = format == "mixtral", {"mixtral": "Mixtral"}.get(format, format)
+    problems = []
+    if c.expert_weighting != "softmax":
+        problems.append(f"expert_weighting {c.expert_weighting!r} (it weights by a softmax over the chosen logits)")
+    if has_bias:
+        problems.append("a loss-free balancing bias in the routing (it has no router bias)")
+    if mixtral and c.gate_type != "linear":
+        problems.append("an MLP gate (Mixtral's router is one linear layer)")
+    if c.shared_intermediate_size:
+        problems.append(f"an always-on shared block ({name} has none)")
+    if mixtral and len(set(c.layer_list("expert_intermediate_size"))) != 1:
+        problems.append("expert widths that differ between layers")
+    if problems:
+        raise ValueError(f"cannot export to {name} format: the model has "
+                         + " and ".join(problems) + "; save it with format='native' instead (split.py --format=native)")
+
+
 def export_config(model, format):
     c = model.config
     dense = {k: getattr(c, k) for k in LLAMA_KEYS}
@@ -408,33 +432,15 @@ def export_config(model, format):
         return dict(asdict(c), architectures=["LlamaMoEStacked"], model_type=NATIVE_MODEL_TYPE,
                     torch_dtype=base["torch_dtype"])
     widths = c.layer_list("expert_intermediate_size")
-    # Neither Mixtral nor llama_moe routes with a bias or adds experts at unit weight: refused, not approximated.
-    problems = []
-    if c.expert_weighting != "softmax":
-        problems.append(f"expert_weighting {c.expert_weighting!r} (it weights by a softmax over the chosen logits)")
-    if any(bool(m.gate.expert_bias.any()) for m in model.moe_layers()):
-        problems.append("a loss-free balancing bias in the routing (it has no router bias)")
+    if format in HF_MOE_FORMATS:
+        check_hf_moe_format(format, c, any(bool(m.gate.expert_bias.any()) for m in model.moe_layers()))
     if format == "mixtral":
-        if c.gate_type != "linear":
-            problems.append("an MLP gate (Mixtral's router is one linear layer)")
-        if c.shared_intermediate_size:
-            problems.append("an always-on shared block (Mixtral has none)")
-        if len(set(widths)) != 1:
-            problems.append("expert widths that differ between layers")
-        if problems:
-            raise ValueError("cannot export to Mixtral format: the model has " + " and ".join(problems)
-                             + "; save it with format='native' instead")
         base.pop("intermediate_size")
         return dict(base, architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=widths[0],
                     num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                     router_aux_loss_coef=c.balance_loss_weight, output_router_logits=False,
                     sliding_window=None, router_jitter_noise=0.0)
     if format == "llama_moe":
-        if c.shared_intermediate_size:
-            problems.append("a shared (always-on) block")
-        if problems:
-            raise ValueError("cannot export to llama_moe format: the model has " + " and ".join(problems)
-                             + "; save it with format='native' instead")
         scales = c.layer_list("score_scale")
         return dict(base, architectures=["LlamaMoEForCausalLM"], model_type="llama_moe",
                     num_experts=c.num_experts, num_selects=c.num_experts_per_tok,
@@ -467,9 +473,8 @@ def model_tokenizer(model, tokenizer=None):
     want = model.config.tokenizer_sha256
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        if want and tok.fingerprint != want:
-            raise ValueError(f"tokenizer {tok.path} (sha256 {tok.fingerprint[:12]}...) is not the one this model "
-                             f"was trained with (sha256 {want[:12]}...): pass the model's own tokenizer")
+        check_same_tokenizer({"the model": want, f"tokenizer {tok.path}": tok.fingerprint},
+                             "pass the model's own tokenizer")
         return tok
     source = getattr(model, "source", None)
     if source is None:

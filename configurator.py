@@ -20,6 +20,7 @@ the model's positions) stay in the scripts.
 User errors (bad input, not bugs) are raised as `UserError` anywhere in a script; `run_cli` prints them as
 ONE line `script.py: error: ...` and exits with code 2. Anything else is a bug and keeps its traceback.
 """
+import contextlib
 import difflib
 import math
 import os
@@ -41,6 +42,16 @@ def need(ok, message):
     """Raise UserError(message) unless ok: the scripts' checks that relate settings to each other or to data."""
     if not ok:
         raise UserError(message)
+
+
+@contextlib.contextmanager
+def user_input(what):
+    """Errors of the libraries that read an input (sample.py, model.py, ...) become one-line UserErrors
+    naming `what` (e.g. "--src=PATH"), unless the message already does."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{what}: {e}" if what not in str(e) else str(e)) from e
 
 
 def run_cli(main, argv=None):

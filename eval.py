@@ -41,7 +41,7 @@ from fileio import atomic_file, atomic_write, check_output_file
 from model import MoEFeedForward
 from multiple_choice import pick_items, prefix_token, read_task, score_task
 from sample import load_meta, eval_windows
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_same_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,25 +158,22 @@ def load_tokenizer(path):
         raise UserError(f"tokenizer {path}: {e}") from None
 
 
-def check_same_tokenizer(cfg, tok, model):
+def check_vocabulary(cfg, tok, model):
     """Refuse a tokenizer, data folder or checkpoint that disagree on the vocabulary (see above)."""
-    mine = tok.fingerprint
-    have = {"the tokenizer " + tok.path: mine}
-    if model.config.tokenizer_sha256:
-        have[f"the checkpoint {cfg.ckpt} (config.json tokenizer_sha256)"] = model.config.tokenizer_sha256
+    have = {"the tokenizer " + tok.path: tok.fingerprint,
+            f"the checkpoint {cfg.ckpt} (config.json)": model.config.tokenizer_sha256}
     if cfg.data != "none":
         meta = load_meta(cfg.data)
-        data_sha = meta.get("tokenizer_sha256")
-        if data_sha:
-            have[f"the data {cfg.data} (meta.json)"] = data_sha
+        have[f"the data {cfg.data} (meta.json)"] = meta.get("tokenizer_sha256")
         if meta["vocab_size"] > model.config.vocab_size:
             raise UserError(f"--data={cfg.data} holds token ids up to {meta['vocab_size'] - 1} but the model has "
                             f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
-    if len(set(have.values())) > 1:
-        listed = "; ".join(f"{who}: {sha[:12]}" for who, sha in have.items())
-        raise UserError(f"tokenizer mismatch ({listed}): the scores would be meaningless. Prepare the data with "
-                        f"the model's tokenizer (python data/prepare.py --tokenizer=...) and pass --data=DIR, "
-                        f"or pass the model's own tokenizer with --tokenizer")
+    try:
+        check_same_tokenizer(have, "the scores would be meaningless. Prepare the data with the model's tokenizer "
+                                   "(python data/prepare.py --tokenizer=...) and pass --data=DIR, or pass the "
+                                   "model's own tokenizer with --tokenizer")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, the model only "
                         f"{model.config.vocab_size}: pass the model's own tokenizer with --tokenizer")
@@ -434,7 +431,7 @@ def evaluate(cfg):
         cfg.seq_len = positions
     tok_path = find_tokenizer(cfg)
     tok = load_tokenizer(tok_path)
-    check_same_tokenizer(cfg, tok, model)
+    check_vocabulary(cfg, tok, model)
     start, start_how = start_tokens(cfg.start_token, tok)
     print(f"[eval] {cfg.ckpt}: tokenizer {tok_path}; start token: {start_how} {start}")
     results = {"ckpt": cfg.ckpt, "settings": asdict(cfg), "model": {

@@ -14,7 +14,7 @@ This file reads the token shards written by data/prepare.py and turns them into 
     per window: draw a domain by weight, take that domain's next slot in a seeded shuffle -> x, y
 
 Read top to bottom: the paper's numbers, the shard reader, the weights, the dynamic rule, the shuffle,
-the sampler, and the evaluation windows that train.py and eval.py share.
+the sampler, the evaluation windows that train.py and eval.py share, and split.py's sample text.
 
     python sample.py --data_dir=data/embedded --weights=uniform --seq_len=256 --batch_size=8
 """
@@ -426,7 +426,45 @@ def eval_windows(data_dir, domain, seq_len, batch_size=1, max_windows=None, spli
 
 
 # -----------------------------------------------------------------------------------------------------
-# 8. A look at the mixture from the command line
+# 8. Sample text for profiling a model (split.py's importance and carving): random train windows, or a text file
+
+def sample_sequences(data, n, seq_len, seed=0, tokenizer=None, vocab_size=None):
+    """n windows of seq_len + 1 tokens from `data` -> (tokens (n, seq_len+1) int64, domain (n,) int64 or None).
+
+    data: a shard folder (windows drawn at random from each domain's *train* split, n/#domains each, so held-out
+    validation text stays unseen) or a text file (tokenised with `tokenizer`, cut into consecutive windows).
+    Ids >= vocab_size (text tokenised for another model) are refused. Raises ValueError / OSError."""
+    rng = np.random.default_rng(seed)
+    if os.path.isdir(data):
+        shards = load_shards(data, "train")                                   # {domain: memmap}
+        rows, domains = [], []
+        for di, (name, tokens) in enumerate(shards.items()):
+            if len(tokens) <= seq_len:
+                raise ValueError(f"domain {name!r} has {len(tokens)} train tokens, fewer than seq_len+1 = "
+                                 f"{seq_len + 1}: lower --seq_len")
+            count = n // len(shards) + (di < n % len(shards))
+            for s in rng.integers(0, len(tokens) - seq_len, size=count):
+                rows.append(np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64))
+                domains.append(di)
+        tokens, domains = torch.from_numpy(np.stack(rows)), torch.tensor(domains)
+    else:
+        from tokenizer import Tokenizer
+        with open(data, encoding="utf-8") as f:
+            ids = Tokenizer(tokenizer).encode(f.read(), bos=True, eos=True)
+        have = (len(ids) - 1) // seq_len
+        if have < n:
+            raise ValueError(f"{len(ids)} tokens make {have} windows of {seq_len + 1}, need {n}: give more text, "
+                             f"or lower --seq_len or the number of sequences (--importance_seqs, --profile_seqs)")
+        ids = torch.tensor(ids[:n * seq_len + 1])
+        tokens, domains = torch.stack([ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]), None
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} >= the model's vocab_size {vocab_size}: the data was "
+                         f"tokenised for another model")
+    return tokens, domains
+
+
+# -----------------------------------------------------------------------------------------------------
+# 9. A look at the mixture from the command line
 
 @dataclass
 class SampleConfig:

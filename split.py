@@ -30,28 +30,29 @@ Shapes: d hidden, d_h dense intermediate size, E experts, k experts per token, d
 C importance clusters (= E), B batch, S sequence length, T = B*S tokens.
 
 Memory: about one model. The source is read one tensor at a time into memory of its own (checkpoint.py's
-own_memory=True), each layer's experts are gathered from the dense FFN, which is dropped right after, so the
-split holds one model plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB
-bf16 checkpoint, 16/4 random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch (before:
-2.4 GiB); writing adds only what save_pretrained copies. The sharing methods also run forward + backward
-passes over sample text first (section 3 says how much).
+own_memory=True); each layer's experts are gathered from the dense FFN, which is dropped right after, so the split
+holds one model plus one layer's FFN (upcycling excepted: E copies of every FFN). Measured on a 1.25 GiB bf16
+checkpoint, 16/4 random: a peak RSS of 1.7 GiB up to the save, 0.3 GiB of it Python and torch; writing adds only
+what save_pretrained copies. The sharing methods first run forward + backward passes over sample text (section 3).
 """
 import os
 import resource
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import carve
 import checkpoint
 from checkpoint import MODEL_FILES
-from configurator import UserError, check_ranges, load_config, need, run_cli, setting
+from configurator import check_ranges, load_config, need, run_cli, setting, user_input
 from fileio import check_output_dir, check_output_file
 from gate import GATE_TYPES
-from gguf_file import GGUF_TYPES, gguf_arch, tokenizer_metadata
+from gguf_file import GGUF_TYPES, gguf_arch
+from gguf_tokenizer import tokenizer_metadata
 from model import EXPERT_WEIGHTINGS, Transformer
+from sample import load_meta, sample_sequences
+from tokenizer import check_same_tokenizer
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter", "upcycle", "activation")
 INDEPENDENT = ("random", "clustering")      # disjoint experts covering all neurons: width d_h / E
@@ -120,8 +121,6 @@ def check_split(cfg, config):
     need(cfg.router_init == "random" or m != "upcycle", "--router_init from the data needs experts that differ; "
          "upcycled experts are identical copies: use --router_init=random")
     weighting = cfg.expert_weighting or ("unit" if m == "activation" else "softmax")
-    need(cfg.format in ("native", "gguf") or weighting == "softmax", f"--format={cfg.format} weights the chosen "
-         f"experts by a softmax; --expert_weighting={weighting} needs --format=native")
     if m in INDEPENDENT:
         need(d_h % E == 0, f"intermediate_size {d_h} is not divisible by --num_experts={E}: the independent "
              f"methods give every expert d_h/E neurons. Expert counts that divide it (<= 256): "
@@ -156,19 +155,14 @@ def check_split(cfg, config):
     # brings it to ~1/k of it, not all the way. Upcycled experts are each the full FFN, so their weighted sum
     # already is the FFN: s = 1 is their default.
     scale = float(cfg.scale if cfg.scale is not None else (1.0 if m in ("upcycle", "activation") else E / k))
-    # What the output format can hold (checkpoint.export_config refuses it too, but only when saving, after the
-    # whole split).
-    need(cfg.format != "mixtral" or cfg.gate_type == "linear", "--format=mixtral cannot hold an MLP gate "
-         "(Mixtral's router is one linear layer): use --gate_type=linear or --format=native")
-    need(cfg.format in ("native", "gguf") or not shared, f"--format={cfg.format} has no place for SharingInter's "
-         f"shared block: use --format=native or gguf")
-    if cfg.format == "gguf":  # which llama.cpp graph runs the split, or why none does
+    if cfg.format != "native":  # what the output format can hold: asked now, not when saving after the whole split
         moe = replace(config, num_experts=E, num_experts_per_tok=k, expert_intermediate_size=d_e,
                       shared_intermediate_size=shared, gate_type=cfg.gate_type, expert_weighting=weighting)
-        try:
-            gguf_arch(moe)
-        except ValueError as e:
-            raise UserError(f"--format=gguf: {e}") from None
+        with user_input(f"--format={cfg.format}"):
+            if cfg.format == "gguf":
+                gguf_arch(moe)  # which llama.cpp graph runs the split, or why none does
+            else:
+                checkpoint.check_hf_moe_format(cfg.format, moe)
     if m in NEEDS_IMPORTANCE or needs_profile(cfg):
         check_data(cfg, config)
     return d_e, shared, scale, weighting
@@ -185,14 +179,10 @@ def check_data(cfg, config):
          f"(a shard folder or a text file)")
     need(os.path.exists(cfg.data), f"--data={cfg.data!r} does not exist (a shard folder or a text file)")
     if os.path.isdir(cfg.data):
-        from sample import load_meta
-        try:
-            data_sha = load_meta(cfg.data).get("tokenizer_sha256")
-        except (OSError, ValueError) as e:
-            raise UserError(f"--data={cfg.data}: {e}") from None
-        need(not (data_sha and config.tokenizer_sha256) or data_sha == config.tokenizer_sha256,
-             f"--data={cfg.data} was tokenised with another tokenizer (sha256 {str(data_sha)[:12]}...) than the "
-             f"model's ({str(config.tokenizer_sha256)[:12]}...): prepare it with the model's own tokenizer")
+        with user_input(f"--data={cfg.data}"):
+            check_same_tokenizer({"the model": config.tokenizer_sha256,
+                                  "the data": load_meta(cfg.data).get("tokenizer_sha256")},
+                                 "prepare it with the model's own tokenizer")
     else:
         need(cfg.tokenizer or cfg.src, f"--data={cfg.data} is a text file: pass --tokenizer=... to tokenise it")
 
@@ -278,12 +268,6 @@ def split_clustering(W, E, seed=0):
     return [torch.nonzero(labels == j).squeeze(1) for j in range(E)]
 
 
-def split_upcycle(d_h, E):
-    """Sparse upcycling (the baseline): every expert is a full copy of the FFN. Note the size: E copies of every
-    FFN (LLaMA-2 7B, 16 experts: ~140 GB in bf16), so this is for small models and comparisons."""
-    return [torch.arange(d_h) for _ in range(E)]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 3. Importance: which neurons matter for which kind of text (SPEC section 2, for the sharing methods)
 #
@@ -292,38 +276,6 @@ def split_upcycle(d_h, E):
 #     importance_i = mean over the cluster's tokens of |a_i * dL/da_i|,   a = silu(W_gate x) * (W_up x)
 # a is exactly the input of W_down, so a forward pre-hook on down_proj sees it. L is the mean next-token loss
 # of the batch (what training minimises), so every token's gradient carries the batch's 1/T.
-
-def sample_sequences(data, n, seq_len, seed=0, tokenizer=None):
-    """n windows of seq_len + 1 tokens from `data` -> (tokens (n, seq_len+1) int64, domain (n,) int64 or None).
-
-    data: a shard folder (data/prepare.py's format; windows drawn at random from each domain's *train* split,
-    n/#domains each, so held-out validation text stays unseen) or a text file (tokenised with `tokenizer`,
-    cut into consecutive windows)."""
-    rng = np.random.default_rng(seed)
-    if os.path.isdir(data):
-        from sample import load_shards
-        shards = load_shards(data, "train")                                   # {domain: memmap}
-        rows, domains = [], []
-        for di, tokens in enumerate(shards.values()):
-            need(len(tokens) > seq_len, f"--data={data}: domain {list(shards)[di]!r} has {len(tokens)} train "
-                 f"tokens, fewer than seq_len+1 = {seq_len + 1}: lower --seq_len")
-            count = n // len(shards) + (di < n % len(shards))
-            for s in rng.integers(0, len(tokens) - seq_len, size=count):
-                rows.append(np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64))
-                domains.append(di)
-        return torch.from_numpy(np.stack(rows)), torch.tensor(domains)
-    from tokenizer import Tokenizer
-    try:
-        with open(data, encoding="utf-8") as f:
-            ids = Tokenizer(tokenizer).encode(f.read(), bos=True, eos=True)
-    except (OSError, ValueError) as e:  # an unreadable text file or tokenizer: the message names the file
-        raise UserError(f"--data={data} with --tokenizer={tokenizer}: {e}") from None
-    have = (len(ids) - 1) // seq_len
-    need(have >= n, f"--data={data}: {len(ids)} tokens make {have} windows of {seq_len + 1}, need {n}: give "
-         f"more text, or lower --seq_len / --importance_seqs")
-    tokens = torch.tensor(ids[:n * seq_len + 1])
-    return torch.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]), None
-
 
 @torch.no_grad()
 def mean_hidden_states(model, tokens, batch_size=4):
@@ -361,7 +313,7 @@ def taylor_importance(model, batches_per_cluster):
     dL/da and adds |a * dL/da| summed over tokens to the layer's scores, so no gradient is kept around.
     (a must not be detached: dL/da of layer l flows through the FFNs of every later layer.)
     Memory: the model + one batch's activations saved for backward, 0.14 MB per token per layer at LLaMA-2 7B
-    sizes in bf16 (measured): the default batch of 4 x 256 tokens adds ~4.6 GB to the 13.5 GB model."""
+    sizes in bf16 (measured): a batch of 4 x 256 tokens adds ~4.6 GB to the 13.5 GB model."""
     layers = model.model.layers
     C = len(batches_per_cluster)
     scores = [torch.zeros(C, b.mlp.down_proj.in_features) for b in layers]   # L x (C, d_h)
@@ -451,14 +403,14 @@ def build_moe(dense, layer_plans, num_experts, top_k, d_e, shared, scale, weight
               gate_type="linear", seed=0, gate_std=0.02, free_dense=False, gate_noise=True):
     """Slice a dense Transformer into an MoE Transformer (eval mode, like Transformer.from_pretrained).
 
-    layer_plans: per layer, in order, (expert_indices, shared_indices, gate_weight, w_down): E index tensors of
-    d_e neurons each (expert j = those neurons), the always-on block's indices (or None), the linear gate's
-    weight (E, d) (or None: random normal with std gate_std, SPEC section 3), and a refitted W_down (d, d_h) to
-    slice instead of the dense one (or None). It may be a generator that
-    profiles layer L+1 only after layer L was cut (carve.py), which is how the data-driven split streams.
-    Attention, norms and embeddings are the dense tensors themselves (moved when free_dense, else copied); each
-    expert stack is gathered from the dense FFN, which free_dense drops right after, so memory stays at about one
-    model (the dense model is unusable afterwards). The noise projection starts at zero."""
+    layer_plans: per layer, in order, (expert_indices, shared_indices, gate_weight, w_down): E index tensors of d_e
+    neurons each (expert j = those neurons), the always-on block's indices (or None), the linear gate's weight
+    (E, d) (or None: random normal with std gate_std, SPEC section 3), and a refitted W_down (d, d_h) to slice
+    instead of the dense one (or None). It may be a generator that profiles layer L+1 only after layer L was cut
+    (carve.py), which is how the data-driven split streams. Attention, norms and embeddings are the dense tensors
+    themselves (moved when free_dense, else copied); each expert stack is gathered from the dense FFN, which
+    free_dense drops right after, so memory stays at about one model (the dense model is unusable afterwards).
+    The noise projection starts at zero."""
     # The dense config plus the MoE fields; intermediate_size and the tokenizer fingerprint stay the dense model's.
     config = replace(dense.config, num_experts=num_experts, num_experts_per_tok=top_k, expert_intermediate_size=d_e,
                      shared_intermediate_size=shared, score_scale=scale, gate_type=gate_type,
@@ -525,8 +477,8 @@ def choose_experts(dense, cfg, d_e, shared_size, importance=None):
         elif cfg.method == "clustering":
             W = (block.mlp.up_proj if cfg.clustering_features == "up" else block.mlp.gate_proj).weight.detach()
             experts.append(split_clustering(W, E, seed))
-        elif cfg.method == "upcycle":
-            experts.append(split_upcycle(d_h, E))
+        elif cfg.method == "upcycle":  # the baseline: every expert a full copy (LLaMA-2 7B, 16 experts: ~140 GB bf16)
+            experts.append([torch.arange(d_h) for _ in range(E)])
         elif cfg.method == "sharing_inner":
             experts.append(split_sharing_inner(importance[layer], d_e))
         else:
@@ -538,10 +490,9 @@ def choose_experts(dense, cfg, d_e, shared_size, importance=None):
 
 def importance_batches(dense, cfg):
     """cfg.data's sample text -> E clusters of token batches, the input of taylor_importance."""
-    tokens, domains = sample_sequences(cfg.data, cfg.num_experts * cfg.importance_seqs, cfg.seq_len, cfg.seed,
-                                       cfg.tokenizer or cfg.src)
-    need(int(tokens.max()) < dense.config.vocab_size, f"--data={cfg.data}: token id {int(tokens.max())} >= the "
-         f"model's vocab_size {dense.config.vocab_size}: the data was tokenised for another model")
+    with user_input(f"--data={cfg.data}"):
+        tokens, domains = sample_sequences(cfg.data, cfg.num_experts * cfg.importance_seqs, cfg.seq_len, cfg.seed,
+                                           cfg.tokenizer or cfg.src, dense.config.vocab_size)
     clusters = importance_clusters(dense, tokens, domains, cfg.num_experts, cfg.seed, cfg.batch_size)
     return [[tokens[ix[i:i + cfg.batch_size]] for i in range(0, len(ix), cfg.batch_size)] for ix in clusters]
 
@@ -549,9 +500,9 @@ def importance_batches(dense, cfg):
 def profile_plans(dense, cfg, shared_size, weighting, scale, chosen=None):
     """Yield each layer's (experts, shared, gate weight) while carving the parent layer by layer (carve.py):
     the activation construction (when chosen is None) or the given experts, and the router by cfg.router_init."""
-    tokens, _ = sample_sequences(cfg.data, cfg.profile_seqs, cfg.seq_len, cfg.seed, cfg.tokenizer or cfg.src)
-    need(int(tokens.max()) < dense.config.vocab_size, f"--data={cfg.data}: token id {int(tokens.max())} >= the "
-         f"model's vocab_size {dense.config.vocab_size}: the data was tokenised for another model")
+    with user_input(f"--data={cfg.data}"):
+        tokens, _ = sample_sequences(cfg.data, cfg.profile_seqs, cfg.seq_len, cfg.seed, cfg.tokenizer or cfg.src,
+                                     dense.config.vocab_size)
     d = dense.config.hidden_size
 
     def plan_layer(layer, x, a):
@@ -597,13 +548,11 @@ def check_paths(cfg):
     need(os.path.exists(cfg.src), f"--src={cfg.src} does not exist: give a dense LLaMA checkpoint folder "
          f"(config.json + safetensors) or a .gguf file")
     inputs = [("--src", cfg.src), ("--data", cfg.data), ("--tokenizer", cfg.tokenizer)]
-    try:
+    with user_input("--dst"):
         if cfg.format == "gguf":  # one file
             check_output_file(cfg.dst, "--dst", inputs)
         else:
             check_output_dir(cfg.dst, "--dst", "a model", MODEL_FILES, cfg.overwrite, inputs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     need(cfg.format != "gguf" or cfg.overwrite or not os.path.exists(cfg.dst), f"--dst={cfg.dst} exists: pass "
          f"--overwrite=True to replace it, or choose another --dst")
 
@@ -612,27 +561,19 @@ def split_checkpoint(cfg):
     """Read cfg.src, split it, write the MoE checkpoint to cfg.dst (atomically). Returns the model.
     Everything is checked before the weights are read, and nothing is written before the split is done."""
     check_paths(cfg)
-    try:  # a checkpoint folder or a .gguf file: its config first, the split checked against it, then the weights
+    with user_input(f"--src={cfg.src}"):  # a folder or a .gguf: its config first, the split checked against it
         config, mtype, tensors = checkpoint.open_checkpoint(cfg.src, own_memory=True)
-    except (OSError, ValueError) as e:  # missing, malformed or not a LLaMA: the loader's message names the file
-        raise UserError(f"--src={cfg.src}: {e}") from None
     sizes = check_split(cfg, config)
     if cfg.format == "gguf":  # the source's tokenizer goes inside: one GGUF can carry, checked before any weight
-        try:
+        with user_input("--format=gguf needs the source's tokenizer inside the file"):
             tokenizer_metadata(checkpoint.Tokenizer(cfg.src), config.vocab_size)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--format=gguf needs the source's tokenizer inside the file: {e}") from None
-    try:  # each tensor copied out of its file, one at a time (memory: one model)
+    with user_input(f"--src={cfg.src}"):  # each tensor copied out of its file, one at a time (memory: one model)
         dense = checkpoint.fill_model(config, mtype, tensors, cfg.src, device=cfg.device)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--src={cfg.src}: {e}") from None
     moe = split_model(dense, cfg, sizes, free_dense=True)
     del dense
     moe.source = cfg.src  # save_pretrained writes the source's tokenizer into the split (or the GGUF)
-    try:
+    with user_input(f"--dst={cfg.dst}"):  # a tokenizer GGUF cannot carry, or none: said before anything is written
         checkpoint.save_pretrained(moe, cfg.dst, format=cfg.format, gguf_type=cfg.gguf_type, overwrite=cfg.overwrite)
-    except ValueError as e:  # a tokenizer GGUF cannot carry, or none: said before anything is written
-        raise UserError(f"--dst={cfg.dst}: {e}") from None
     return moe
 
 

@@ -18,8 +18,8 @@ LLaMA-family models come with their tokenizer in one of four forms:
 `Tokenizer(path)` reads any of them, or a checkpoint folder holding one, and hides the difference
 behind encode / decode / bos_id / eos_id / vocab_size / special_tokens / add_bos, so the data
 pipeline (data/prepare.py) and eval.py never ask which one they have. The file formats are read in
-their own chapters: hf_tokenizer.py (tokenizer.json, and writing every kind as one), gguf_file.py (GGUF
-metadata, read and written). `save(folder)` writes a tokenizer for us and for transformers. Both
+their own chapters: hf_tokenizer.py (tokenizer.json, and writing every kind as one), gguf_tokenizer.py
+(GGUF metadata, read and written). `save(folder)` writes a tokenizer for us and for transformers. Both
 byte-level BPE forms run
 through tiktoken: its ranks are the merge order (= the token ids, for real vocabularies), so it
 merges in the order the merges list says (build_byte_level_bpe says how far that is checked). `train_sentencepiece` trains the small BPE our embedded
@@ -281,8 +281,8 @@ class Tokenizer:
         self.add_bos = True  # Meta's LLaMA-3 and its Hugging Face tokenizer prepend <|begin_of_text|>
 
     def _init_gguf(self):
-        """The tokenizer a GGUF carries as metadata (gguf_file.read_gguf_tokenizer reads it)."""
-        from gguf_file import read_gguf_tokenizer
+        """The tokenizer a GGUF carries as metadata (gguf_tokenizer.read_gguf_tokenizer reads it)."""
+        from gguf_tokenizer import read_gguf_tokenizer
         spec = read_gguf_tokenizer(self.path)
         if spec["kind"] == "sentencepiece":
             self._init_sentencepiece(spec["proto"])
@@ -485,6 +485,17 @@ class Tokenizer:
     def __repr__(self):
         return (f"Tokenizer({self.path!r}, kind={self.kind}, vocab_size={self.vocab_size}, "
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})")
+
+
+def check_same_tokenizer(named_fingerprints, fix):
+    """A token id means something only under the tokenizer that made it. named_fingerprints: {what: sha256}
+    (a Tokenizer's fingerprint, meta.json's or config.json's tokenizer_sha256), None where none was recorded
+    (not checked). Raises ValueError, one line naming the first two that differ and `fix`."""
+    known = [(what, sha) for what, sha in named_fingerprints.items() if sha]
+    for what, sha in known[1:]:
+        if sha != known[0][1]:
+            raise ValueError(f"tokenizer mismatch: {what} comes from another tokenizer than {known[0][0]} "
+                             f"(tokenizer_sha256 {sha[:12]}... vs {known[0][1][:12]}...): {fix}")
 
 
 def _tiktoken_chunks(text):

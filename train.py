@@ -26,6 +26,7 @@ Read top to bottom:
   8. train()          - set up, then the loop: batch, forward, loss, backward, clip, step, log/eval/checkpoint
 """
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -41,12 +42,13 @@ import torch.nn.functional as F
 
 import checkpoint
 import train_state
-from configurator import UserError, load_config, need, run_cli, setting
+from configurator import UserError, load_config, need, run_cli, setting, user_input
 from gate import GATE_TYPES, routing_evenness, update_bias
 from model import ModelConfig, MoEFeedForward, Transformer, rope_inv_freq
 from sample import DomainSampler, eval_windows, load_meta
-from train_state import (Log, agree, all_reduce, check_finite, commit_start, export, load_training_state,
-                         resolve_start, save_checkpoint, setup_distributed)
+from tokenizer import check_same_tokenizer
+from train_state import (Log, all_reduce, check_finite, commit_start, export, load_training_state, resolve_start,
+                         save_checkpoint, setup_distributed, together)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,9 +61,8 @@ class TrainConfig:
     init_from: str = "out/demo_moe"       # "scratch" | a checkpoint folder (HF dense LLaMA, split MoE) | "resume"
     out_dir: str = "out/demo_moe_cpt"     # checkpoints ckpt_NNNNNNN/, log.jsonl, final/ (+ final_mixtral/)
     data_dir: str = "data/embedded"       # token shards written by data/prepare.py
-    # --- the model init_from="scratch" builds. These keys are model.ModelConfig's (= HF LlamaConfig's) and
-    #     mean what model.py documents; scratch_config passes them on by name. With a checkpoint folder the
-    #     folder's config.json decides, and a num_experts that disagrees with it is refused. ---
+    # --- the model init_from="scratch" builds: model.ModelConfig's keys (= HF LlamaConfig's), passed on by name
+    #     (scratch_config). With a checkpoint folder its config.json decides; a num_experts that disagrees is refused.
     vocab_size: int | None = setting(None, ge=1)  # None -> the data's (meta.json)
     hidden_size: int = setting(256, ge=1)
     intermediate_size: int = setting(688, ge=1)  # 688 = 16 * 43 = 8 * 86: splits evenly into 16 or 8 experts
@@ -125,10 +126,9 @@ MOE_KEYS = ("num_experts", "num_experts_per_tok", "expert_intermediate_size", "g
 # Peak dense bf16 tensor-core FLOP/s per GPU (no sparsity), from the vendors' data sheets: MFU's denominator.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                   "A10": 125e12, "L4": 121e12}
-# A CPU core's fp32 peak: this machine is an AMD EPYC Zen 4 (avx512 executed on two 256-bit FMA pipes):
-# 2 pipes x 8 fp32 lanes x 2 FLOP (multiply + add) = 32 FLOP per cycle at ~3.0 GHz (a 1-thread
-# 2048x1024x1024 fp32 matmul measured 88 GFLOP/s, best of 20) = 96 GFLOP/s per core. Per process: times its
-# threads. Override with --peak_flops.
+# A CPU core's fp32 peak: this machine is an AMD EPYC Zen 4 (avx512 on two 256-bit FMA pipes): 2 pipes x 8 fp32
+# lanes x 2 FLOP (multiply + add) = 32 FLOP per cycle at ~3.0 GHz = 96 GFLOP/s per core (a 1-thread 2048x1024x1024
+# fp32 matmul measured 88 GFLOP/s, best of 20). Per process: times its threads. Override with --peak_flops.
 CPU_FLOPS_PER_CORE = 2 * 8 * 2 * 3.0e9
 
 DEMO_MOE_HINT = ("the demo MoE is made by the README's pipeline: `python data/prepare.py`, "
@@ -150,15 +150,6 @@ def check_config(cfg):
          "--distill_from is set but --distill_alpha=0: give the KL a weight, e.g. --distill_alpha=0.5")
 
 
-@contextlib.contextmanager
-def user_input(what):
-    """Errors of the libraries that read an input (sample.py, model.py) become one-line UserErrors."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise UserError(f"{what}: {e}" if what not in str(e) else str(e)) from e
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 3. The model: which config, where the weights come from, how it is spread over ranks.
 
@@ -174,18 +165,16 @@ def scratch_config(cfg, meta):
 def active_params(mc):
     """Parameters one token passes through (SPEC.md section 2: k of E experts). The embedding is a lookup,
     not a matmul, so it is left out (as in the 6N rule); a tied lm_head still counts once as the head."""
-    d, hd = mc.hidden_size, mc.head_dim
+    d, hd, L = mc.hidden_size, mc.head_dim, mc.num_hidden_layers
     attn = d * hd * (2 * mc.num_attention_heads + 2 * mc.num_key_value_heads) + 2 * d  # q,o + k,v + 2 norms
-    total = 0
-    for layer in range(mc.num_hidden_layers):
-        if mc.is_moe:
-            E, k = mc.num_experts, mc.num_experts_per_tok
-            gate = d * E + (E * E if mc.gate_type == "mlp" else 0) + d * E  # router + noise projection
-            ffn = k * 3 * d * mc.layer_list("expert_intermediate_size")[layer] + 3 * d * mc.shared_intermediate_size
-            total += attn + gate + ffn
-        else:
-            total += attn + 3 * d * mc.intermediate_size
-    return total + d + mc.vocab_size * d  # final norm + lm_head
+    if mc.is_moe:
+        E, k = mc.num_experts, mc.num_experts_per_tok
+        gate = d * E + (E * E if mc.gate_type == "mlp" else 0) + d * E  # router + noise projection
+        ffn = sum(gate + k * 3 * d * w + 3 * d * mc.shared_intermediate_size
+                  for w in mc.layer_list("expert_intermediate_size"))
+    else:
+        ffn = L * 3 * d * mc.intermediate_size
+    return L * attn + ffn + d + mc.vocab_size * d  # final norm + lm_head
 
 
 def flops_per_token(mc, seq_len):
@@ -198,21 +187,10 @@ def flops_per_token(mc, seq_len):
 def peak_flops(cfg, d):
     if cfg.peak_flops:
         return cfg.peak_flops
-    if d.device.type == "cuda":
+    if d.device.type == "cuda":  # ordered: "H100 PCIe" before "H100"; an unknown GPU: nan until --peak_flops
         name = torch.cuda.get_device_name(d.device)
-        for key, value in GPU_PEAK_FLOPS.items():  # ordered: "H100 PCIe" before "H100"
-            if key in name:
-                return value
-        return float("nan")  # unknown GPU: MFU shows nan until --peak_flops is given
+        return next((value for key, value in GPU_PEAK_FLOPS.items() if key in name), float("nan"))
     return CPU_FLOPS_PER_CORE * torch.get_num_threads()
-
-
-def checkpointed(forward):
-    """Activation checkpointing of one block: keep only its input, recompute the inside in backward.
-    Replacing the instance's forward keeps parameter names (no wrapper module in the state dict)."""
-    def forward_with_recompute(*args):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
-    return forward_with_recompute
 
 
 def build_model(cfg, d, mc, weights_path):
@@ -229,22 +207,16 @@ def build_model(cfg, d, mc, weights_path):
         # FSDP2: every rank builds the model on the meta device (no memory), shards it, and only rank 0
         # holds a full copy, which it broadcasts shard by shard. Peak host memory: one model, on rank 0.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        full, error = {}, None
-        if d.master:
-            try:
-                full = full_weights().state_dict()
-            except UserError as e:  # tell the other ranks before they wait for rank 0's broadcast
-                error = e
-        if not agree(error is None, d):
-            raise error or UserError(f"rank 0 could not load {weights_path} (its message says why)")
+        full = together(d, d.master, lambda: full_weights().state_dict(), f"rank 0 could not load {weights_path}") or {}
         with torch.device("meta"):
             model = Transformer(mc)
     else:
         model = full_weights().to(d.device)
     model.train()
     for block in model.model.layers:
-        if cfg.activation_checkpointing:
-            block.forward = checkpointed(block.forward)
+        if cfg.activation_checkpointing:  # keep only the block's input, recompute the inside in backward; a new
+            # forward on the instance keeps the parameter names (no wrapper module in the state dict)
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
         if cfg.compile:
             block.compile()  # per block: MoE routing has data-dependent shapes, blocks compile independently
     raw = model
@@ -308,12 +280,12 @@ def make_optimizer(cfg, model):
 
 def batch_layout(cfg, world):
     per_forward = cfg.micro_batch * cfg.seq_len
-    if cfg.global_batch_tokens % (per_forward * world):
-        raise UserError(
-            f"global_batch_tokens={cfg.global_batch_tokens} does not divide into micro-batches: it must be a "
-            f"multiple of micro_batch * seq_len * world_size = {cfg.micro_batch} * {cfg.seq_len} * {world} = "
-            f"{per_forward * world} (gradient accumulation takes the rest); e.g. "
-            f"--global_batch_tokens={max(1, round(cfg.global_batch_tokens / (per_forward * world))) * per_forward * world}")
+    unit = per_forward * world
+    if cfg.global_batch_tokens % unit:
+        raise UserError(f"global_batch_tokens={cfg.global_batch_tokens} does not divide into micro-batches: it must be "
+                        f"a multiple of micro_batch * seq_len * world_size = {cfg.micro_batch} * {cfg.seq_len} * "
+                        f"{world} = {unit} (gradient accumulation takes the rest); e.g. "
+                        f"--global_batch_tokens={max(1, round(cfg.global_batch_tokens / unit)) * unit}")
     n_streams = cfg.global_batch_tokens // per_forward
     return n_streams, n_streams // world  # (slots per optimizer step, accumulation steps per rank)
 
@@ -364,26 +336,19 @@ def evaluate(cfg, d, model, domains, autocast):
     return losses
 
 
-def expert_load_shares(counts):
-    """(layers, E) token counts -> per layer (min share, max share); a perfectly even router gives 1/E each."""
-    shares = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)
-    return [(float(s.min()), float(s.max())) for s in shares]
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 7. Distillation from the dense parent (beyond the paper): the split MoE also learns to match the parent's
-#    next-token distribution on the same tokens, loss = lm + balance + alpha * T^2 * KL(p_parent || p_student)
-#    at temperature T (Hinton et al. 2015; T^2 keeps the gradient's scale independent of T). The parent runs
-#    in eval mode without gradients, under the same autocast, as a plain module on every rank (never wrapped
-#    by DDP/FSDP: it has nothing to synchronise). Its head is applied KL_CHUNK positions at a time, and each
-#    slice's softmaxes are recomputed in backward rather than kept, so the extra memory is one slice's
-#    (b, KL_CHUNK, vocab), not the whole (b, S, vocab) twice more.
+# 7. Distillation from the dense parent (beyond the paper): the split MoE also learns to match the parent's next-token
+#    distribution on the same tokens, loss = lm + balance + alpha * T^2 * KL(p_parent || p_student) at temperature
+#    T (Hinton et al. 2015; T^2 keeps the gradient's scale independent of T). The parent runs in eval mode without
+#    gradients, under the same autocast, as a plain module on every rank (never wrapped by DDP/FSDP: it has nothing
+#    to synchronise). Its head is applied KL_CHUNK positions at a time, and each slice's softmaxes are recomputed in
+#    backward rather than kept, so the extra memory is one slice's (b, KL_CHUNK, vocab), not (b, S, vocab) twice more.
 
 KL_CHUNK = 128
 
 
 def load_parent(cfg, d, mc):
-    """-> (parent Transformer returning its final hidden states, its lm_head weight (vocab, d))."""
+    """-> kl(x, logits): distill_kl of the student's logits (b, S, vocab) against the parent on the same tokens x."""
     with user_input(f"--distill_from={cfg.distill_from}"):
         parent = checkpoint.load_pretrained(cfg.distill_from, dtype=compute_dtype(cfg, d), device=d.device)
     pc = parent.config
@@ -393,13 +358,18 @@ def load_parent(cfg, d, mc):
     if cfg.seq_len > pc.max_position_embeddings:
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the parent's max_position_embeddings "
                         f"{pc.max_position_embeddings} (--distill_from={cfg.distill_from})")
-    if pc.tokenizer_sha256 and mc.tokenizer_sha256 and pc.tokenizer_sha256 != mc.tokenizer_sha256:
-        raise UserError(f"--distill_from={cfg.distill_from} was trained with another tokenizer (tokenizer_sha256 "
-                        f"{pc.tokenizer_sha256[:12]}...) than the data and model ({mc.tokenizer_sha256[:12]}...)")
+    with user_input(f"--distill_from={cfg.distill_from}"):
+        check_same_tokenizer({"the data and model": mc.tokenizer_sha256, "the parent": pc.tokenizer_sha256},
+                             "distil from the parent the model was split from")
     parent.requires_grad_(False).eval()
     head = parent.lm_head.weight
     parent.lm_head = torch.nn.Identity()  # forward's logits are now (b, S, d); distill_kl applies the head per slice
-    return parent, head
+
+    def kl(x, logits):
+        with torch.no_grad():
+            hidden = parent(x).logits                                    # (b, S, d)
+        return distill_kl(logits, hidden, head, cfg.distill_temperature)
+    return kl
 
 
 def kl_slice(student_logits, parent_hidden, head, temperature):
@@ -420,13 +390,6 @@ def distill_kl(logits, parent_hidden, head, temperature=1.0, chunk=KL_CHUNK):
     return total * temperature ** 2 / (b * S)
 
 
-def parent_kl(parent, x, logits, temperature):
-    parent, head = parent
-    with torch.no_grad():
-        hidden = parent(x).logits                                        # (b, S, d)
-    return distill_kl(logits, hidden, head, temperature)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 8. The training loop
 
@@ -442,8 +405,7 @@ def request_stop(signum, frame):
 def format_eta(seconds):
     if not math.isfinite(seconds):
         return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
+    h, m, s = int(seconds) // 3600, int(seconds) // 60 % 60, int(seconds) % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
@@ -451,7 +413,8 @@ def evaluate_and_log(cfg, d, step, model, streams, autocast, load_counts, log):
     val = evaluate(cfg, d, model, streams[0].domains, autocast)
     counts = all_reduce(load_counts.clone(), d)
     load_counts.zero_()
-    loads = expert_load_shares(counts) if counts.numel() and counts.sum() > 0 else []  # none before step 1
+    shares = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)  # (layers, E); an even router: 1/E each
+    loads = [(float(s.min()), float(s.max())) for s in shares] if counts.numel() and counts.sum() > 0 else []
     # Dynamic weights move only on the eval_interval grid, never at a run's last step: a run stopped at
     # any step and resumed must see the same weights as one that went straight through.
     if cfg.dynamic_weights and step % cfg.eval_interval == 0:
@@ -470,15 +433,10 @@ def evaluate_and_log(cfg, d, step, model, streams, autocast, load_counts, log):
 def train(cfg):
     """Set up the ranks, take out_dir's lock (rank 0), run; always release both, also on errors."""
     d = setup_distributed(cfg)
-    lock, error = None, None
+    lock = None
     try:
-        if d.master:
-            try:
-                lock = train_state.acquire_lock(cfg.out_dir)
-            except UserError as e:
-                error = e
-        if not agree(error is None, d):
-            raise error or UserError(f"rank 0 could not lock {cfg.out_dir!r} (its message says why)")
+        lock = together(d, d.master, lambda: train_state.acquire_lock(cfg.out_dir),
+                        f"rank 0 could not lock {cfg.out_dir!r}")
         result = run(cfg, d)
         if d.distributed:
             # Every rank done before any tears its process group down: a rank that destroyed gloo while
@@ -507,7 +465,7 @@ def run(cfg, d):
     if start.resume_from:
         with user_input(start.resume_from):
             load_training_state(start, d, model, raw, optimizer, streams, fsdp)
-    parent = load_parent(cfg, d, mc) if cfg.distill_from else None
+    parent_kl = load_parent(cfg, d, mc) if cfg.distill_from else None
     commit_start(cfg, d, start)  # only now: delete an overwritten run / cut the log back to the checkpoint
 
     dtype = compute_dtype(cfg, d)
@@ -526,11 +484,11 @@ def run(cfg, d):
     run_state = dict(init_from=start.init_from, n_streams=n_streams, seq_len=cfg.seq_len, world_size=d.world,
                      config=asdict(cfg))
     log = Log(d, os.path.join(cfg.out_dir, "log.jsonl"))
-    n_total = sum(p.numel() for p in raw.parameters()) if not fsdp else None
+    of_total = f" of {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M" if not fsdp else ""
     log(f"[train] {'resuming ' + start.resume_from if start.resume_from else 'model from ' + start.init_from}: "
         f"{'MoE ' + str(mc.num_experts) + ' experts, top-' + str(mc.num_experts_per_tok) if mc.is_moe else 'dense'}, "
         f"{mc.num_hidden_layers} layers, d={mc.hidden_size}; active params {active_params(mc) / 1e6:.2f}M"
-        + (f" of {n_total / 1e6:.2f}M" if n_total else "") + (f"; distilling from {cfg.distill_from}" if parent else ""),
+        + of_total + (f"; distilling from {cfg.distill_from}" if parent_kl else ""),
         dict(kind="run", world_size=d.world, accum=accum, n_streams=n_streams, start_step=start.step,
              active_params=active_params(mc), flops_per_token=flops_step / tokens_per_step, peak_flops=peak,
              config=asdict(cfg), model=asdict(mc)))
@@ -564,7 +522,7 @@ def run(cfg, d):
                     with autocast:
                         out = model(x, y)                                # model.ModelOutput
                         logits, lm_loss = out.logits, out.loss
-                        kl = parent_kl(parent, x, logits, cfg.distill_temperature) if parent else lm_loss.new_zeros(())
+                        kl = parent_kl(x, logits) if parent_kl else lm_loss.new_zeros(())
                         # LM loss + the MoE balance loss (SPEC.md section 3) + the parent's distribution (section 7)
                         loss = lm_loss + balance_loss_on * out.balance_loss + cfg.distill_alpha * kl
                     (loss / accum).backward()  # DDP/FSDP average over ranks: together, the global batch mean
@@ -598,11 +556,11 @@ def run(cfg, d):
                 evenness = [routing_evenness(c) for c in all_reduce(log_counts.clone(), d)] if moe_layers else []
                 log_counts.zero_()
                 log(f"step {step}/{cfg.max_steps} | loss {lm:.4f} | balance {balance:.4f}"
-                    + (f" | kl {kl:.4f}" if parent else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
+                    + (f" | kl {kl:.4f}" if parent_kl else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
                     f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.2f}% | ETA {format_eta((cfg.max_steps - step) * step_time)}"
                     + (f" | experts in use >= {min(n for n, _ in evenness)}/{mc.num_experts}, busiest share <= "
                        f"{max(b for _, b in evenness):.3f}" if evenness else ""),
-                    dict(kind="train", step=step, loss=lm, balance_loss=balance, **(dict(kl=kl) if parent else {}),
+                    dict(kind="train", step=step, loss=lm, balance_loss=balance, **(dict(kl=kl) if parent_kl else {}),
                          experts_in_use=[n for n, _ in evenness], busiest_share=[b for _, b in evenness],
                          lr=lr, grad_norm=norm, tokens=step * tokens_per_step, tokens_per_s=tok_s, mfu=mfu,
                          step_time_s=step_time, train_s=train_s))

@@ -41,7 +41,7 @@ from fileio import atomic_write, clean_stale_temporaries, fsync_tree, is_inside,
 from checkpoint import config_from_hf
 from gguf_file import model_arch as gguf_arch
 from model import ModelConfig, Transformer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, check_same_tokenizer
 
 CKPT_RE = re.compile(r"ckpt_(\d{7})$")
 TMP_RE = re.compile(r"^(.+)\.(?:tmp|old)\d+$")
@@ -99,6 +99,21 @@ def all_reduce(t, d, op=None):
 def agree(ok, d):
     """True on every rank if `ok` is true on every rank (for decisions one rank makes, e.g. the lock)."""
     return bool(all_reduce(torch.tensor([0 if ok else 1], device=d.device), d).item() == 0)
+
+
+def together(d, here, fn, failed):
+    """fn() on the ranks where `here` is true (rank 0, say) -> its result, None elsewhere. A UserError there
+    stops every rank, not only that one (the others would wait for it at the next collective): they raise
+    "{failed} (its message says why)"."""
+    result, error = None, None
+    if here:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if not agree(error is None, d):
+        raise error or UserError(f"{failed} (its message says why)")
+    return result
 
 
 def barrier(d):
@@ -290,11 +305,13 @@ def resolve_start(cfg, meta, n_streams, scratch_config, hint=""):
         raise UserError(f"--seq_len={cfg.seq_len} exceeds the model's max_position_embeddings "
                         f"{mc.max_position_embeddings}: lower --seq_len")
     data_tok = meta.get("tokenizer_sha256")  # absent in datasets made before it was recorded: not checked
-    if data_tok and mc.tokenizer_sha256 and data_tok != mc.tokenizer_sha256:
-        where = start.weights or init_from
-        raise UserError(f"the data ({data_meta}: tokenizer_sha256 {data_tok[:12]}...) was tokenized with another "
-                        f"tokenizer than the model ({where}/config.json: {mc.tokenizer_sha256[:12]}...): "
-                        f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer={where})")
+    where = start.weights or init_from
+    try:
+        check_same_tokenizer({f"the model ({where}/config.json)": mc.tokenizer_sha256,
+                              f"the data ({data_meta})": data_tok},
+                             f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer={where})")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if data_tok:
         mc.tokenizer_sha256 = data_tok  # every checkpoint of this run records the data's tokenizer
     return start
@@ -305,11 +322,8 @@ def commit_start(cfg, d, start):
     --overwrite=True replaces, or, on a resume, cuts log.jsonl back to the checkpoint's step (the steps
     after it will be logged again), and removes temporaries that killed processes left behind."""
     barrier(d)  # every rank has read out_dir before anything in it changes
-    error = None
-    if d.master and start.clear:
-        error = set_aside(cfg.out_dir, start.clear)
-    if not agree(error is None, d):
-        raise error or UserError(f"rank 0 could not replace the earlier run in {cfg.out_dir!r} (its message says why)")
+    together(d, d.master and start.clear, lambda: set_aside(cfg.out_dir, start.clear),
+             f"rank 0 could not replace the earlier run in {cfg.out_dir!r}")
     if d.master:
         if start.resume_from:
             truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), start.step)
@@ -323,7 +337,7 @@ def commit_start(cfg, d, start):
 def set_aside(out_dir, paths):
     """--overwrite: move the earlier run's files into one temporary folder (renames, which do not depend on
     deleting anything), then delete that folder. A rename that fails puts the others back and leaves the old
-    run whole -> None, or the UserError to raise. Whatever cannot be deleted stays in the temporary folder,
+    run whole and raises UserError. Whatever cannot be deleted stays in the temporary folder,
     which the next run removes as a dead process's leftover."""
     trash, moved, path = os.path.join(out_dir, f"replaced.tmp{os.getpid()}"), [], out_dir
     try:
@@ -335,10 +349,9 @@ def set_aside(out_dir, paths):
         for path in reversed(moved):
             os.replace(os.path.join(trash, os.path.basename(path)), path)
         shutil.rmtree(trash, ignore_errors=True)
-        return UserError(f"--overwrite=True could not move {path} aside ({e.strerror}); the earlier run is left "
-                         f"whole: fix the permissions or pick another --out_dir")
+        raise UserError(f"--overwrite=True could not move {path} aside ({e.strerror}); the earlier run is left "
+                        f"whole: fix the permissions or pick another --out_dir") from None
     shutil.rmtree(trash, ignore_errors=True)
-    return None
 
 
 def truncate_log(path, step):
@@ -468,14 +481,8 @@ def load_training_state(start, d, model, raw, optimizer, streams, fsdp):
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     ckpt = start.resume_from
     # Under FSDP only rank 0 reads the optimizer file and broadcasts; otherwise each rank reads it.
-    optim, error = {}, None
-    if d.master or not fsdp:
-        try:
-            optim = load_file(os.path.join(ckpt, "optimizer.pt"))
-        except UserError as e:
-            error = e
-    if not agree(error is None, d):  # every rank stops, not only the one that read the file
-        raise error or UserError(f"{ckpt}/optimizer.pt cannot be read on rank 0 (its message says why)")
+    optim = together(d, d.master or not fsdp, lambda: load_file(os.path.join(ckpt, "optimizer.pt")),
+                     f"{ckpt}/optimizer.pt cannot be read on rank 0") or {}
     set_optimizer_state_dict(model if isinstance(model, Transformer) else raw, optimizer, optim,
                              options=full_state_options(broadcast_from_rank0=fsdp))
     # Streams are numbered by micro-batch slot, not by rank: find ours in whichever rank file holds them.

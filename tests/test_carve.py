@@ -148,7 +148,7 @@ def test_bad_settings_are_one_line_errors_before_anything_is_written(tmp_path):
         (dict(router_init="fit", gate_type="mlp"), "cannot hold them"),
         (dict(router_init="nearest"), "--router_init='nearest'"),
         (dict(mark_ratio=0.0), "--mark_ratio=0.0"),
-        (dict(format="mixtral"), "needs --format=native"),                 # unit weights
+        (dict(format="mixtral"), "expert_weighting .unit."),               # unit weights
         (dict(data=None), "--data"),
     ]
     for kw, message in cases:

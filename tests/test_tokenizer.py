@@ -702,3 +702,12 @@ def test_real_smollm2_on_embedded_validation_text():
         assert docs, domain
         for k, text in enumerate(docs):
             assert tok.encode(text) == orig.encode(text, add_special_tokens=False).ids, f"{domain} doc {k}"
+
+
+def test_check_same_tokenizer_names_the_two_that_differ():
+    from tokenizer import check_same_tokenizer
+    check_same_tokenizer({"a": "1" * 64, "b": None, "c": "1" * 64}, "fix it")  # None: not recorded, not checked
+    check_same_tokenizer({}, "fix it")
+    with pytest.raises(ValueError, match=r"^tokenizer mismatch: c comes from another tokenizer than a "
+                                         r"\(tokenizer_sha256 222222222222\.\.\. vs 111111111111\.\.\.\): fix it$"):
+        check_same_tokenizer({"a": "1" * 64, "b": None, "c": "2" * 64, "d": "3" * 64}, "fix it")
