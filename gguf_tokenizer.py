@@ -17,7 +17,7 @@ Read top to bottom:
 import base64
 import re
 
-from gguf_file import gguf_value, open_gguf
+from gguf_file import read_gguf_metadata
 from tokenizer import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,10 +46,10 @@ def read_gguf_tokenizer(path):
     {"kind": "sentencepiece", proto, bos, eos, add_bos} for a sentencepiece BPE (model 'llama'),
     {"kind": "tiktoken", model_file} for a byte-level BPE we wrote from LLaMA-3's tiktoken file, which the file
     holds too (MODEL_FILE_KEY): read from it, the tokenizer keeps its fingerprint."""
-    reader = open_gguf(path)
+    meta = read_gguf_metadata(path)
 
     def get(key, default=None):
-        return gguf_value(reader, key, default)
+        return meta.get(key, default)
 
     model = get("tokenizer.ggml.model")
     if model is None:

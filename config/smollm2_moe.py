@@ -5,7 +5,7 @@
 # demo.sh runs, in order:
 #   python data/prepare.py --tokenizer=data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf --out=data/smollm2
 #   python split.py --src=data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf --dst=out/smollm2_moe \
-#       --method=activation --num_experts=14 --top_k=2 --router_init=fit --data=data/smollm2 --overwrite
+#       --method=activation --num_experts=14 --top_k=2 --router_init=fit --data=data/smollm2 --profile_seqs=48 --overwrite
 #   torchrun --standalone --nproc_per_node=2 train.py config/smollm2_moe.py --overwrite=True
 init_from = "out/smollm2_moe"
 out_dir = "out/smollm2_moe_cpt"

@@ -101,11 +101,15 @@ def main():
     ap.add_argument("--models", default="dense,moe", help="which of dense, moe to write and check")
     ap.add_argument("--types", default="f32,q8_0", help="which GGUF types to check")
     ap.add_argument("--bench", action="store_true", help="also run llama-bench (1 thread, tg128)")
+    ap.add_argument("--gguf", default="", help="check these F32 GGUFs (comma-separated; e.g. train.py's final.gguf) "
+                                               "instead of writing the dense parent and its split")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     tok = Tokenizer(a.src)
     files, models = {}, {}
-    for name in a.models.split(","):
+    for path in filter(None, a.gguf.split(",")):
+        files[f"{os.path.basename(path).replace(' ', '_')} ours f32"] = path
+    for name in (a.models.split(",") if not a.gguf else []):
         if not os.path.exists(os.path.join(a.out, f"{name}_hf")):  # written once; delete --out to write again
             if not models:
                 models["dense"] = checkpoint.load_pretrained(a.src, dtype=torch.float32)
@@ -165,7 +169,7 @@ def main():
         if gaps and ours.config.is_moe:
             print(f"{'':34} smallest gap between the k-th and (k+1)-th router logit of any token and layer: "
                   f"{min(gaps):.1e} (a tie closer than float rounding may route either way)")
-    if a.bench:
+    if a.bench and not a.gguf:
         bench = os.path.join(a.llama_cpp, "build", "bin", "llama-bench")
         for label in ("dense ours f32", "moe ours f32", "dense ours q8_0", "moe ours q8_0"):
             subprocess.run([bench, "-m", files[label], "-t", "1", "-p", "0", "-n", "128", "-r", "3"], check=True)

@@ -12,7 +12,7 @@ import torch
 
 import checkpoint
 from configurator import UserError
-from gguf_file import gguf_arch
+from gguf_file import gguf_arch, read_gguf_metadata
 from model import ModelConfig, Transformer
 from test_tokenizer import BPE_TEXTS, LAYOUTS, MIXED, TRAIN_TEXT, train_byte_level, write_tiny_tiktoken
 from tokenizer import Tokenizer, train_sentencepiece
@@ -155,6 +155,17 @@ def test_tokenizer_inside_gives_our_ids(tmp_path, bpe_tok, sp_tok, tt_tok):
             assert inside.encode(text) == tok.encode(text), (tok, text)
         fields = gguf.GGUFReader(str(path)).fields
         assert len(fields["tokenizer.ggml.tokens"].contents()) == model.config.vocab_size  # [PAD] fillers
+        # our fast metadata parser (what Tokenizer reads) gives exactly the gguf package's values, every key
+        assert read_gguf_metadata(path) == {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")}
+
+
+def test_metadata_of_a_truncated_gguf_is_one_clear_error(tmp_path, smollm_tok):
+    path = checkpoint.save_pretrained(tiny(smollm_tok), tmp_path / "m.gguf", format="gguf", tokenizer=smollm_tok)
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as f:
+        cut.write_bytes(f.read(200))  # the header and the first keys: cut inside the metadata
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        read_gguf_metadata(cut)
 
 
 @pytest.mark.parametrize("format", ["llama", "native", "mixtral", "llama_moe"])
