@@ -272,6 +272,10 @@ def test_split_writes_a_gguf_llama_cpp_runs(tmp_path, smollm_tok):
     with pytest.raises(UserError, match="exists: pass --overwrite"):
         split.main(args)
     split.main(args + ["--overwrite"])
+    for where, match in ((src / "moe.gguf", "inside the input --src"), (tmp_path, "is a folder")):
+        with pytest.raises(UserError, match=match):  # one file, never inside an input, never a folder
+            split.main([f"--src={src}", f"--dst={where}"] + args[2:] + ["--overwrite"])
+    assert not (src / "moe.gguf").exists()  # nothing written into --src
     with pytest.raises(UserError, match=r"--format=gguf: cannot write a GGUF: 'unit' expert weighting"):
         split.main([f"--src={src}", f"--dst={tmp_path / 'carved.gguf'}", "--format=gguf", "--method=activation",
                     "--num_experts=4", "--top_k=2", "--shared_size=40", "--data=unused"])
