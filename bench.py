@@ -55,7 +55,7 @@ class BenchConfig:
     seed: int = 0
     json: str = ""              # also write the figures to this file
     # --what=decode
-    parent: str = "data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"  # dense parent; "none" or absent: skipped
+    parent: str = "data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"  # dense parent (.gguf or folder); "none" or absent: skipped
     prompt_tokens: int = setting(32, ge=1)    # prefill length
     new_tokens: int = setting(64, ge=1)       # decode steps per generation
     decode_repeats: int = setting(5, ge=1)    # timed generations per model (median reported)
@@ -73,7 +73,7 @@ def check_config(cfg: BenchConfig):
          f"of the E experts")
     need(cfg.device == "cpu" or torch.cuda.is_available(), f"--device={cfg.device} is not available here; use "
          f"--device=cpu")
-    need(not cfg.moe or (os.path.exists(cfg.moe) and os.path.isfile(cfg.parent)), f"--moe={cfg.moe} is timed "
+    need(not cfg.moe or (os.path.exists(cfg.moe) and os.path.exists(cfg.parent)), f"--moe={cfg.moe} is timed "
          f"against --parent={cfg.parent}: both must exist (python data/smollm2.py fetches the SmolLM2 parent)")
     try:
         check_output_file(cfg.json, "--json") if cfg.json else None
@@ -428,7 +428,7 @@ def bench_decode(cfg, dtype):
     print(f"device {dev} ({torch.get_num_threads()} threads, load average {load:.1f}), {dtype}; "
           f"decode = Transformer.decode_step, prefill = one forward of the prompt")
     results = {"config": asdict(cfg), "dtype": str(dtype), "rows": []}
-    if cfg.parent != "none" and os.path.isfile(cfg.parent):
+    if cfg.parent != "none" and os.path.exists(cfg.parent):
         dense = checkpoint.load_pretrained(cfg.parent, dtype=dtype, device=dev)
         if cfg.moe:  # a real MoE made from this parent (the demo's), against it
             moe = checkpoint.load_pretrained(cfg.moe, dtype=dtype, device=dev)

@@ -760,3 +760,27 @@ def test_bench_tiny_run(tmp_path):
     results = json.loads(out.read_text())
     assert results["expert_path"] == moe_kernels.expert_path("cpu", torch.float32)
     assert "expert matmuls:" in proc.stdout and set(results["ratios"]) >= {"pair_vs_copy", "moe_vs_dense"}
+
+
+def test_bench_decode_times_a_real_moe_against_its_parent(tmp_path):
+    """--what=decode --moe=<checkpoint>: a split made from --parent, timed side by side with it, same tokens."""
+    import checkpoint
+    from model import ModelConfig, Transformer
+    from split import SplitConfig, split_model
+    torch.manual_seed(0)
+    dense = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    checkpoint.save_pretrained(dense, tmp_path / "dense")
+    checkpoint.save_pretrained(split_model(dense, SplitConfig(num_experts=4, top_k=2)), tmp_path / "moe")
+    out = tmp_path / "speed.json"
+    base = [sys.executable, "bench.py", "--what=decode", "--threads=1", "--stack_layers=0", "--compile=False",
+            "--prompt_tokens=4", "--new_tokens=3", "--decode_repeats=1", f"--parent={tmp_path / 'dense'}"]
+    proc = subprocess.run(base + [f"--moe={tmp_path / 'moe'}", f"--json={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense, eager", f"MoE {tmp_path / 'moe'}, eager"}
+    assert rows[f"MoE {tmp_path / 'moe'}, eager"]["decode_tok_s"] > 0 and "fastest MoE" in proc.stdout
+    proc = subprocess.run(base + [f"--moe={tmp_path / 'dense'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # a dense model is no MoE: refused in one line
+    assert proc.returncode == 2 and "is not an MoE" in proc.stderr and proc.stderr.strip().count("\n") == 0
