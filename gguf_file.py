@@ -4,7 +4,8 @@ Chapter: GGUF, llama.cpp's one-file format - the model (and its tokenizer, gguf_
 A GGUF file holds key/value metadata ("llama.block_count", "tokenizer.ggml.tokens", ...) and tensors named
 "blk.L.attn_q.weight", each stored as floats or in one of ggml's block quantizations (Q8_0: 32 weights share
 one fp16 scale; Q4_1: 32 4-bit weights share a scale and a minimum; the K-quants nest blocks of 256). Both
-directions use the `gguf` package that llama.cpp itself publishes (its reader, its writer, its quantizers).
+directions use the `gguf` package that llama.cpp itself publishes for its writer and (de)quantizers; the header is
+parsed here (open_gguf), in a tenth of a second where the package's reader takes seconds for a large vocabulary.
 Two things differ from a Hugging Face folder besides the names:
   - ggml lists a tensor's dims innermost first ([d, vocab]); numpy's view of it is (vocab, d).
   - llama.cpp's "llama" graph rotates (x_2i, x_2i+1) pairs of a head (Meta's layout), while Hugging Face and
@@ -31,6 +32,7 @@ Read top to bottom:
 import mmap
 import os
 import struct
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -88,45 +90,18 @@ def permute_rope_rows(w, n_heads):
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def open_gguf(path):
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"{path}: reading GGUF files needs the `gguf` package: pip install gguf") from None
-
-    class Reader(gguf.GGUFReader):
-        def _build_tensors(self, start_offs, fields):
-            # Before the reader maps each tensor's bytes: name the first tensor that the file cuts short.
-            for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
-                name = bytes(name).decode(errors="replace")
-                if int(raw_type[0]) not in gguf.GGML_QUANT_SIZES:
-                    raise ValueError(f"tensor {name!r} has ggml type {int(raw_type[0])}, unknown to this gguf "
-                                     f"package (a newer llama.cpp type?): upgrade gguf, or convert the model "
-                                     f"with a common type")
-                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
-                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
-                if end > len(self.data):
-                    raise ValueError(f"tensor {name!r} ends at byte {end} but the file has {len(self.data)}")
-            return super()._build_tensors(start_offs, fields)
-
-    try:
-        return Reader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/... on a bad header or short data
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
-                         f"or damaged ({os.path.getsize(path)} bytes): download or convert it again") from None
-
-
 # GGUF metadata value types (GGUF spec): scalars by struct format; 8 is a string, 9 an array.
 GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUFFile = namedtuple("GGUFFile", "meta tensors")  # {key: value}, [GGUFTensor] in file order
+GGUFTensor = namedtuple("GGUFTensor", "name tensor_type shape data")  # shape: ggml dims, innermost first;
+# data: a read-only numpy view of the file, (..., rows, row) for float types, raw bytes per row for block types
 
 
-def read_gguf_metadata(path):
-    """A GGUF's key-value metadata -> {key: value}: strings decoded, arrays as lists, as gguf's field.contents()
-    gives them. Parsed here with struct over a read-only mapping of the header: the gguf package's reader also
-    maps every tensor and makes a numpy view per string, seconds for a 49k-token vocabulary and merges, and the
-    tokenizer needs the metadata only."""
+def open_gguf(path, tensors=True):
+    """A GGUF file -> GGUFFile(meta, tensors). The header is parsed here with struct: metadata values as gguf's
+    field.contents() gives them (strings decoded, arrays as lists), each tensor a view of a read-only mapping of
+    the file (nothing is read until used). The gguf package's own reader builds a numpy view per string, seconds
+    for a 49k-token vocabulary; this takes ~0.1 s. tensors=False: the metadata alone (the tokenizer's need)."""
     def string(off):
         n, = struct.unpack_from("<Q", mm, off)
         return mm[off + 8:off + 8 + n].decode("utf-8"), off + 8 + n
@@ -148,9 +123,10 @@ def read_gguf_metadata(path):
         v, = struct.unpack_from(GGUF_SCALARS[vtype], mm, off)
         return v, off + struct.calcsize(GGUF_SCALARS[vtype])
 
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        try:
-            magic, version, _, n_kv = struct.unpack_from("<4sIQQ", mm, 0)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", mm, 0)
             if magic != b"GGUF" or version not in (2, 3):
                 raise ValueError(f"magic {magic!r}, version {version}: GGUF version 2 or 3 expected")
             meta, off = {}, 24
@@ -158,19 +134,58 @@ def read_gguf_metadata(path):
                 key, off = string(off)
                 vtype, = struct.unpack_from("<I", mm, off)
                 meta[key], off = value(off + 4, vtype)
-        except (struct.error, KeyError, ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
-                             f"or damaged: download or convert it again") from None
-    return meta
+            infos = []
+            for _ in range(n_tensors if tensors else 0):  # name, n_dims, dims, type, offset in the data
+                name, off = string(off)
+                n_dims, = struct.unpack_from("<I", mm, off)
+                dims = struct.unpack_from(f"<{n_dims}Q", mm, off + 4)
+                ggml_type, offset = struct.unpack_from("<IQ", mm, off + 4 + 8 * n_dims)
+                infos.append((name, dims, ggml_type, offset))
+                off += 16 + 8 * n_dims
+        return GGUFFile(meta, tensor_views(path, infos, off + -off % int(meta.get("general.alignment", 32)), size))
+    except (struct.error, KeyError, ValueError, UnicodeDecodeError, OverflowError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated "
+                         f"or damaged ({size} bytes): download or convert it again") from None
+
+
+def tensor_views(path, infos, start, size):
+    """The tensors of open_gguf's header as read-only views of the file; the first one the file cuts short, or
+    of a type this gguf package does not know, is named."""
+    if not infos:
+        return []
+    import gguf
+    data, out = np.memmap(path, mode="r"), []
+    floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+              gguf.GGMLQuantizationType.F64: np.float64}
+    for name, dims, ggml_type, offset in infos:
+        if ggml_type not in gguf.GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {name!r} has ggml type {ggml_type}, unknown to this gguf package (a newer "
+                             f"llama.cpp type?): upgrade gguf, or convert the model with a common type")
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        begin = start + offset
+        end = begin + int(np.prod(dims)) * type_size // block
+        if end > size:
+            raise ValueError(f"tensor {name!r} ends at byte {end} but the file has {size}")
+        shape = tuple(reversed(dims))  # numpy order: outermost first
+        raw = data[begin:end]
+        view = (raw.view(floats[qtype]).reshape(shape) if qtype in floats else
+                raw.reshape(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
+        out.append(GGUFTensor(name, qtype, np.array(dims), view))
+    return out
+
+
+def read_gguf_metadata(path):
+    """A GGUF's key-value metadata -> {key: value} (open_gguf without the tensors)."""
+    return open_gguf(path, tensors=False).meta
 
 
 def gguf_value(reader, key, default=KeyError):
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.meta:
         if default is KeyError:
             raise KeyError(key)
         return default
-    return field.contents()
+    return reader.meta[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
