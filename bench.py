@@ -55,7 +55,7 @@ class BenchConfig:
     seed: int = 0
     json: str = ""              # also write the figures to this file
     # --what=decode
-    parent: str = "data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"  # dense parent (.gguf or folder); "none" or absent: skipped
+    parent: str = "data/downloads/SmolLM2-135M-Instruct.Q4_1.gguf"  # dense .gguf or folder; "none"/absent: skipped
     prompt_tokens: int = setting(32, ge=1)    # prefill length
     new_tokens: int = setting(64, ge=1)       # decode steps per generation
     decode_repeats: int = setting(5, ge=1)    # timed generations per model (median reported)
@@ -399,10 +399,12 @@ def time_models(family, models, cfg, device):
         same = "same" if r["tokens"] == twin["tokens"] else "DIFFER"
         print(f"   {r['model']:42s} {r['params'] / 1e6:7.1f}M {r['decode_weight_MB']:9.1f} {r['bound']:5.2f}x"
               f" {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.2f} {r['decode_vs_dense']:15.2f}x {same:>7s}")
-    kinds = dict.fromkeys(r["model"].rsplit(", ", 1)[0] for r in rows)  # "dense", then each MoE, in order
-    best = {kind: max((r for r in rows if r["model"].rsplit(", ", 1)[0] == kind), key=lambda r: r["decode_tok_s"])
-            for kind in kinds}
-    for kind in list(kinds)[1:]:
+    best = {}  # "dense", then each MoE, in order: its faster way of decoding
+    for r in rows:
+        kind = r["model"].rsplit(", ", 1)[0]
+        if kind not in best or r["decode_tok_s"] > best[kind]["decode_tok_s"]:
+            best[kind] = r
+    for kind in list(best)[1:]:
         ratio = best[kind]["decode_tok_s"] / best["dense"]["decode_tok_s"]
         print(f"   fastest {kind} / fastest dense decode: {ratio:.2f}x ({best[kind]['model']} vs "
               f"{best['dense']['model']}; goal >= 1.6x on CPU fp32: {'met' if ratio >= 1.6 else 'MISSED'})")

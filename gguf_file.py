@@ -181,11 +181,8 @@ def read_gguf_metadata(path):
 
 
 def gguf_value(reader, key, default=KeyError):
-    if key not in reader.meta:
-        if default is KeyError:
-            raise KeyError(key)
-        return default
-    return reader.meta[key]
+    """A metadata value; a missing key raises KeyError unless a default is given."""
+    return reader.meta[key] if default is KeyError else reader.meta.get(key, default)
 
 
 # ----------------------------------------------------------------------------------------------------------
