@@ -159,9 +159,12 @@ def rope_inv_freq(config):
 
 def rope_cos_sin(inv_freq, positions):
     # (S,) x (hd/2,) -> (S, hd/2) -> (S, hd): the two halves share frequencies (the rotate-half layout
-    # of Hugging Face checkpoints, whose q/k weights are permuted for it).
-    freqs = torch.outer(positions.float(), inv_freq.float())
+    # of Hugging Face checkpoints, whose q/k weights are permuted for it). Positions (B, S) give (B, 1, S, hd),
+    # one row of angles per sequence, broadcast over the heads.
+    freqs = positions.float()[..., None] * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
+    if positions.dim() == 2:
+        emb = emb[:, None]
     return emb.cos(), emb.sin()
 
 
@@ -183,13 +186,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, d, bias=False)
         self.kv_cache = None  # (k, v) each (B, Hkv, max_len, hd) while generating
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, cos, sin, start_pos=None, mask=None):
+        """mask (B, 1, S, S) bool, True where query i may see key j (no cache): replaces the causal mask."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.hd).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.v_proj(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal, mask = True, None
+        causal = mask is None
         if start_pos is not None:  # cached: append to the cache, attend over everything so far
             cache_k, cache_v = self.kv_cache
             cache_k[:B, :, start_pos:start_pos + S] = k
@@ -385,9 +389,9 @@ class Block(nn.Module):
         self.mlp = (MoEFeedForward(config, layer_idx) if config.is_moe
                     else FeedForward(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, cos, sin, start_pos=None, mask=None):
         """-> (x (B, S, d), the MoE gate's GateOutput or None for a dense FFN)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoEFeedForward):
             y, gate = self.mlp(h)
@@ -449,11 +453,13 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [b.mlp for b in self.model.layers if isinstance(b.mlp, MoEFeedForward)]
 
-    def forward(self, idx, targets=None, start_pos=None, last_only=False) -> ModelOutput:
+    def forward(self, idx, targets=None, start_pos=None, last_only=False, positions=None, mask=None) -> ModelOutput:
         """idx (B, S) -> ModelOutput(logits (B, S, vocab), LM loss or None, balance loss, routing). start_pos:
         the KV cache's write position (setup_cache). last_only (no targets): logits of the last position only,
         (B, 1, vocab): generation reads nothing else, and a long prompt's (S, vocab) logits would be most of
-        its prefill's memory."""
+        its prefill's memory. positions (B, S) int64 and mask (B, 1, S, S) bool (no cache): each token's RoPE
+        position and the tokens it sees, for rows that hold several sequences sharing a prefix
+        (multiple_choice.py); default 0..S-1, causal."""
         B, S = idx.shape
         # (One host sync; skipped under torch.compile, where it would break the graph.)
         if not torch.compiler.is_compiling() and idx.numel():
@@ -461,15 +467,19 @@ class Transformer(nn.Module):
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) but range over "
                                  f"[{lo}, {hi}]: is the tokenizer the model's own?")
-        offset = start_pos or 0
-        if offset + S > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {offset + S} positions exceeds max_position_embeddings "
+        if positions is None:
+            end = (start_pos or 0) + S
+            positions = torch.arange(end - S, end, device=idx.device)   # (S,)
+        else:
+            end = int(positions.max()) + 1 if positions.numel() else 0
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {end} positions exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(offset, offset + S, device=idx.device))
+        cos, sin = rope_cos_sin(self.inv_freq, positions)                # (S, hd) or (B, 1, S, hd)
         x = self.model.embed_tokens(idx)                                 # (B, S, d)
         routing = []
         for block in self.model.layers:
-            x, gate = block(x, cos, sin, start_pos)
+            x, gate = block(x, cos, sin, start_pos, mask)
             if gate is not None:
                 routing.append(gate)
         x = self.model.norm(x)
@@ -531,7 +541,7 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch, length):
         """Give every layer a KV cache of `batch` rows and `length` positions; forward(..., start_pos=p) then
-        writes positions p.. and attends over 0..p+S (generation, and eval.py's shared-context scoring)."""
+        writes positions p.. and attends over 0..p+S (generation)."""
         w = self.lm_head.weight
         for block in self.model.layers:
             a = block.self_attn
@@ -539,13 +549,6 @@ class Transformer(nn.Module):
                                for _ in range(2))
         self.cache_positions = torch.arange(length, device=w.device)                       # (L,) for decode_step
         self.rope_table = rope_cos_sin(self.inv_freq, self.cache_positions)                 # (L, hd) each
-
-    def share_cache_prefix(self, length):
-        """Copy row 0's first `length` cached positions into every row: a prefix (a question's context) run
-        once, then continued by each row (its choices) with forward(..., start_pos=length)."""
-        for block in self.model.layers:
-            for t in block.self_attn.kv_cache:
-                t[1:, :, :length] = t[:1, :, :length]
 
     def clear_cache(self):
         for block in self.model.layers:

@@ -131,104 +131,112 @@ def logits_only_at(model, rows, cols):
         handle.remove()
 
 
-# Packing short questions: a question whose rows are at most PACK_WIDTH tokens (a quiz line, a short cloze) is
-# run as full rows (context + choice, no cache), many questions to one forward of at most PACK_TOKENS padded
-# tokens. At that length a forward costs what reading the weights costs, whatever the rows hold: the profile of
-# the demo's quiz task showed ~2 forwards per question of ~15 tokens each, so packing 30 questions into one
-# forward removes most of its time. Longer questions are bound by their context's multiply-adds instead, and
-# keep the cached shared context.
-PACK_WIDTH = 64
-PACK_TOKENS = 2048
+# One row per question (the time of an evaluation goes here). A question's n choices share their context, so
+# instead of n full rows (context + choice, lm-eval's batch of 1) the question becomes one row: the shared
+# prefix once, then each choice's own tokens, with each token's RoPE position and a mask that lets a choice's
+# tokens see the prefix and their own earlier tokens, never another choice:
+#
+#     row       c0 c1 c2 c3 | a1 a2 | b1 b2 b3          (prefix, then choice a, then choice b)
+#     position   0  1  2  3 |  4  5 |  4  5  6
+#     a2 sees    c0..c3, a1, a2;   b1 sees c0..c3, b1
+#
+# Every token then computes exactly what it computes in its choice's full row: same tokens before it, same
+# positions. The forward runs each distinct token once (cloze items: the context alone, their choices are one
+# token each); lm-eval runs the context once per choice. Short questions are laid end to end in one row of at
+# least ROW_TOKENS tokens (a mask keeps each to itself): at a few dozen tokens a forward costs the reading of
+# the weights, at a few hundred its multiply-adds, and one row has no padding. Longer rows gain nothing (the
+# attention over a row grows with its square) and many rows to a forward would be padded to the longest: on
+# the 2-core CPU one row of ~256 tokens per forward measured fastest (RESULTS.md, "Evaluation speed").
+ROW_TOKENS = 256
+
+
+def question_row(group, max_len):
+    """group: one question's [(context ids, continuation ids)] -> (row ids, positions, segment of each token
+    (0 = shared prefix, c + 1 = choice c), [(row indices whose logits score choice c, its continuation ids)]).
+
+    Each choice's input is lm-eval's: context + continuation without its last token, cut from the left to the
+    model's window. The prefix is what all inputs have in common; choice c adds the rest of its input."""
+    inputs = []
+    for ctx, cont in group:
+        if not cont:
+            raise UserError("a choice encodes to no tokens after its context: is it empty?")
+        if len(cont) > max_len:
+            raise UserError(f"a choice of {len(cont)} tokens does not fit the model's {max_len} positions")
+        inputs.append((list(ctx) + list(cont))[-(max_len + 1):-1])
+    P = min(len(inp) for inp in inputs)
+    while P and any(inp[:P] != inputs[0][:P] for inp in inputs[1:]):
+        P -= 1                                                           # the longest common prefix
+    ids, pos, seg = inputs[0][:P], list(range(P)), [0] * P
+    scored = []
+    for c, (inp, (_, cont)) in enumerate(zip(inputs, group)):
+        at = len(ids) - P                                                # row index of input position p >= P: at + p
+        ids, pos, seg = ids + inp[P:], pos + list(range(P, len(inp))), seg + [c + 1] * (len(inp) - P)
+        first = len(inp) - len(cont)                                     # the position that predicts cont[0]
+        scored.append(([p if p < P else at + p for p in range(first, len(inp))], cont))
+    return ids, pos, seg, scored
 
 
 @torch.no_grad()
-def loglikelihoods(model, groups, pack_width=PACK_WIDTH, pack_tokens=PACK_TOKENS):
+def loglikelihoods(model, groups, row_tokens=ROW_TOKENS):
     """groups: one list of (context ids, continuation ids) per question -> the same nesting of
     (sum of the continuation's log-probs, is_greedy).
 
-    Each row is context + continuation, cut from the left to the model's window; position p's log-softmax
-    scores token p+1. A long question's shared context runs once, then its choices run together, right-padded;
-    short questions run as full rows, packed several to a forward (pack_width, pack_tokens; see above).
+    Questions (question_row) are laid end to end into rows of at most max(row_tokens, the longest question)
+    tokens, longest first, each into the first row with room (first-fit decreasing); one row per forward.
 
-    What this batching can change: under a causal mask a position never sees the padding after it nor another
-    row, and both dense FFNs and our dropless routing (model.py) act on each token alone - so a score does
-    not depend, in exact arithmetic, on the other choices or on the padding. In floating point a different
-    batch shape may run the matmuls in another order: the last digits of a dense model's log-likelihood move
-    (~1e-6 relative). In an MoE those last digits also reach the gate, and a token whose k-th and (k+1)-th
-    expert scores are within rounding of each other can switch experts: its layer output then changes by a
-    whole expert, and the log-likelihood by much more (0.08 was seen on one choice of the split SmolLM2 when
-    questions were packed 8 vs 16 rows to a batch). Scores are bit-reproducible for the same items and shots."""
-    max_len = model.config.max_position_embeddings
-    rows = []  # per question: [(input ids, continuation ids)]
-    for group in groups:
-        rows.append([])
-        for ctx, cont in group:
-            if not cont:
-                raise UserError("a choice encodes to no tokens after its context: is it empty?")
-            if len(cont) > max_len:
-                raise UserError(f"a choice of {len(cont)} tokens does not fit the model's {max_len} positions")
-            seq = (list(ctx) + list(cont))[-(max_len + 1):]
-            rows[-1].append((seq[:-1], cont))
-    width = [max(len(inp) for inp, _ in r) for r in rows]
-    order = sorted(range(len(rows)), key=lambda q: -width[q])  # longest first: a pack's first row is its widest
-    out = [[None] * len(r) for r in rows]
-    pack = []  # (question, choice, input ids, continuation ids) of short questions
+    What this batching can change: a token sees exactly the tokens of its own choice's row, and both dense
+    FFNs and our dropless routing (model.py) act on each token alone - so a score does not depend, in exact
+    arithmetic, on the other choices, questions or padding. In floating point a different batch shape may run
+    the matmuls in another order: the last digits of a dense model's log-likelihood move (~1e-6 relative). In
+    an MoE those last digits also reach the gate, and a token whose k-th and (k+1)-th expert scores are within
+    rounding of each other can switch experts: its layer output then changes by a whole expert, and the
+    log-likelihood by much more (0.08 was seen on one choice of the split SmolLM2 when questions were batched
+    8 vs 16 rows to a forward). Scores are bit-reproducible for the same items and shots."""
+    questions = [question_row(group, model.config.max_position_embeddings) for group in groups]
+    order = sorted(range(len(questions)), key=lambda q: -len(questions[q][0]))   # longest first
+    width = max(row_tokens, len(questions[order[0]][0])) if order else 0
+    rows, room = [], []                                                   # rows: lists of question numbers
     for q in order:
-        if width[q] <= pack_width:
-            if pack and (len(pack) + len(rows[q])) * width[pack[0][0]] > pack_tokens:
-                score_rows(model, pack, [], out)
-                pack = []
-            pack += [(q, c, inp, cont) for c, (inp, cont) in enumerate(rows[q])]
-            continue
-        # Shared context (the speed-up that makes evaluating a 30-layer model on CPU practical): a question's
-        # choices share their context, so its first P tokens (P <= every choice's first scored position) run
-        # once into the KV cache, and the choices continue from there as one batch, each query seeing the
-        # cached context and its own earlier tokens (model.py's cached attention). Same positions, same keys:
-        # the same scores as running each full row (tests/test_eval.py checks it against the full rows).
-        group = rows[q]
-        P = min(len(inp) - len(cont) for inp, cont in group)                     # positions before any scored one
-        first = group[0][0]
-        while P and any(inp[:P] != first[:P] for inp, _ in group[1:]):
-            P -= 1
-        score_rows(model, [(q, c, inp[P:], cont) for c, (inp, cont) in enumerate(group)], first[:P], out)
-    if pack:
-        score_rows(model, pack, [], out)
+        n = len(questions[q][0])
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([]), room.append(width)
+            r = len(rows) - 1
+        rows[r].append(q)
+        room[r] -= n
+    out = [[None] * len(group) for group in groups]
+    for row in rows:
+        score_row(model, questions, row, out)
     return out
 
 
-def score_rows(model, batch, prefix, out):
-    """One forward: batch = [(question, choice, input ids, continuation ids)], each row continuing `prefix` (ids
-    that every row shares, run once into the KV cache; [] for none). Writes out[question][choice]."""
+def score_row(model, questions, row, out):
+    """One forward of one row: the questions numbered in `row` (question_row's), end to end. Writes out[q][c]."""
     device = model.lm_head.weight.device
-    P, S = len(prefix), max(len(inp) for _, _, inp, _ in batch)
-    idx = torch.zeros(len(batch), S, dtype=torch.int64)                          # (R, S), right-padded with 0
-    r_at, c_at, targets = [], [], []
-    for b, (_, _, inp, cont) in enumerate(batch):
-        idx[b, :len(inp)] = torch.tensor(inp)
-        r_at += [b] * len(cont)
-        c_at += range(len(inp) - len(cont), len(inp))                             # predict the n choice tokens
-        targets += cont
-    r_at, c_at = torch.tensor(r_at, device=device), torch.tensor(c_at, device=device)
-    try:
-        if P:
-            model.setup_cache(len(batch), P + S)
-            zero = torch.zeros(1, dtype=torch.int64, device=device)
-            with logits_only_at(model, zero, zero):                               # no logits needed here
-                model(torch.tensor([prefix], device=device), start_pos=0)         # the context, once: (1, P)
-            model.share_cache_prefix(P)
-        with logits_only_at(model, r_at, c_at):
-            logits = model(idx.to(device), start_pos=P if P else None).logits     # (N, V), N = choice tokens
-    finally:
-        if P:
-            model.clear_cache()
+    ids, pos, seg, owner, scored_at, targets = [], [], [], [], [], []
+    for slot, q in enumerate(row):
+        q_ids, q_pos, q_seg, scored = questions[q]
+        for at, cont in scored:
+            scored_at += [len(ids) + a for a in at]
+            targets += cont
+        ids, pos, seg, owner = ids + q_ids, pos + q_pos, seg + q_seg, owner + [slot] * len(q_ids)
+    seg, owner = torch.tensor(seg), torch.tensor(owner)                            # (S,) each
+    # Query i sees key j <= i of its own question, in the shared prefix (segment 0) or in its own choice.
+    mask = (owner[None, :] == owner[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+    mask &= torch.ones(len(ids), len(ids), dtype=torch.bool).tril()                # (S, S)
+    zero = torch.zeros(len(scored_at), dtype=torch.int64, device=device)
+    with logits_only_at(model, zero, torch.tensor(scored_at, device=device)):
+        logits = model(torch.tensor([ids], device=device), positions=torch.tensor([pos], device=device),
+                       mask=mask[None, None].to(device)).logits                    # (N, V), N = choice tokens
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
     targets = torch.tensor(targets, device=device)                                # (N,)
     token_lp = logp.gather(-1, targets[:, None])[:, 0].cpu()                      # (N,)
     hit = (logp.argmax(-1) == targets).cpu()                                      # (N,)
     at = 0
-    for q, c, _, cont in batch:
-        out[q][c] = (token_lp[at:at + len(cont)].sum().item(), bool(hit[at:at + len(cont)].all()))
-        at += len(cont)
+    for q in row:
+        for c, (_, cont) in enumerate(questions[q][3]):
+            out[q][c] = (token_lp[at:at + len(cont)].sum().item(), bool(hit[at:at + len(cont)].all()))
+            at += len(cont)
 
 
 def pick_items(n_items, max_items=0):

@@ -53,23 +53,14 @@ class Bigram(torch.nn.Module):
         self.config = SimpleNamespace(max_position_embeddings=max_positions)
         self.calls, self.head_rows = 0, []
 
-    def forward(self, idx, targets=None, start_pos=None):
-        # A bigram's logits at a position depend on that position's token alone, so running a continuation
-        # after a cached context (start_pos) needs no cache at all: the methods below have nothing to keep.
+    def forward(self, idx, positions=None, mask=None):
+        # A bigram's logits at a position depend on that position's token alone: positions and mask (which
+        # questions and choices share a row, multiple_choice.score_rows) change nothing here.
         self.calls += 1
         x = torch.nn.functional.one_hot(idx, len(CHARS)).float()   # (B, S, V)
         logits = self.lm_head(x)
         self.head_rows.append(logits.shape[:-1])
         return ModelOutput(logits, None, logits.new_zeros(()), ())
-
-    def setup_cache(self, batch, length):
-        pass
-
-    def share_cache_prefix(self, length):
-        pass
-
-    def clear_cache(self):
-        pass
 
 
 L = {ch: {nxt: math.log(p) for nxt, p in zip(CHARS, PROBS[i])} for i, ch in enumerate(CHARS)}  # L[prev][next]
@@ -154,23 +145,27 @@ def test_start_token_follows_the_tokenizers_default():
     assert mc.prefix_token(tok) == 4  # no bos: an empty context is scored after eos
 
 
-def test_loglikelihoods_padding_truncation_greedy_and_the_context_once():
+def test_loglikelihoods_rows_truncation_greedy_and_the_context_once():
     tok = CharTokenizer()
     groups = [[mc.encode_pair(tok, "a", "bb"), mc.encode_pair(tok, "a", "c")], [mc.encode_pair(tok, "ccccca", "c")]]
     groups = [[([0] + ctx, cont) for ctx, cont in g] for g in groups]
+    # One question, one row: its shared prefix (the context) once, then each choice's own input tokens.
+    ids, pos, seg, scored = mc.question_row(groups[0], max_len=64)
+    # "a" + "bb" reads [bos, a, b] and "a" + "c" reads [bos, a]: the prefix is [bos, a], "bb" adds its first b
+    # (position 2); "bb" is scored at row indices 1 (after a) and 2 (after b), "c" at index 1 too.
+    assert ids == [0, 1, 2] and pos == [0, 1, 2] and seg == [0, 0, 1]
+    assert scored == [([1, 2], [2, 2]), ([1], [3])]
+    # Choices that disagree inside the context share only their common prefix; each continues at its positions.
+    ids, pos, seg, scored = mc.question_row([([0, 1, 2], [3]), ([0, 2, 2, 2], [1, 4])], max_len=64)
+    assert ids == [0, 1, 2, 2, 2, 2, 1] and pos == [0, 1, 2, 1, 2, 3, 4] and seg == [0, 1, 1, 2, 2, 2, 2]
+    assert scored == [([2], [3]), ([5, 6], [1, 4])]
     model = Bigram()
-    got = mc.loglikelihoods(model, groups, pack_width=0)  # no packing
-    # Per question two passes: its shared context once (into the KV cache), then all its choices together.
-    # The output projection ran at one context position (ignored) and at the choice tokens only.
-    assert model.calls == 4
-    assert model.head_rows == [(1,), (1,), (1,), (3,)]  # longest question first: 1 choice token; then 2 + 1
-    # Short questions packed as full rows: both questions in one forward, the projection at the 4 choice tokens.
-    packed = Bigram()
+    got = mc.loglikelihoods(model, groups, row_tokens=0)  # a row per question
+    # Two forwards; the output projection ran at the choice tokens only.
+    assert model.calls == 2 and model.head_rows == [(1,), (3,)]  # longest question first: 1 choice token; 2 + 1
+    packed = Bigram()   # both questions end to end in one row
     assert mc.loglikelihoods(packed, groups) == got
     assert packed.calls == 1 and packed.head_rows == [(4,)]
-    # A pack holds at most pack_tokens padded tokens: 3 rows padded to 7 tokens exceed 20 -> two forwards.
-    packed = Bigram()
-    assert mc.loglikelihoods(packed, groups, pack_tokens=20) == got and packed.calls == 2
     short = mc.loglikelihoods(Bigram(max_positions=3), groups)  # long context cut from the left
     np.testing.assert_allclose([x[0] for g in short for x in g], [x[0] for g in got for x in g], atol=1e-6)
     assert got[0][1][0] == pytest.approx(L["a"]["c"], abs=1e-6)
@@ -187,31 +182,31 @@ def tiny(moe, **kw):
     return Transformer(ModelConfig(**cfg)).double().eval()
 
 
-@pytest.mark.parametrize("pack_width", [0, 64])
+@pytest.mark.parametrize("row_tokens", [0, 64])
 @pytest.mark.parametrize("moe", [False, True])
-def test_choice_scores_equal_full_logits(moe, pack_width):
-    """What the docstring promises: scores from the context run once into the KV cache, the choices padded
-    into one batch after it, and logits at the choice tokens only, equal the plain full-row computation -
-    exactly in exact arithmetic; in float64 (no near-tie of expert scores at this precision) to 1e-10 for a
-    dense model and an MoE alike. Contexts that differ (few-shot) only share their common prefix. pack_width 64:
-    the same questions packed as full rows into one forward instead."""
-    model = tiny(moe)
-    rng = np.random.default_rng(0)
-    groups = [[(rng.integers(0, 16, n_ctx).tolist(), rng.integers(0, 16, rng.integers(1, 5)).tolist())
-               for _ in range(4)] for n_ctx in (3, 11, 7)]
-    want = []
-    for group in groups:
-        want.append([])
-        for ctx, cont in group:
-            idx = torch.tensor([ctx + cont[:-1]])
-            logp = torch.log_softmax(model(idx)[0][0, -len(cont):], -1)              # (n, V) full logits
-            want[-1].append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
-    groups[2][1] = ([1] + groups[2][1][0][1:], groups[2][1][1])  # one choice with another context: no prefix
-    idx = torch.tensor([groups[2][1][0] + groups[2][1][1][:-1]])
-    logp = torch.log_softmax(model(idx)[0][0, -len(groups[2][1][1]):], -1)
-    want[2][1] = logp.gather(-1, torch.tensor(groups[2][1][1])[:, None]).sum().item()
-    got = mc.loglikelihoods(model, groups, pack_width=pack_width)
-    np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
+def test_choice_scores_equal_full_logits(moe, row_tokens):
+    """What the docstring promises: scores from one row per question (its shared context once, each choice's
+    own tokens after it, a mask keeping choices apart), logits at the choice tokens only, equal the plain
+    full-row computation - exactly in exact arithmetic; in float64 (no near-tie of expert scores at this
+    precision) to 1e-10 for a dense model and an MoE alike. Contexts that differ (few-shot) only share their
+    common prefix. row_tokens 64: the three questions end to end in one row, each seeing only itself. A model
+    of 9 positions cuts the 11-token context from the left, each choice as lm-eval cuts its own row."""
+    for max_len in (64, 9):
+        model = tiny(moe, max_position_embeddings=max_len)
+        rng = np.random.default_rng(0)
+        contexts = [rng.integers(0, 16, n_ctx).tolist() for n_ctx in (3, 11, 7)]   # a question's choices share it
+        groups = [[(ctx, rng.integers(0, 16, rng.integers(1, 5)).tolist()) for _ in range(4)] for ctx in contexts]
+        groups[2][1] = (groups[2][1][0][:4] + [(groups[2][1][0][4] + 1) % 16] + groups[2][1][0][5:],
+                        groups[2][1][1])                                   # one choice whose context differs at 4
+        want = []
+        for group in groups:
+            want.append([])
+            for ctx, cont in group:
+                idx = torch.tensor([(ctx + cont)[-(max_len + 1):-1]])
+                logp = torch.log_softmax(model(idx)[0][0, -len(cont):], -1)          # (n, V) full logits
+                want[-1].append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+        got = mc.loglikelihoods(model, groups, row_tokens=row_tokens)
+        np.testing.assert_allclose([[ll for ll, _ in q] for q in got], want, rtol=0, atol=1e-10)
 
 
 def test_validation_loss_is_the_lm_loss_without_the_balance_loss(tmp_path):
