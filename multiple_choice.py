@@ -142,11 +142,12 @@ def logits_only_at(model, rows, cols):
 #
 # Every token then computes exactly what it computes in its choice's full row: same tokens before it, same
 # positions. The forward runs each distinct token once (cloze items: the context alone, their choices are one
-# token each); lm-eval runs the context once per choice. Short questions are laid end to end in one row of at
-# least ROW_TOKENS tokens (a mask keeps each to itself): at a few dozen tokens a forward costs the reading of
-# the weights, at a few hundred its multiply-adds, and one row has no padding. Longer rows gain nothing (the
-# attention over a row grows with its square) and many rows to a forward would be padded to the longest: on
-# the 2-core CPU one row of ~256 tokens per forward measured fastest (RESULTS.md, "Evaluation speed").
+# token each); lm-eval runs the context again for each choice of more than one token. Short questions are laid
+# end to end in one row of at least ROW_TOKENS tokens (a mask keeps each to itself): at a few dozen tokens a
+# forward costs the reading of the weights, at a few hundred its multiply-adds, and one row has no padding.
+# Longer rows gain nothing (the attention over a row grows with its square), and many rows to a forward would
+# be padded to the longest: on the 2-core CPU one row of 128-384 tokens per forward measured fastest (README,
+# "Evaluation and results").
 ROW_TOKENS = 256
 
 
