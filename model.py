@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from gate import GATE_TYPES, GateOutput, TopKGate
 from moe_kernels import permute, unpermute, grouped_swiglu
+from moe_kernels import decode as fast_decode
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,10 +205,14 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.hd))
 
-    def decode(self, x, cos, sin, pos, visible):
-        """One new position per row with every shape fixed (torch.compile traces it once): x (B, 1, d), pos (1,)
-        int64, visible (1, 1, 1, L) bool = which of the cache's L positions exist. Writes the new key and value
-        at pos and attends over the whole preallocated cache, the unwritten positions masked out."""
+    def decode(self, x, cos, sin, pos, visible, norm, fast=False):
+        """One new position per row with every shape fixed (torch.compile traces it once): x (B, 1, d) before
+        `norm` (the block's input RMSNorm), pos (1,) int64, visible (1, 1, 1, L) bool = which of the cache's L
+        positions exist. Writes the new key and value at pos and attends over the whole preallocated cache, the
+        unwritten positions masked out. fast: all of it in one C++ op (moe_kernels/decode.py), norm included."""
+        if fast:
+            return fast_decode.attention(self, norm, x, cos, sin, pos)
+        x = norm(x)
         B = x.shape[0]
         q = self.q_proj(x).view(B, 1, self.n_head, self.hd).transpose(1, 2)  # (B, H, 1, hd)
         k = self.k_proj(x).view(B, 1, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, 1, hd)
@@ -296,20 +301,21 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), g
 
-    def decode(self, x, fused=False):
+    def decode(self, x, fused=False, fast=False):
         """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d).
         With T*k rows, permute -> grouped matmul -> unpermute is mostly fixed cost around a handful of
         matrix-vector products: run each row's k experts straight from the stacked weights instead.
-        fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop (chosen_experts)."""
+        fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop (chosen_experts).
+        fast: the C++ ops of moe_kernels/decode.py instead (experts and shared block, one op each)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # (T, d)
         ids, scores = self.gate.route(x)                               # (T, k), (T, k)
         w = torch.ones_like(scores) if self.unit_weights else scores  # "unit": exactly 1 (no gradient here)
         e = self.experts
-        run = chosen_experts_fused if fused else chosen_experts
+        run = fast_decode.experts if fast else chosen_experts_fused if fused else chosen_experts
         y = run(x, ids, (w * self.score_scale).to(x.dtype), e.gate_up_proj, e.down_proj)  # (T, d)
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + (fast_decode.swiglu(self.shared, x) if fast else self.shared(x))
         return y.view(shape)
 
 
@@ -344,10 +350,10 @@ def next_token(logits, temperature, top_k):
     return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
 
-def block_decode(block, x, cos, sin, pos, visible, fused=False):
+def block_decode(block, x, cos, sin, pos, visible, fast=False, fused=False):
     """Block.decode as a function of the block: torch.compile of it is one graph that every layer of the same
     shapes reuses (the weights are its inputs), compiled once instead of once per layer."""
-    return block.decode(x, cos, sin, pos, visible, fused)
+    return block.decode(x, cos, sin, pos, visible, fused, fast)
 
 
 _COMPILED = {}
@@ -394,12 +400,16 @@ class Block(nn.Module):
             return x + y, gate
         return x + self.mlp(h), None
 
-    def decode(self, x, cos, sin, pos, visible, fused=False):
+    def decode(self, x, cos, sin, pos, visible, fused=False, fast=False):
         """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, static shapes, the MoE on its few-rows
-        path (Attention.decode and MoEFeedForward.decode say how)."""
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, visible)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp.decode(h, fused) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
+        path (Attention.decode and MoEFeedForward.decode say how). fast: fp32 CPU tensors through the C++ ops
+        of moe_kernels/decode.py (each RMSNorm fused into the op after it), the same numbers up to rounding."""
+        x = x + self.self_attn.decode(x, cos, sin, pos, visible, self.input_layernorm, fast)
+        if isinstance(self.mlp, MoEFeedForward):
+            return x + self.mlp.decode(self.post_attention_layernorm(x), fused, fast)
+        if fast:
+            return x + fast_decode.swiglu(self.mlp, x, self.post_attention_layernorm)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class ModelOutput(NamedTuple):
@@ -489,14 +499,19 @@ class Transformer(nn.Module):
 
     def decode_step(self, idx, pos, compiled=False):
         """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
-        compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails)."""
+        compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails). fp32 on the
+        CPU, the C++ decoding ops run each piece of a layer (moe_kernels/decode.py; LLAMA_MOE_KERNELS=reference:
+        the torch code here)."""
         layer_fn = compiled_block_decode() if compiled else block_decode
         cos, sin = (t[pos:pos + 1] for t in self.rope_table)             # (1, hd), precomputed
         visible = (self.cache_positions <= pos).view(1, 1, 1, -1)        # (1, 1, 1, L)
         at = self.cache_positions[pos:pos + 1]                           # (1,) int64, no host-to-device copy
         x = self.model.embed_tokens(idx)                                 # (B, 1, d)
+        fast = fast_decode.available(x)
         for block in self.model.layers:
-            x = layer_fn(block, x, cos, sin, at, visible)
+            x = layer_fn(block, x, cos, sin, at, visible, fast)
+        if fast:
+            return fast_decode.linear(x, self.lm_head.weight, self.model.norm)  # (B, vocab)
         return self.lm_head(self.model.norm(x))[:, -1]                   # (B, vocab)
 
     @torch.no_grad()

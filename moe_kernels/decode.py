@@ -1,0 +1,80 @@
+"""Batch-1 decoding on the CPU in a few C++ calls per layer (decode_cpu.cpp), for model.py's decode path.
+
+Decoding one token reads every weight once, 2 flops per weight: the speed is how fast memory delivers the
+weights, plus a fixed cost per torch op. model.py's plain-torch decode spends ~25 ops per layer, and batch-1
+matrix products read weights slower than one plain sequential loop does (decode_cpu.cpp says why). These
+helpers run each piece of a layer as one op instead; model.py calls them when `available(x)` (fp32 CPU
+tensors, the CPU extension built, LLAMA_MOE_KERNELS not asking for "reference"), else runs its torch code,
+which stays the reference: the tests check that both give the same tokens.
+
+What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's RMSNorm, or none):
+    linear(x, w, norm)           norm(x) @ w.T                                           (T, n)
+    swiglu(ffn, x, norm)         ffn.down_proj(silu(ffn.gate_proj(h)) * ffn.up_proj(h)), h = norm(x)
+    experts(x, ids, w, gu, down) model.chosen_experts: sum_j w[t, j] * Expert_{ids[t, j]}(x[t])   (T, d)
+    attention(attn, norm, x, cos, sin, pos)
+                                 model.Attention.decode on norm(x), attending over positions 0..pos
+The ops are registered in C++ with their schemas; the shape-only ("fake") versions below let torch.compile
+trace them as opaque calls, so a compiled layer fuses the ops around them (residual adds, the gate).
+"""
+import torch
+from torch import Tensor
+
+from moe_kernels.ops import cpu_extension
+
+_ops = None  # torch.ops.llama_moe_cpu once the extension is loaded and the fakes registered
+
+
+def available(x: Tensor) -> bool:
+    """Whether the C++ decoding ops serve tensors like x (fp32 on the CPU; the weights are assumed alike).
+    False under LLAMA_MOE_KERNELS=reference (or =cuda), or when the extension did not build."""
+    global _ops
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    ext = cpu_extension()  # None: forced away from the CPU extension, or it did not build (warned once)
+    if ext is None:
+        return False
+    if _ops is None:
+        _register_fakes()
+        _ops = ext
+    return True
+
+
+def _register_fakes():
+    """Output shapes only, for torch.compile (which traces with tensors that hold no data)."""
+    reg = torch.library.register_fake
+    reg("llama_moe_cpu::decode_linear")(lambda x, norm_weight, eps, w: x.new_empty(x.numel() // x.shape[-1], w.shape[0]))
+    reg("llama_moe_cpu::decode_swiglu")(lambda x, norm_weight, eps, w_gate, w_up, w_down:
+                                        x.new_empty(x.numel() // x.shape[-1], w_down.shape[0]))
+    reg("llama_moe_cpu::decode_experts")(lambda x, ids, weights, gate_up, down: x.new_empty(x.shape[0], down.shape[1]))
+    reg("llama_moe_cpu::decode_attention")(lambda x, norm_weight, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, pos:
+                                           x.new_empty(x.numel() // x.shape[-1], wo.shape[0]))
+
+
+def _norm_args(norm):
+    return (None, 0.0) if norm is None else (norm.weight, norm.eps)
+
+
+def linear(x: Tensor, w: Tensor, norm=None) -> Tensor:
+    """x (T, d) (or (B, 1, d): T = B) -> norm(x) @ w.T, (T, n); w (n, d). The lm_head with the final norm."""
+    return _ops.decode_linear(x, *_norm_args(norm), w)
+
+
+def swiglu(ffn, x: Tensor, norm=None) -> Tensor:
+    """A model.FeedForward on norm(x): x (B, 1, d) -> (B, 1, d) (or (T, d) -> (T, d))."""
+    y = _ops.decode_swiglu(x, *_norm_args(norm), ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+    return y.view(x.shape)
+
+
+def experts(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """model.chosen_experts in one op: x (T, d), ids and weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e)
+    -> (T, d), reading only the chosen experts' rows."""
+    return _ops.decode_experts(x, ids, weights, gate_up, down)
+
+
+def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
+    """model.Attention.decode on norm(x) in one op: x (B, 1, d), cos and sin (1, hd) for position pos ((1,) int64).
+    Writes the new key and value into attn.kv_cache at pos, attends over positions 0..pos -> (B, 1, d)."""
+    cache_k, cache_v = attn.kv_cache                                                 # (B, Hkv, L, hd) each
+    y = _ops.decode_attention(x, *_norm_args(norm), attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                              attn.o_proj.weight, cos, sin, cache_k, cache_v, pos)  # (B, d)
+    return y.view(x.shape)
