@@ -301,21 +301,24 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), g
 
-    def decode(self, x, fused=False, fast=False):
-        """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d).
-        With T*k rows, permute -> grouped matmul -> unpermute is mostly fixed cost around a handful of
-        matrix-vector products: run each row's k experts straight from the stacked weights instead.
-        fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop (chosen_experts).
-        fast: the C++ ops of moe_kernels/decode.py instead (experts and shared block, one op each)."""
+    def decode(self, x, norm, fused=False, fast=False):
+        """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d),
+        x before `norm` (the block's RMSNorm). With T*k rows, permute -> grouped matmul -> unpermute is mostly
+        fixed cost around a handful of matrix-vector products: run each row's k experts straight from the stacked
+        weights instead. fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop
+        (chosen_experts). fast: all of it in one C++ op (moe_kernels/decode.py), the norm and routing included."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # (T, d)
+        if fast:
+            return fast_decode.moe(self, x, norm).view(shape)
+        x = norm(x)
         ids, scores = self.gate.route(x)                               # (T, k), (T, k)
         w = torch.ones_like(scores) if self.unit_weights else scores  # "unit": exactly 1 (no gradient here)
         e = self.experts
-        run = fast_decode.experts if fast else chosen_experts_fused if fused else chosen_experts
+        run = chosen_experts_fused if fused else chosen_experts
         y = run(x, ids, (w * self.score_scale).to(x.dtype), e.gate_up_proj, e.down_proj)  # (T, d)
         if self.shared is not None:
-            y = y + (fast_decode.swiglu(self.shared, x) if fast else self.shared(x))
+            y = y + self.shared(x)
         return y.view(shape)
 
 
@@ -406,7 +409,7 @@ class Block(nn.Module):
         of moe_kernels/decode.py (each RMSNorm fused into the op after it), the same numbers up to rounding."""
         x = x + self.self_attn.decode(x, cos, sin, pos, visible, self.input_layernorm, fast)
         if isinstance(self.mlp, MoEFeedForward):
-            return x + self.mlp.decode(self.post_attention_layernorm(x), fused, fast)
+            return x + self.mlp.decode(x, self.post_attention_layernorm, fused, fast)
         if fast:
             return x + fast_decode.swiglu(self.mlp, x, self.post_attention_layernorm)
         return x + self.mlp(self.post_attention_layernorm(x))

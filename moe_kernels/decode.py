@@ -11,6 +11,7 @@ What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's
     linear(x, w, norm)           norm(x) @ w.T                                           (T, n)
     swiglu(ffn, x, norm)         ffn.down_proj(silu(ffn.gate_proj(h)) * ffn.up_proj(h)), h = norm(x)
     experts(x, ids, w, gu, down) model.chosen_experts: sum_j w[t, j] * Expert_{ids[t, j]}(x[t])   (T, d)
+    moe(layer, x, norm)          model.MoEFeedForward.decode on norm(x): routing, experts, shared block
     attention(attn, norm, x, cos, sin, pos)
                                  model.Attention.decode on norm(x), attending over positions 0..pos
 The ops are registered in C++ with their schemas; the shape-only ("fake") versions below let torch.compile
@@ -46,6 +47,7 @@ def _register_fakes():
     reg("llama_moe_cpu::decode_swiglu")(lambda x, norm_weight, eps, w_gate, w_up, w_down:
                                         x.new_empty(x.numel() // x.shape[-1], w_down.shape[0]))
     reg("llama_moe_cpu::decode_experts")(lambda x, ids, weights, gate_up, down: x.new_empty(x.shape[0], down.shape[1]))
+    reg("llama_moe_cpu::decode_moe")(lambda x, norm_weight, eps, gate_weight, *rest: x.new_empty(x.shape[0], x.shape[1]))
     reg("llama_moe_cpu::decode_attention")(lambda x, norm_weight, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, pos:
                                            x.new_empty(x.numel() // x.shape[-1], wo.shape[0]))
 
@@ -69,6 +71,16 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tens
     """model.chosen_experts in one op: x (T, d), ids and weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e)
     -> (T, d), reading only the chosen experts' rows."""
     return _ops.decode_experts(x, ids, weights, gate_up, down)
+
+
+def moe(layer, x: Tensor, norm=None) -> Tensor:
+    """A model.MoEFeedForward's decode on norm(x) in one op, x (T, d) -> (T, d): the gate's eval-mode routing
+    (TopKGate.route), the chosen experts weighted by softmax or unit weights times score_scale, the shared block."""
+    gate, e, shared = layer.gate.gate_network, layer.experts, layer.shared
+    gate_w = (gate.weight, None) if layer.gate.gate_type == "linear" else (gate[0].weight, gate[2].weight)
+    shared_w = (None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+    return _ops.decode_moe(x, *_norm_args(norm), *gate_w, layer.gate.expert_bias, layer.top_k, layer.unit_weights,
+                           layer.score_scale, e.gate_up_proj, e.down_proj, *shared_w)
 
 
 def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:

@@ -13,6 +13,8 @@
 //   decode_linear    (x (T, d), norm_w (d,)?, eps, w (n, d))                         -> (T, n)  = norm(x) w^T
 //   decode_swiglu    (x, norm_w?, eps, w_gate (h, d), w_up (h, d), w_down (d, h))     -> (T, d)  = SwiGLU FFN
 //   decode_experts   (x, ids (T, k), weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e)) -> (T, d)
+//   decode_moe       (x, norm_w?, eps, the gate's weights and bias, k, ..., gate_up, down, shared block?) -> (T, d):
+//                    routing + decode_experts + the shared SwiGLU, the MoE layer of a decoding step
 //   decode_attention (x (B, d), norm_w?, eps, wq, wk, wv, wo, cos (hd,), sin (hd,), cache_k, cache_v
 //                     (B, Hkv, L, hd), pos (1,) int64) -> (B, d), writing the new key/value at pos
 // norm_w given: x is first RMS-normalised and scaled by it (the block's RMSNorm), else used as it is.
@@ -178,17 +180,10 @@ at::Tensor decode_linear(const at::Tensor& x_in, const std::optional<at::Tensor>
   return y;
 }
 
-// y = W_down (silu(W_gate x) * W_up x): the gate and up rows of one neuron are read together, and the
-// hidden activations (T, h) never leave this function.
-at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                         const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
-  const char* op = "decode_swiglu";
-  auto wg = weight(gate_in, 2, op, "w_gate"), wu = weight(up_in, 2, op, "w_up"), wd = weight(down_in, 2, op, "w_down");
-  const int64_t h = wg.size(0), d = wg.size(1);
-  TORCH_CHECK(wu.sizes() == wg.sizes() && wd.size(0) == d && wd.size(1) == h, op, ": need w_gate, w_up (h, d) and "
-              "w_down (d, h); got ", wg.sizes(), ", ", wu.sizes(), ", ", wd.sizes());
-  auto x = normed_rows(x_in, norm_w, eps, d, op);
-  const int64_t T = x.size(0);
+// y (T, d) = W_down (silu(W_gate x) * W_up x) for x (T, d) contiguous: the gate and up rows of one neuron are
+// read together, and the hidden activations (T, h) never leave this function.
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd) {
+  const int64_t h = wg.size(0), d = wg.size(1), T = x.size(0);
   auto act = at::empty({T, h}, x.options());  // silu(gate) * up, (T, h)
   const float *xp = x.data_ptr<float>(), *gp = wg.data_ptr<float>(), *up = wu.data_ptr<float>();
   float* ap = act.data_ptr<float>();
@@ -202,30 +197,26 @@ at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>
   return y;
 }
 
-// y[t] = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t]): only the chosen experts' rows are read.
-// Two passes, each one parallel region: the activations a (T*k, d_e) of every (token, expert) pair, then the
-// down products, each thread on a block of output rows for every pair (an expert's rows read in order).
-at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
-                          const at::Tensor& gate_up_in, const at::Tensor& down_in) {
-  const char* op = "decode_experts";
-  auto gu = weight(gate_up_in, 3, op, "gate_up"), wd = weight(down_in, 3, op, "down");
-  const int64_t E = gu.size(0), d_e = gu.size(1) / 2, d = gu.size(2);
-  TORCH_CHECK(gu.size(1) % 2 == 0 && wd.size(0) == E && wd.size(1) == d && wd.size(2) == d_e, op,
-              ": need gate_up (E, 2 d_e, d) and down (E, d, d_e); got ", gu.sizes(), " and ", wd.sizes());
-  auto x = normed_rows(x_in, std::nullopt, 0.0, d, op);
-  const int64_t T = x.size(0);
-  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == T && ids_in.device().is_cpu() &&
-              (ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt), op,
-              ": ids must be a (T, k) int64/int32 CPU tensor with one row per row of x, got ", ids_in.sizes());
-  check_f32(weights_in, op, "weights");
-  TORCH_CHECK(weights_in.sizes() == ids_in.sizes(), op, ": weights must have the shape of ids, (T, k)");
-  auto ids = ids_in.to(at::kLong).contiguous();
-  auto wts = weights_in.contiguous();
-  const int64_t k = ids.size(1), P = T * k;
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  for (int64_t p = 0; p < P; ++p)  // an id out of range would read outside the weights
-    TORCH_CHECK(0 <= idp[p] && idp[p] < E, op, ": expert id ", idp[p], " is not in [0, ", E, ")");
+void check_swiglu(const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd, const char* op) {
+  TORCH_CHECK(wu.sizes() == wg.sizes() && wd.size(0) == wg.size(1) && wd.size(1) == wg.size(0), op, ": need w_gate, "
+              "w_up (h, d) and w_down (d, h); got ", wg.sizes(), ", ", wu.sizes(), ", ", wd.sizes());
+}
 
+at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                         const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
+  const char* op = "decode_swiglu";
+  auto wg = weight(gate_in, 2, op, "w_gate"), wu = weight(up_in, 2, op, "w_up"), wd = weight(down_in, 2, op, "w_down");
+  check_swiglu(wg, wu, wd, op);
+  return swiglu(normed_rows(x_in, norm_w, eps, wg.size(1), op), wg, wu, wd);
+}
+
+// y (T, d) = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t]) for x (T, d) contiguous, ids and weights (T, k)
+// contiguous, ids in range: only the chosen experts' rows are read. Two passes, one parallel region each: the
+// activations a (T*k, d_e) of every (token, expert) pair, then the down products, each thread on a block of
+// output rows for every pair (an expert's rows are read in order).
+at::Tensor experts(const at::Tensor& x, const int64_t* idp, const float* wp, int64_t k, const at::Tensor& gu,
+                   const at::Tensor& wd) {
+  const int64_t T = x.size(0), d = x.size(1), d_e = wd.size(2), P = T * k;
   auto act = at::empty({P, d_e}, x.options());  // pair p = t * k + j
   const float *xp = x.data_ptr<float>(), *gup = gu.data_ptr<float>(), *wdp = wd.data_ptr<float>();
   float* ap = act.data_ptr<float>();
@@ -238,13 +229,98 @@ at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   });
   auto y = at::zeros({T, d}, x.options());
   float* yp = y.data_ptr<float>();
-  const float* wp = wts.data_ptr<float>();
   at::parallel_for(0, d, grain_rows(k * d_e), [&](int64_t r0, int64_t r1) {
     for (int64_t p = 0; p < P; ++p) {  // pairs in order: y[t] gets its k experts added j = 0, 1, ...
       const float* w_down = wdp + idp[p] * d * d_e;
       for (int64_t r = r0; r < r1; ++r) yp[(p / k) * d + r] += wp[p] * dot(w_down + r * d_e, ap + p * d_e, d_e);
     }
   });
+  return y;
+}
+
+void check_experts(const at::Tensor& gu, const at::Tensor& wd, const char* op) {
+  TORCH_CHECK(gu.size(1) % 2 == 0 && wd.size(0) == gu.size(0) && wd.size(1) == gu.size(2) && wd.size(2) == gu.size(1) / 2,
+              op, ": need gate_up (E, 2 d_e, d) and down (E, d, d_e); got ", gu.sizes(), " and ", wd.sizes());
+}
+
+at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
+                          const at::Tensor& gate_up_in, const at::Tensor& down_in) {
+  const char* op = "decode_experts";
+  auto gu = weight(gate_up_in, 3, op, "gate_up"), wd = weight(down_in, 3, op, "down");
+  check_experts(gu, wd, op);
+  auto x = normed_rows(x_in, std::nullopt, 0.0, gu.size(2), op);
+  const int64_t T = x.size(0), E = gu.size(0);
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == T && ids_in.device().is_cpu() &&
+              (ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt), op,
+              ": ids must be a (T, k) int64/int32 CPU tensor with one row per row of x, got ", ids_in.sizes());
+  check_f32(weights_in, op, "weights");
+  TORCH_CHECK(weights_in.sizes() == ids_in.sizes(), op, ": weights must have the shape of ids, (T, k)");
+  auto ids = ids_in.to(at::kLong).contiguous();
+  auto wts = weights_in.contiguous();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  for (int64_t p = 0; p < ids.numel(); ++p)  // an id out of range would read outside the weights
+    TORCH_CHECK(0 <= idp[p] && idp[p] < E, op, ": expert id ", idp[p], " is not in [0, ", E, ")");
+  return experts(x, idp, wts.data_ptr<float>(), ids.size(1), gu, wd);
+}
+
+// The whole MoE feed-forward of a decoding step (model.MoEFeedForward.decode) on norm(x): the gate's eval-mode
+// routing (logits = W_gate x, or W_2 tanh(W_1 x) for the "mlp" gate; the k largest of logits + expert_bias,
+// larger first, ties to the lower id; weights = softmax of the chosen unbiased logits, or 1 with unit_weights;
+// times score_scale), the chosen experts, plus the shared block when given. One op instead of ~20 small ones.
+at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                      const at::Tensor& gate_w_in, const std::optional<at::Tensor>& gate_w2_in,
+                      const at::Tensor& bias_in, int64_t k, bool unit_weights, double score_scale,
+                      const at::Tensor& gate_up_in, const at::Tensor& down_in,
+                      const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& shared_up,
+                      const std::optional<at::Tensor>& shared_down) {
+  const char* op = "decode_moe";
+  auto gu = weight(gate_up_in, 3, op, "gate_up"), wd = weight(down_in, 3, op, "down");
+  check_experts(gu, wd, op);
+  const int64_t E = gu.size(0), d = gu.size(2);
+  auto gw = weight(gate_w_in, 2, op, "gate_weight");
+  TORCH_CHECK(gw.size(0) == E && gw.size(1) == d, op, ": gate_weight must be (E, d) = (", E, ", ", d, ")");
+  TORCH_CHECK(1 <= k && k <= E, op, ": k = ", k, " must be in 1..", E);
+  auto bias = weight(bias_in, 1, op, "expert_bias");
+  TORCH_CHECK(bias.size(0) == E, op, ": expert_bias must have E = ", E, " entries");
+  auto x = normed_rows(x_in, norm_w, eps, d, op);
+  const int64_t T = x.size(0);
+
+  auto logits = at::empty({T, E}, x.options());
+  matvec(gw.data_ptr<float>(), E, d, x.data_ptr<float>(), T, logits.data_ptr<float>());
+  if (gate_w2_in) {  // the "mlp" gate: Linear(d, E) -> tanh -> Linear(E, E)
+    auto gw2 = weight(*gate_w2_in, 2, op, "gate_weight2");
+    TORCH_CHECK(gw2.size(0) == E && gw2.size(1) == E, op, ": gate_weight2 must be (E, E)");
+    auto hidden = logits.tanh();
+    matvec(gw2.data_ptr<float>(), E, E, hidden.data_ptr<float>(), T, logits.data_ptr<float>());
+  }
+  std::vector<int64_t> ids(T * k);
+  std::vector<float> wts(T * k);
+  std::vector<int64_t> order(E);
+  const float *lp = logits.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = lp + t * E;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      const float va = l[a] + bp[a], vb = l[b] + bp[b];
+      return va > vb || (va == vb && a < b);
+    });
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) m = std::max(m, l[order[j]]);
+    for (int64_t j = 0; j < k; ++j) sum += (wts[t * k + j] = std::exp(l[order[j]] - m));
+    for (int64_t j = 0; j < k; ++j) {
+      ids[t * k + j] = order[j];
+      wts[t * k + j] = (unit_weights ? 1.f : wts[t * k + j] / sum) * static_cast<float>(score_scale);
+    }
+  }
+  auto y = experts(x, ids.data(), wts.data(), k, gu, wd);
+  if (shared_gate) {  // the shared block: always on, unscaled
+    TORCH_CHECK(shared_up && shared_down, op, ": the shared block needs all three weights");
+    auto sg = weight(*shared_gate, 2, op, "shared_gate"), su = weight(*shared_up, 2, op, "shared_up");
+    auto sd = weight(*shared_down, 2, op, "shared_down");
+    check_swiglu(sg, su, sd, op);
+    TORCH_CHECK(sg.size(1) == d, op, ": the shared block's input width must be d = ", d);
+    y.add_(swiglu(x, sg, su, sd));
+  }
   return y;
 }
 
@@ -333,6 +409,9 @@ TORCH_LIBRARY_FRAGMENT(llama_moe_cpu, m) {
   m.def("decode_linear(Tensor x, Tensor? norm_weight, float eps, Tensor w) -> Tensor");
   m.def("decode_swiglu(Tensor x, Tensor? norm_weight, float eps, Tensor w_gate, Tensor w_up, Tensor w_down) -> Tensor");
   m.def("decode_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("decode_moe(Tensor x, Tensor? norm_weight, float eps, Tensor gate_weight, Tensor? gate_weight2, "
+        "Tensor expert_bias, int k, bool unit_weights, float score_scale, Tensor gate_up, Tensor down, "
+        "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down) -> Tensor");
   m.def("decode_attention(Tensor x, Tensor? norm_weight, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
         "Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor pos) -> Tensor");
 }
@@ -341,5 +420,6 @@ TORCH_LIBRARY_IMPL(llama_moe_cpu, CPU, m) {
   m.impl("decode_linear", &decode_linear);
   m.impl("decode_swiglu", &decode_swiglu);
   m.impl("decode_experts", &decode_experts);
+  m.impl("decode_moe", &decode_moe);
   m.impl("decode_attention", &decode_attention);
 }

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Attention, FeedForward, ModelConfig, RMSNorm, Transformer, chosen_experts, rope_cos_sin, rope_inv_freq
+from model import Attention, FeedForward, ModelConfig, MoEFeedForward, RMSNorm, Transformer, chosen_experts, rope_cos_sin, rope_inv_freq
 from moe_kernels import decode
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -62,6 +62,25 @@ def test_experts(T, k, E, d, d_e, id_dtype):
     ids[-1] = ids[0]  # two tokens on the same experts (when T > 1)
     want = chosen_experts(x, ids, w, gate_up, down)
     torch.testing.assert_close(decode.experts(x, ids.to(id_dtype), w, gate_up, down), want, **tol(d))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gate_type="mlp", num_experts_per_tok=3),
+                                dict(shared_intermediate_size=19, expert_weighting="unit", score_scale=1.5),
+                                dict(num_experts_per_tok=5)])
+@pytest.mark.parametrize("T", [1, 2])
+def test_moe_layer(kw, T):
+    # The whole MoE feed-forward of a decoding step: norm, routing (with a loss-free-balancing bias), experts, shared.
+    torch.manual_seed(6)
+    cfg = ModelConfig(hidden_size=37, intermediate_size=100, num_attention_heads=1, num_experts=5,
+                      **{"num_experts_per_tok": 2, "expert_intermediate_size": 13, **kw})
+    layer, norm = MoEFeedForward(cfg, 0).eval(), random_norm(37)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 37 ** -0.5)
+        layer.gate.expert_bias.normal_(0, 0.3)
+        x = torch.randn(T, 1, 37)
+        want = layer.decode(x, norm)
+        torch.testing.assert_close(layer.decode(x, norm, fast=True), want, **TOL)
 
 
 def test_experts_refuse_an_id_out_of_range():
@@ -121,7 +140,8 @@ def tiny(**kw):
 @pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True),
                                 dict(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=50),
                                 dict(num_experts=5, num_experts_per_tok=2, expert_intermediate_size=27,
-                                     shared_intermediate_size=19, expert_weighting="unit", score_scale=1.5)])
+                                     shared_intermediate_size=19, expert_weighting="unit", score_scale=1.5),
+                                dict(num_experts=6, num_experts_per_tok=3, expert_intermediate_size=33, gate_type="mlp")])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_greedy_tokens_equal_the_torch_path(kw, batch, monkeypatch):
     torch.manual_seed(5)
