@@ -511,6 +511,8 @@ class Transformer(nn.Module):
         at = self.cache_positions[pos:pos + 1]                           # (1,) int64, no host-to-device copy
         x = self.model.embed_tokens(idx)                                 # (B, 1, d)
         fast = fast_decode.available(x)
+        if fast:
+            fast_decode.place_weights(self)  # once: the weights on 2 MB pages, read faster
         for block in self.model.layers:
             x = layer_fn(block, x, cos, sin, at, visible, fast)
         if fast:

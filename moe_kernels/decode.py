@@ -17,6 +17,8 @@ What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's
 The ops are registered in C++ with their schemas; the shape-only ("fake") versions below let torch.compile
 trace them as opaque calls, so a compiled layer fuses the ops around them (residual adds, the gate).
 """
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -38,6 +40,23 @@ def available(x: Tensor) -> bool:
         _register_fakes()
         _ops = ext
     return True
+
+
+_placed = weakref.WeakKeyDictionary()  # model -> data_ptr of its lm_head weight when its weights were placed
+
+
+def place_weights(model, min_bytes=1 << 20):
+    """Copy each CPU weight of min_bytes or more into memory backed by 2 MB pages (decode_cpu.cpp huge_page_copy
+    says why: ~15% faster reads when decoding). Once per model, again if its weights were replaced since (to(),
+    load_state_dict into new tensors). The values, the Parameter objects and their sharing (tied embeddings) stay;
+    only where the numbers live changes. Peak memory: one extra copy of the largest weight."""
+    if _placed.get(model) == model.lm_head.weight.data_ptr():
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu" and p.nbytes >= min_bytes:
+                p.data = _ops.huge_page_copy(p.data)
+    _placed[model] = model.lm_head.weight.data_ptr()
 
 
 def _register_fakes():

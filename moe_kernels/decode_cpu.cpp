@@ -17,6 +17,7 @@
 //                    routing + decode_experts + the shared SwiGLU, the MoE layer of a decoding step
 //   decode_attention (x (B, d), norm_w?, eps, wq, wk, wv, wo, cos (hd,), sin (hd,), cache_k, cache_v
 //                     (B, Hkv, L, hd), pos (1,) int64) -> (B, d), writing the new key/value at pos
+//   huge_page_copy   (t) -> a contiguous copy of t in memory backed by 2 MB pages (Linux), see its comment
 // norm_w given: x is first RMS-normalised and scaled by it (the block's RMSNorm), else used as it is.
 //
 // Rounding: sums run in a different order than torch's (and with fused multiply-adds where the CPU has
@@ -27,14 +28,19 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>  // mmap, madvise
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LLAMA_MOE_X86 1
@@ -401,6 +407,30 @@ at::Tensor decode_attention(const at::Tensor& x_in, const std::optional<at::Tens
   return o;
 }
 
+// A contiguous copy of t whose memory is 2 MB aligned and advised as transparent huge pages (Linux; elsewhere a
+// plain copy). Why: the weights are read once per token, front to back. With 4 KB pages the CPU's hardware
+// prefetcher stops at every page boundary (it works on physical addresses) and every page costs a TLB miss;
+// with 2 MB pages it streams on. Measured on this 2-core box, one thread, SmolLM2-135M's weight shapes:
+// ~18.5 GB/s on 4 KB pages, ~21 GB/s on 2 MB pages. The memory goes back (munmap) when the tensor is freed.
+at::Tensor huge_page_copy(const at::Tensor& t) {
+  auto src = t.contiguous();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t bytes = src.nbytes(), size = std::max<size_t>(1, (bytes + kHuge - 1) / kHuge) * kHuge;
+  // Map one huge page more than needed, then unmap the ends so that what is left starts on a 2 MB boundary.
+  char* raw = static_cast<char*>(mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  TORCH_CHECK(raw != MAP_FAILED, "huge_page_copy: mmap of ", size + kHuge, " bytes failed");
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) & ~(uintptr_t{kHuge} - 1));
+  if (p > raw) munmap(raw, p - raw);
+  if (raw + kHuge > p) munmap(p + size, raw + kHuge - p);
+  madvise(p, size, MADV_HUGEPAGE);  // advice only: without huge pages available the copy still works
+  std::memcpy(p, src.data_ptr(), bytes);
+  return at::from_blob(p, src.sizes(), [size](void* q) { munmap(q, size); }, src.options());
+#else
+  return src.clone();
+#endif
+}
+
 }  // namespace
 
 // Schemas spelled out (not inferred) so that decode_attention can declare that it writes the caches, and
@@ -412,6 +442,7 @@ TORCH_LIBRARY_FRAGMENT(llama_moe_cpu, m) {
   m.def("decode_moe(Tensor x, Tensor? norm_weight, float eps, Tensor gate_weight, Tensor? gate_weight2, "
         "Tensor expert_bias, int k, bool unit_weights, float score_scale, Tensor gate_up, Tensor down, "
         "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down) -> Tensor");
+  m.def("huge_page_copy(Tensor t) -> Tensor");
   m.def("decode_attention(Tensor x, Tensor? norm_weight, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
         "Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor pos) -> Tensor");
 }
@@ -421,5 +452,6 @@ TORCH_LIBRARY_IMPL(llama_moe_cpu, CPU, m) {
   m.impl("decode_swiglu", &decode_swiglu);
   m.impl("decode_experts", &decode_experts);
   m.impl("decode_moe", &decode_moe);
+  m.impl("huge_page_copy", &huge_page_copy);
   m.impl("decode_attention", &decode_attention);
 }

@@ -2,11 +2,13 @@
 
 They sum in another order (and with fused multiply-adds), so single ops agree to fp32 rounding; whole greedy
 generations must choose the same tokens. Sizes are odd on purpose: the kernels work in blocks of 8 and 32."""
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
-from model import Attention, FeedForward, ModelConfig, MoEFeedForward, RMSNorm, Transformer, chosen_experts, rope_cos_sin, rope_inv_freq
+from model import (Attention, FeedForward, ModelConfig, MoEFeedForward, RMSNorm, Transformer, chosen_experts,
+                   rope_cos_sin, rope_inv_freq)
 from moe_kernels import decode
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -168,3 +170,17 @@ def test_other_dtypes_take_the_torch_path():
     model = tiny().to(torch.float64)
     prompt = torch.randint(0, 101, (1, 5))
     assert model.generate(prompt, 4, temperature=0).shape == (1, 9)
+
+
+def test_place_weights_keeps_values_parameters_and_ties():
+    model = tiny(tie_word_embeddings=True)
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    decode.place_weights(model, min_bytes=0)
+    for name, p in model.named_parameters():
+        assert p is before[name][0] and torch.equal(p, before[name][1])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    if sys.platform == "linux":  # 2 MB aligned, so that whole huge pages can back it
+        assert model.lm_head.weight.data_ptr() % (2 << 20) == 0
+    ptr = model.lm_head.weight.data_ptr()
+    decode.place_weights(model, min_bytes=0)  # once per model: not copied again
+    assert model.lm_head.weight.data_ptr() == ptr
