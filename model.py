@@ -205,14 +205,10 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.hd))
 
-    def decode(self, x, cos, sin, pos, visible, norm, fast=False):
-        """One new position per row with every shape fixed (torch.compile traces it once): x (B, 1, d) before
-        `norm` (the block's input RMSNorm), pos (1,) int64, visible (1, 1, 1, L) bool = which of the cache's L
-        positions exist. Writes the new key and value at pos and attends over the whole preallocated cache, the
-        unwritten positions masked out. fast: all of it in one C++ op (moe_kernels/decode.py), norm included."""
-        if fast:
-            return fast_decode.attention(self, norm, x, cos, sin, pos)
-        x = norm(x)
+    def decode(self, x, cos, sin, pos, visible):
+        """One new position per row with every shape fixed (torch.compile traces it once): x (B, 1, d), pos (1,)
+        int64, visible (1, 1, 1, L) bool = which of the cache's L positions exist. Writes the new key and value
+        at pos and attends over the whole preallocated cache, the unwritten positions masked out."""
         B = x.shape[0]
         q = self.q_proj(x).view(B, 1, self.n_head, self.hd).transpose(1, 2)  # (B, H, 1, hd)
         k = self.k_proj(x).view(B, 1, self.n_kv, self.hd).transpose(1, 2)    # (B, Hkv, 1, hd)
@@ -301,17 +297,13 @@ class MoEFeedForward(nn.Module):
             y = y + self.shared(x)
         return y.view(shape), g
 
-    def decode(self, x, norm, fused=False, fast=False):
-        """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d),
-        x before `norm` (the block's RMSNorm). With T*k rows, permute -> grouped matmul -> unpermute is mostly
-        fixed cost around a handful of matrix-vector products: run each row's k experts straight from the stacked
-        weights instead. fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop
-        (chosen_experts). fast: all of it in one C++ op (moe_kernels/decode.py), the norm and routing included."""
+    def decode(self, x, fused=False):
+        """The same y for the few rows of a decoding step (no gradient, eval-mode routing), (B, 1, d) -> (B, 1, d).
+        With T*k rows, permute -> grouped matmul -> unpermute is mostly fixed cost around a handful of
+        matrix-vector products: run each row's k experts straight from the stacked weights instead.
+        fused: the static-shape form (chosen_experts_fused), for torch.compile; else a loop (chosen_experts)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # (T, d)
-        if fast:
-            return fast_decode.moe(self, x, norm).view(shape)
-        x = norm(x)
         ids, scores = self.gate.route(x)                               # (T, k), (T, k)
         w = torch.ones_like(scores) if self.unit_weights else scores  # "unit": exactly 1 (no gradient here)
         e = self.experts
@@ -405,14 +397,15 @@ class Block(nn.Module):
 
     def decode(self, x, cos, sin, pos, visible, fused=False, fast=False):
         """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, static shapes, the MoE on its few-rows
-        path (Attention.decode and MoEFeedForward.decode say how). fast: fp32 CPU tensors through the C++ ops
-        of moe_kernels/decode.py (each RMSNorm fused into the op after it), the same numbers up to rounding."""
-        x = x + self.self_attn.decode(x, cos, sin, pos, visible, self.input_layernorm, fast)
-        if isinstance(self.mlp, MoEFeedForward):
-            return x + self.mlp.decode(x, self.post_attention_layernorm, fused, fast)
+        path (Attention.decode and MoEFeedForward.decode say how). fast: fp32 CPU tensors, the same two halves
+        as two C++ ops (moe_kernels/decode.py), each with its RMSNorm, the same numbers up to rounding."""
         if fast:
-            return x + fast_decode.swiglu(self.mlp, x, self.post_attention_layernorm)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x = fast_decode.attention(self.self_attn, self.input_layernorm, x, cos, sin, pos)  # x + attention
+            ffn = fast_decode.moe if isinstance(self.mlp, MoEFeedForward) else fast_decode.swiglu
+            return ffn(self.mlp, x, self.post_attention_layernorm)                       # x + feed-forward
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, visible)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp.decode(h, fused) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
 
 
 class ModelOutput(NamedTuple):

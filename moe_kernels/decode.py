@@ -9,13 +9,14 @@ which stays the reference: the tests check that both give the same tokens.
 
 What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's RMSNorm, or none):
     linear(x, w, norm)           norm(x) @ w.T                                           (T, n)
-    swiglu(ffn, x, norm)         ffn.down_proj(silu(ffn.gate_proj(h)) * ffn.up_proj(h)), h = norm(x)
     experts(x, ids, w, gu, down) model.chosen_experts: sum_j w[t, j] * Expert_{ids[t, j]}(x[t])   (T, d)
-    moe(layer, x, norm)          model.MoEFeedForward.decode on norm(x): routing, experts, shared block
+  and the halves of a block, residual included, shaped like x:
+    swiglu(ffn, x, norm)         x + ffn(norm(x))                                        (model.FeedForward)
+    moe(layer, x, norm)          x + layer.decode(norm(x)): routing, experts, shared block (model.MoEFeedForward)
     attention(attn, norm, x, cos, sin, pos)
-                                 model.Attention.decode on norm(x), attending over positions 0..pos
+                                 x + attn.decode(norm(x), ...), attending over positions 0..pos only
 The ops are registered in C++ with their schemas; the shape-only ("fake") versions below let torch.compile
-trace them as opaque calls, so a compiled layer fuses the ops around them (residual adds, the gate).
+trace them as opaque calls.
 """
 import weakref
 
@@ -63,12 +64,9 @@ def _register_fakes():
     """Output shapes only, for torch.compile (which traces with tensors that hold no data)."""
     reg = torch.library.register_fake
     reg("llama_moe_cpu::decode_linear")(lambda x, norm_weight, eps, w: x.new_empty(x.numel() // x.shape[-1], w.shape[0]))
-    reg("llama_moe_cpu::decode_swiglu")(lambda x, norm_weight, eps, w_gate, w_up, w_down:
-                                        x.new_empty(x.numel() // x.shape[-1], w_down.shape[0]))
     reg("llama_moe_cpu::decode_experts")(lambda x, ids, weights, gate_up, down: x.new_empty(x.shape[0], down.shape[1]))
-    reg("llama_moe_cpu::decode_moe")(lambda x, norm_weight, eps, gate_weight, *rest: x.new_empty(x.shape[0], x.shape[1]))
-    reg("llama_moe_cpu::decode_attention")(lambda x, norm_weight, eps, wq, wk, wv, wo, cos, sin, cache_k, cache_v, pos:
-                                           x.new_empty(x.numel() // x.shape[-1], wo.shape[0]))
+    for block_half in ("decode_swiglu", "decode_moe", "decode_attention"):  # x + f(norm(x)): x's shape
+        reg(f"llama_moe_cpu::{block_half}")(lambda x, *args: x.new_empty(x.shape))
 
 
 def _norm_args(norm):
@@ -80,20 +78,19 @@ def linear(x: Tensor, w: Tensor, norm=None) -> Tensor:
     return _ops.decode_linear(x, *_norm_args(norm), w)
 
 
-def swiglu(ffn, x: Tensor, norm=None) -> Tensor:
-    """A model.FeedForward on norm(x): x (B, 1, d) -> (B, 1, d) (or (T, d) -> (T, d))."""
-    y = _ops.decode_swiglu(x, *_norm_args(norm), ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
-    return y.view(x.shape)
-
-
 def experts(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """model.chosen_experts in one op: x (T, d), ids and weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e)
-    -> (T, d), reading only the chosen experts' rows."""
+    -> (T, d), reading only the chosen experts' rows. (decode_moe runs the same code after its routing.)"""
     return _ops.decode_experts(x, ids, weights, gate_up, down)
 
 
+def swiglu(ffn, x: Tensor, norm=None) -> Tensor:
+    """x + ffn(norm(x)) for a model.FeedForward, x (B, 1, d) or (T, d), shaped like x."""
+    return _ops.decode_swiglu(x, *_norm_args(norm), ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+
+
 def moe(layer, x: Tensor, norm=None) -> Tensor:
-    """A model.MoEFeedForward's decode on norm(x) in one op, x (T, d) -> (T, d): the gate's eval-mode routing
+    """x + layer.decode(norm(x)) for a model.MoEFeedForward in one op: the gate's eval-mode routing
     (TopKGate.route), the chosen experts weighted by softmax or unit weights times score_scale, the shared block."""
     gate, e, shared = layer.gate.gate_network, layer.experts, layer.shared
     gate_w = (gate.weight, None) if layer.gate.gate_type == "linear" else (gate[0].weight, gate[2].weight)
@@ -103,9 +100,9 @@ def moe(layer, x: Tensor, norm=None) -> Tensor:
 
 
 def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
-    """model.Attention.decode on norm(x) in one op: x (B, 1, d), cos and sin (1, hd) for position pos ((1,) int64).
-    Writes the new key and value into attn.kv_cache at pos, attends over positions 0..pos -> (B, 1, d)."""
+    """x + attn.decode(norm(x), ...) for a model.Attention in one op: x (B, 1, d), cos and sin (1, hd) for position
+    pos ((1,) int64). Writes the new key and value into attn.kv_cache at pos, attends over positions 0..pos."""
     cache_k, cache_v = attn.kv_cache                                                 # (B, Hkv, L, hd) each
-    y = _ops.decode_attention(x, *_norm_args(norm), attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                              attn.o_proj.weight, cos, sin, cache_k, cache_v, pos)  # (B, d)
-    return y.view(x.shape)
+    return _ops.decode_attention(x, *_norm_args(norm), attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                                 attn.o_proj.weight, cos, sin, cache_k, cache_v, pos)
+

@@ -11,14 +11,15 @@
 //
 // Ops (all tensors fp32 CPU; weights any layout, made contiguous; T = rows of x, usually 1):
 //   decode_linear    (x (T, d), norm_w (d,)?, eps, w (n, d))                         -> (T, n)  = norm(x) w^T
-//   decode_swiglu    (x, norm_w?, eps, w_gate (h, d), w_up (h, d), w_down (d, h))     -> (T, d)  = SwiGLU FFN
+//   decode_swiglu    (x, norm_w?, eps, w_gate (h, d), w_up (h, d), w_down (d, h))     -> x + SwiGLU FFN(norm(x))
 //   decode_experts   (x, ids (T, k), weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e)) -> (T, d)
-//   decode_moe       (x, norm_w?, eps, the gate's weights and bias, k, ..., gate_up, down, shared block?) -> (T, d):
-//                    routing + decode_experts + the shared SwiGLU, the MoE layer of a decoding step
+//   decode_moe       (x, norm_w?, eps, the gate's weights and bias, k, ..., gate_up, down, shared block?)
+//                    -> x + MoE(norm(x)): routing + decode_experts + the shared SwiGLU
 //   decode_attention (x (B, d), norm_w?, eps, wq, wk, wv, wo, cos (hd,), sin (hd,), cache_k, cache_v
-//                     (B, Hkv, L, hd), pos (1,) int64) -> (B, d), writing the new key/value at pos
+//                     (B, Hkv, L, hd), pos (1,) int64) -> x + attention(norm(x)), writing the new key/value at pos
 //   huge_page_copy   (t) -> a contiguous copy of t in memory backed by 2 MB pages (Linux), see its comment
-// norm_w given: x is first RMS-normalised and scaled by it (the block's RMSNorm), else used as it is.
+// norm_w given: x is first RMS-normalised and scaled by it (the block's RMSNorm), else used as it is. The three
+// block halves (swiglu, moe, attention) add their input back (the residual connection) and keep x's shape.
 //
 // Rounding: sums run in a different order than torch's (and with fused multiply-adds where the CPU has
 // them), so results agree with the reference to fp32 rounding, not bit for bit. -ffp-contract=off (the
@@ -167,6 +168,16 @@ at::Tensor normed_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   return out;
 }
 
+// x_in + y, shaped like x_in: the residual connection around a block's half (y (T, d) contiguous). One add, as
+// model.Block.decode's own, so the rounding is the same.
+at::Tensor plus_residual(const at::Tensor& x_in, at::Tensor y) {
+  auto x = x_in.reshape({-1, y.size(1)}).contiguous();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < y.numel(); ++i) yp[i] = xp[i] + yp[i];
+  return y.view(x_in.sizes());
+}
+
 at::Tensor weight(const at::Tensor& w, int64_t dim, const char* op, const char* name) {
   check_f32(w, op, name);
   TORCH_CHECK(w.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", w.sizes());
@@ -213,7 +224,7 @@ at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>
   const char* op = "decode_swiglu";
   auto wg = weight(gate_in, 2, op, "w_gate"), wu = weight(up_in, 2, op, "w_up"), wd = weight(down_in, 2, op, "w_down");
   check_swiglu(wg, wu, wd, op);
-  return swiglu(normed_rows(x_in, norm_w, eps, wg.size(1), op), wg, wu, wd);
+  return plus_residual(x_in, swiglu(normed_rows(x_in, norm_w, eps, wg.size(1), op), wg, wu, wd));
 }
 
 // y (T, d) = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t]) for x (T, d) contiguous, ids and weights (T, k)
@@ -272,7 +283,7 @@ at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
 // The whole MoE feed-forward of a decoding step (model.MoEFeedForward.decode) on norm(x): the gate's eval-mode
 // routing (logits = W_gate x, or W_2 tanh(W_1 x) for the "mlp" gate; the k largest of logits + expert_bias,
 // larger first, ties to the lower id; weights = softmax of the chosen unbiased logits, or 1 with unit_weights;
-// times score_scale), the chosen experts, plus the shared block when given. One op instead of ~20 small ones.
+// times score_scale), the chosen experts, plus the shared block when given; plus x. One op instead of ~20 small ones.
 at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
                       const at::Tensor& gate_w_in, const std::optional<at::Tensor>& gate_w2_in,
                       const at::Tensor& bias_in, int64_t k, bool unit_weights, double score_scale,
@@ -327,12 +338,12 @@ at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& n
     TORCH_CHECK(sg.size(1) == d, op, ": the shared block's input width must be d = ", d);
     y.add_(swiglu(x, sg, su, sd));
   }
-  return y;
+  return plus_residual(x_in, y);
 }
 
 // Attention for one new position per row: q, k, v projections, RoPE (rotate-half layout, as model.apply_rope),
 // the new key and value written into the cache at pos, attention of each query head over cached positions
-// 0..pos only (the rest do not exist yet), and the output projection.
+// 0..pos only (the rest do not exist yet), the output projection, and the residual x added.
 at::Tensor decode_attention(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
                             const at::Tensor& wq_in, const at::Tensor& wk_in, const at::Tensor& wv_in,
                             const at::Tensor& wo_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
@@ -404,7 +415,7 @@ at::Tensor decode_attention(const at::Tensor& x_in, const std::optional<at::Tens
   });
   auto o = at::empty({B, d}, x.options());
   matvec(wo.data_ptr<float>(), d, H * hd, yp, B, o.data_ptr<float>());
-  return o;
+  return plus_residual(x_in, o);
 }
 
 // A contiguous copy of t whose memory is 2 MB aligned and advised as transparent huge pages (Linux; elsewhere a

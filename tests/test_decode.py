@@ -50,7 +50,7 @@ def test_swiglu(T, d, h, normed):
     ffn, x = FeedForward(d, h), torch.randn(T, 1, d)
     norm = random_norm(d) if normed else None
     with torch.no_grad():
-        want = ffn(norm(x) if normed else x)
+        want = x + ffn(norm(x) if normed else x)
         torch.testing.assert_close(decode.swiglu(ffn, x, norm), want, **tol(max(d, h)))
 
 
@@ -81,8 +81,8 @@ def test_moe_layer(kw, T):
             p.normal_(0, 37 ** -0.5)
         layer.gate.expert_bias.normal_(0, 0.3)
         x = torch.randn(T, 1, 37)
-        want = layer.decode(x, norm)
-        torch.testing.assert_close(layer.decode(x, norm, fast=True), want, **TOL)
+        want = x + layer.decode(norm(x))
+        torch.testing.assert_close(decode.moe(layer, x, norm), want, **TOL)
 
 
 def test_experts_refuse_an_id_out_of_range():
@@ -103,10 +103,10 @@ def test_attention(B, hidden, heads, kv_heads, head_dim, pos):
     visible = (torch.arange(L) <= pos).view(1, 1, 1, L)
     with torch.no_grad():
         attn.kv_cache = tuple(c.clone() for c in cache)
-        want = attn.decode(x, cos[pos:pos + 1], sin[pos:pos + 1], at, visible, norm)
+        want = x + attn.decode(norm(x), cos[pos:pos + 1], sin[pos:pos + 1], at, visible)
         want_cache = attn.kv_cache
         attn.kv_cache = tuple(c.clone() for c in cache)
-        got = attn.decode(x, cos[pos:pos + 1], sin[pos:pos + 1], at, visible, norm, fast=True)
+        got = decode.attention(attn, norm, x, cos[pos:pos + 1], sin[pos:pos + 1], at)
     torch.testing.assert_close(got, want, **TOL)
     for c, want_c in zip(attn.kv_cache, want_cache):  # the new key (after RoPE) and value written at pos
         torch.testing.assert_close(c, want_c, **TOL)
@@ -121,8 +121,7 @@ def test_ops_trace_into_one_graph():
     attn.kv_cache = tuple(torch.zeros(1, 2, 4, 8) for _ in range(2))
 
     def layer(x, pos):
-        x = x + decode.attention(attn, norm, x, cos[:1], sin[:1], pos)
-        return x + decode.swiglu(ffn, x, norm)
+        return decode.swiglu(ffn, decode.attention(attn, norm, x, cos[:1], sin[:1], pos), norm)
 
     x = torch.randn(1, 1, 32)
     with torch.no_grad():
