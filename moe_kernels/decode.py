@@ -4,8 +4,8 @@ Decoding one token reads every weight once, 2 flops per weight: the speed is how
 weights, plus a fixed cost per torch op. model.py's plain-torch decode spends ~25 ops per layer, and batch-1
 matrix products read weights slower than one plain sequential loop does (decode_cpu.cpp says why). These
 helpers run each piece of a layer as one op instead; model.py calls them when `available(x)` (fp32 CPU
-tensors, the CPU extension built, LLAMA_MOE_KERNELS not asking for "reference"), else runs its torch code,
-which stays the reference: the tests check that both give the same tokens.
+tensors, no gradient recorded, the CPU extension built, LLAMA_MOE_KERNELS not asking for "reference"), else
+runs its torch code, which stays the reference: the tests check that both give the same tokens.
 
 What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's RMSNorm, or none):
     linear(x, w, norm)           norm(x) @ w.T                                           (T, n)
@@ -30,9 +30,11 @@ _ops = None  # torch.ops.llama_moe_cpu once the extension is loaded and the fake
 
 def available(x: Tensor) -> bool:
     """Whether the C++ decoding ops serve tensors like x (fp32 on the CPU; the weights are assumed alike).
-    False under LLAMA_MOE_KERNELS=reference (or =cuda), or when the extension did not build."""
+    False under LLAMA_MOE_KERNELS=reference (or =cuda), when the extension did not build, while gradients are
+    recorded (the ops have no backward) and under autocast (the torch code then computes in its dtype)."""
     global _ops
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")):
         return False
     ext = cpu_extension()  # None: forced away from the CPU extension, or it did not build (warned once)
     if ext is None:

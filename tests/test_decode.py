@@ -22,7 +22,8 @@ def tol(d):
 @pytest.fixture(autouse=True)
 def cpu_extension(monkeypatch):
     monkeypatch.delenv("LLAMA_MOE_KERNELS", raising=False)
-    assert decode.available(torch.zeros(1)), "the CPU extension did not build (test_kernels says why)"
+    with torch.no_grad():
+        assert decode.available(torch.zeros(1)), "the CPU extension did not build (test_kernels says why)"
 
 
 def random_norm(d, eps=1e-5):
@@ -151,21 +152,29 @@ def test_greedy_tokens_equal_the_torch_path(kw, batch, monkeypatch):
     fast = model.generate(prompt, 24, temperature=0)
     model.setup_cache(batch, 32)  # and one step's logits, not just their argmax
     try:
-        model(fast[:, :10], start_pos=0)
-        step = model.decode_step(fast[:, 10:11], 10)
-        monkeypatch.setenv("LLAMA_MOE_KERNELS", "reference")
-        assert not decode.available(prompt.float())
-        model(fast[:, :10], start_pos=0)
-        want = model.decode_step(fast[:, 10:11], 10)
+        with torch.no_grad():  # (recording gradients, decode_step runs the torch code: the ops have no backward)
+            model(fast[:, :10], start_pos=0)
+            assert decode.available(prompt.float())
+            step = model.decode_step(fast[:, 10:11], 10)
+            monkeypatch.setenv("LLAMA_MOE_KERNELS", "reference")
+            assert not decode.available(prompt.float())
+            model(fast[:, :10], start_pos=0)
+            want = model.decode_step(fast[:, 10:11], 10)
     finally:
         model.clear_cache()
     torch.testing.assert_close(step, want, **TOL)
     assert torch.equal(fast, model.generate(prompt, 24, temperature=0))
 
 
-def test_other_dtypes_take_the_torch_path():
+@torch.no_grad()
+def test_only_fp32_without_autocast_takes_the_fast_path():
+    assert decode.available(torch.zeros(1))
     assert not decode.available(torch.zeros(1, dtype=torch.bfloat16))
     assert not decode.available(torch.zeros(1, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not decode.available(torch.zeros(1))
+    with torch.enable_grad():
+        assert not decode.available(torch.zeros(1))
     model = tiny().to(torch.float64)
     prompt = torch.randint(0, 101, (1, 5))
     assert model.generate(prompt, 4, temperature=0).shape == (1, 9)
