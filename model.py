@@ -496,9 +496,9 @@ class Transformer(nn.Module):
     def decode_step(self, idx, pos, compiled=False):
         """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
         compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails). fp32 on the
-        CPU, the C++ decoding ops run each piece of a layer (moe_kernels/decode.py; LLAMA_MOE_KERNELS=reference:
-        the torch code here)."""
-        layer_fn = compiled_block_decode() if compiled else block_decode
+        CPU, the C++ decoding ops run each half of a layer instead (moe_kernels/decode.py; LLAMA_MOE_KERNELS=
+        reference: the torch code here), eagerly even when compiled: two opaque ops per layer leave the compiler
+        nothing to fuse, and its per-call guards made SmolLM2-135M's decode ~5-10% slower (bench.py --what=decode)."""
         cos, sin = (t[pos:pos + 1] for t in self.rope_table)             # (1, hd), precomputed
         visible = (self.cache_positions <= pos).view(1, 1, 1, -1)        # (1, 1, 1, L)
         at = self.cache_positions[pos:pos + 1]                           # (1,) int64, no host-to-device copy
@@ -506,6 +506,7 @@ class Transformer(nn.Module):
         fast = fast_decode.available(x)
         if fast:
             fast_decode.place_weights(self)  # once: the weights on 2 MB pages, read faster
+        layer_fn = compiled_block_decode() if compiled and not fast else block_decode
         for block in self.model.layers:
             x = layer_fn(block, x, cos, sin, at, visible, fast)
         if fast:
@@ -518,7 +519,8 @@ class Transformer(nn.Module):
         use_cache=False recomputes the whole sequence every step (the plain path the tests compare with).
         compile: decode through torch.compile'd layers (compiled_block_decode): one compilation per process
         and layer shape, ~20 s on a CPU, which pays for an MoE decoding hundreds of tokens (bench.py
-        --what=decode measures it); without a working compiler the eager path runs instead."""
+        --what=decode measures it); without a working compiler the eager path runs instead, and with the C++
+        decoding ops (fp32 on the CPU, see decode_step) the compiler is not used."""
         B, S = idx.shape
         total = S + max_new_tokens
         if total > self.config.max_position_embeddings:

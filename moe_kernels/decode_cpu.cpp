@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -42,7 +43,7 @@
 #if defined(__linux__)
 #include <sys/mman.h>  // mmap, madvise
 #endif
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))  // target attributes are GCC/Clang's
 #include <immintrin.h>
 #define LLAMA_MOE_X86 1
 #endif
@@ -100,8 +101,10 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float a, const float* v, floa
   for (; i < n; ++i) out[i] += a * v[i];
 }
 
+// LLAMA_MOE_DECODE_PLAIN=1 (read once) takes the plain C++ loops even here: the tests run them that way.
 bool have_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("LLAMA_MOE_DECODE_PLAIN") == nullptr;
   return ok;
 }
 #endif

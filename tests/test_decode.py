@@ -2,7 +2,10 @@
 
 They sum in another order (and with fused multiply-adds), so single ops agree to fp32 rounding; whole greedy
 generations must choose the same tokens. Sizes are odd on purpose: the kernels work in blocks of 8 and 32."""
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +195,13 @@ def test_place_weights_keeps_values_parameters_and_ties():
     ptr = model.lm_head.weight.data_ptr()
     decode.place_weights(model, min_bytes=0)  # once per model: not copied again
     assert model.lm_head.weight.data_ptr() == ptr
+
+
+@pytest.mark.slow  # ~20 s: a second process
+def test_plain_cpp_loops_agree_too():
+    # Without AVX2/FMA (forced here by LLAMA_MOE_DECODE_PLAIN) the ops run plain C++ loops: the same checks pass.
+    env = {**os.environ, "LLAMA_MOE_DECODE_PLAIN": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "linear or swiglu or experts or moe_layer or attention or greedy"],
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -316,8 +316,10 @@ def test_moe_decoding_path_gives_the_plain_paths_greedy_tokens(kw):
 
 @pytest.mark.slow  # ~1 min on 2 cores: inductor compiles the layer's kernels
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_decoding_gives_the_eager_tokens():
-    # generate(compile=True) decodes through torch.compile'd layers (the MoE's fused chosen-expert form).
+def test_compiled_decoding_gives_the_eager_tokens(monkeypatch):
+    # generate(compile=True) decodes through torch.compile'd layers (the MoE's fused chosen-expert form); with the
+    # C++ decoding ops (fp32 CPU) it runs them eagerly instead, so the torch code is asked for here.
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "reference")
     import model as model_lib
     torch.manual_seed(4)
     model = tiny_moe(shared_intermediate_size=24).eval()
