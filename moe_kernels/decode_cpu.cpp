@@ -125,6 +125,71 @@ void axpy(float a, const float* v, float* out, int64_t n) {
 
 float silu(float g) { return g / (1.f + std::exp(-g)); }
 
+// Softmax of each of the G rows of s (G, n), in place.
+void softmax_rows(float* s, int64_t G, int64_t n) {
+  for (int64_t h = 0; h < G; ++h) {
+    float* row = s + h * n;
+    const float m = *std::max_element(row, row + n);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - m));
+    for (int64_t j = 0; j < n; ++j) row[j] /= sum;
+  }
+}
+
+// G query heads q (G, hd) that share one key/value head attend over its n positions K, V (n, hd):
+// out (G, hd) = softmax(q K^T * scale) V; s is (G, n) scratch. Position by position, so that each key and value
+// row, once loaded, serves all G heads.
+void attend_plain(const float* q, int64_t G, const float* K, const float* V, int64_t n, int64_t hd, float scale,
+                  float* s, float* out) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t h = 0; h < G; ++h) s[h * n + j] = dot(q + h * hd, K + j * hd, hd) * scale;
+  softmax_rows(s, G, n);
+  std::fill(out, out + G * hd, 0.f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t h = 0; h < G; ++h) axpy(s[h * n + j], V + j * hd, out + h * hd, hd);
+}
+
+#ifdef LLAMA_MOE_X86
+// The same with the head dimension in 8-float vectors (hd % 8 == 0, as every LLaMA's): no call per position,
+// two accumulators per score.
+__attribute__((target("avx2,fma"))) void attend_avx2(const float* q, int64_t G, const float* K, const float* V,
+                                                     int64_t n, int64_t hd, float scale, float* s, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = K + j * hd;
+    for (int64_t h = 0; h < G; ++h) {
+      const float* qh = q + h * hd;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= hd; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+      }
+      if (i < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(k + i), a0);
+      s[h * n + j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  softmax_rows(s, G, n);
+  std::fill(out, out + G * hd, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = V + j * hd;
+    for (int64_t h = 0; h < G; ++h) {
+      const __m256 p = _mm256_set1_ps(s[h * n + j]);
+      float* o = out + h * hd;
+      for (int64_t i = 0; i < hd; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+    }
+  }
+}
+#endif
+
+void attend(const float* q, int64_t G, const float* K, const float* V, int64_t n, int64_t hd, float scale,
+            float* s, float* out) {
+#ifdef LLAMA_MOE_X86
+  if (have_avx2_fma() && hd % 8 == 0) return attend_avx2(q, G, K, V, n, hd, scale, s, out);
+#endif
+  attend_plain(q, G, K, V, n, hd, scale, s, out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // matvec: Y[t, r] = W[r] . X[t] for T rows of X, W (n, d) contiguous. Row r's weights are read once and
 // used for every t (they stay in L1 between t's). Threads take blocks of rows; a block holds ~64 KB of
@@ -398,23 +463,16 @@ at::Tensor decode_attention(const at::Tensor& x_in, const std::optional<at::Tens
     std::copy(vp + r * hd, vp + (r + 1) * hd, cv + (r * L + pos) * hd);
   }
 
-  // Each query head h of row b attends with key/value head h / (H / Hkv) (grouped-query attention).
+  // Query heads h = g * G .. g * G + G - 1 of row b attend with key/value head g (grouped-query attention,
+  // G = H / Hkv): one task per (b, g), so each cached key and value row is read once for its G heads.
   auto y = at::empty({B, H * hd}, x.options());  // the heads' outputs side by side, (B, H * hd)
   float* yp = y.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> s(pos + 1);  // the scores of positions 0..pos
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / H, g = (r % H) / (H / Hkv);
-      const float *qh = qp + r * hd, *kh = ck + (b * Hkv + g) * L * hd, *vh = cv + (b * Hkv + g) * L * hd;
-      float m = -INFINITY;
-      for (int64_t j = 0; j <= pos; ++j) m = std::max(m, s[j] = dot(qh, kh + j * hd, hd) * scale);
-      float sum = 0.f;
-      for (int64_t j = 0; j <= pos; ++j) sum += (s[j] = std::exp(s[j] - m));
-      float* out = yp + r * hd;
-      std::fill(out, out + hd, 0.f);
-      for (int64_t j = 0; j <= pos; ++j) axpy(s[j] / sum, vh + j * hd, out, hd);
-    }
+  const int64_t G = H / Hkv, n = pos + 1;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> s(G * n);  // scores, then weights, of positions 0..pos for each of the G heads
+    for (int64_t r = r0; r < r1; ++r)  // r = b * Hkv + g: query heads r * G.., cache rows (b, g)
+      attend(qp + r * G * hd, G, ck + r * L * hd, cv + r * L * hd, n, hd, scale, s.data(), yp + r * G * hd);
   });
   auto o = at::empty({B, d}, x.options());
   matvec(wo.data_ptr<float>(), d, H * hd, yp, B, o.data_ptr<float>());
