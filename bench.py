@@ -18,8 +18,9 @@ prefill (the prompt, one forward) and decode (one Transformer.decode_step per to
   * a stack of --stack_layers layers of LLaMA-2-7B's shapes (d 4096, FFN 11008, vocab 32000), split alike.
 The MoEs' neurons are partitioned at random and routed by a random gate: speed depends on the shapes alone.
 Every model decodes eagerly and, with --compile, through torch.compile'd layers (model.compiled_block_decode).
-fp32 on the CPU, decode_step runs the C++ decoding ops (moe_kernels/decode.py); --torch_decode adds rows ("..., eager
-torch") decoded by model.py's plain torch code instead, to see what the ops gain in the same run.
+fp32 on the CPU, decode_step runs the C++ decoding ops (moe_kernels/decode.py), eagerly in the compiled rows too;
+--torch_decode adds rows ("..., eager torch", "..., compiled torch") decoded by model.py's plain torch code instead,
+to see what the ops gain in the same run.
 Timings are interleaved (A, B, C, A, B, C, ...) and the median is reported, so a neighbour stealing the
 CPU for a while hurts every row alike: compare the ratios, not the absolute numbers, across runs.
 """
