@@ -18,6 +18,9 @@ prefill (the prompt, one forward) and decode (one Transformer.decode_step per to
   * a stack of --stack_layers layers of LLaMA-2-7B's shapes (d 4096, FFN 11008, vocab 32000), split alike.
 The MoEs' neurons are partitioned at random and routed by a random gate: speed depends on the shapes alone.
 Every model decodes eagerly and, with --compile, through torch.compile'd layers (model.compiled_block_decode).
+fp32 on the CPU, decode_step runs the C++ decoding ops (moe_kernels/decode.py), eagerly in the compiled rows too;
+--torch_decode adds rows ("..., eager torch", "..., compiled torch") decoded by model.py's plain torch code instead,
+to see what the ops gain in the same run.
 Timings are interleaved (A, B, C, A, B, C, ...) and the median is reported, so a neighbour stealing the
 CPU for a while hurts every row alike: compare the ratios, not the absolute numbers, across runs.
 """
@@ -62,6 +65,7 @@ class BenchConfig:
     moe: str = ""               # an MoE checkpoint made from --parent (e.g. the demo's): timed against it instead
     stack_layers: int = setting(2, ge=0)      # LLaMA-2-7B-shaped layers (0: no such stack); fp32: ~1.6 GB per layer pair
     compile: bool = True        # also decode the MoEs with torch.compile'd chosen-expert products
+    torch_decode: bool = False  # also decode each model through model.py's torch code (LLAMA_MOE_KERNELS=reference) in the same run
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -335,12 +339,17 @@ def decode_weight_bytes(model):
     return total
 
 
-def generation(model, prompt, new_tokens, compiled, device, out):
-    """One greedy batch-1 generation as model.generate runs it, prefill and decode timed apart.
+def generation(model, prompt, new_tokens, how, device, out):
+    """One greedy batch-1 generation as model.generate runs it, prefill and decode timed apart; how: "eager" or
+    "compiled", + " torch" for model.py's torch code (LLAMA_MOE_KERNELS=reference, read by every decode_step).
     Appends (prefill s, decode s) to out["times"] and keeps the tokens in out["tokens"]."""
+    compiled, torch_code, env = how.startswith("compiled"), how.endswith(" torch"), os.environ.get("LLAMA_MOE_KERNELS")
+
     def run():
         P = prompt.size(1)
         model.setup_cache(1, P + new_tokens + 1)
+        if torch_code:
+            os.environ["LLAMA_MOE_KERNELS"] = "reference"
         try:
             sync(device)
             t0 = time.perf_counter()
@@ -357,12 +366,14 @@ def generation(model, prompt, new_tokens, compiled, device, out):
             out["tokens"] = torch.cat(tokens, 1).tolist()
         finally:
             model.clear_cache()
+            if torch_code:  # back as it was
+                os.environ.pop("LLAMA_MOE_KERNELS") if env is None else os.environ.update(LLAMA_MOE_KERNELS=env)
     return run
 
 
 @torch.no_grad()
 def time_models(family, models, cfg, device):
-    """models: {name: (Transformer, compiled decode?)}, timed round-robin -> rows of figures for the table."""
+    """models: {name: (Transformer, how it decodes)}, timed round-robin -> rows of figures for the table."""
     vocab = min(m.config.vocab_size for m, _ in models.values())
     prompt = torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=torch.Generator().manual_seed(cfg.seed))
     prompt = prompt.to(device)
@@ -383,21 +394,20 @@ def time_models(family, models, cfg, device):
                      "decode_weight_MB": decode_weight_bytes(m) / 1e6,
                      "prefill_tok_s": cfg.prompt_tokens / prefill, "decode_tok_s": cfg.new_tokens / decode,
                      "tokens": records[name]["tokens"]})
-    dense = {mode: next(r for r in rows if r["model"] == "dense, " + mode) for mode in ("eager", "compiled")
-             if any(r["model"] == "dense, " + mode for r in rows)}
+    dense = {r["model"].split(", ", 1)[1]: r for r in rows if r["model"].startswith("dense, ")}  # mode -> row
     print(f"\n{family}: prompt {cfg.prompt_tokens} tokens, {cfg.new_tokens} greedy tokens, batch 1, median of "
           f"{cfg.decode_repeats}")
-    print(f"   {'model':42s} {'params':>8s} {'MB/token':>9s} {'bound':>6s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
+    print(f"   {'model':50s} {'params':>8s} {'MB/token':>9s} {'bound':>6s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"
           f" {'decode vs dense':>16s} {'tokens':>7s}")
     for r in rows:
         base = dense[r["model"].rsplit(", ", 1)[1]]  # the dense model decoded the same way
         r["bound"] = base["decode_weight_MB"] / r["decode_weight_MB"]
         r["prefill_vs_dense"] = r["prefill_tok_s"] / base["prefill_tok_s"]
         r["decode_vs_dense"] = r["decode_tok_s"] / base["decode_tok_s"]
-        # The same model decoded eagerly and compiled must choose the same tokens.
-        twin = next((q for q in rows if q["model"] == r["model"].replace(", compiled", ", eager")), r)
+        # The same model decoded every way must choose the same tokens (as its eager decode).
+        twin = next(q for q in rows if q["model"] == r["model"].rsplit(", ", 1)[0] + ", eager")
         same = "same" if r["tokens"] == twin["tokens"] else "DIFFER"
-        print(f"   {r['model']:42s} {r['params'] / 1e6:7.1f}M {r['decode_weight_MB']:9.1f} {r['bound']:5.2f}x"
+        print(f"   {r['model']:50s} {r['params'] / 1e6:7.1f}M {r['decode_weight_MB']:9.1f} {r['bound']:5.2f}x"
               f" {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.2f} {r['decode_vs_dense']:15.2f}x {same:>7s}")
     best = {}  # "dense", then each MoE, in order: its faster way of decoding
     for r in rows:
@@ -411,17 +421,19 @@ def time_models(family, models, cfg, device):
     return rows
 
 
-def both_ways(named_models, compile):
-    """{name: model} -> {"name, eager": (model, False), "name, compiled": (model, True)} (compiled if asked)."""
-    return {f"{name}, {how}": (m, how == "compiled") for name, m in named_models.items()
-            for how in (("eager", "compiled") if compile else ("eager",))}
+def both_ways(named_models, cfg):
+    """{name: model} -> {"name, eager": (model, "eager"), "name, compiled": (model, "compiled")} (compiled if asked),
+    and with --torch_decode the same again on model.py's torch code ("name, eager torch", ...)."""
+    hows = ("eager", "compiled") if cfg.compile else ("eager",)
+    hows += tuple(f"{how} torch" for how in hows) if cfg.torch_decode else ()
+    return {f"{name}, {how}": (m, how) for name, m in named_models.items() for how in hows}
 
 
 def moe_variants(dense, cfg, shared_carved):
     """The dense model and its two MoE layouts, each decoded eagerly and (with --compile) compiled."""
     return both_ways({"dense": dense, "split 16 experts, 4 active": moe_of(dense, 16, 4),
                       f"carved {shared_carved} shared + 14, 2 active": moe_of(dense, 14, 2, shared_carved)},
-                     cfg.compile)
+                     cfg)
 
 
 def bench_decode(cfg, dtype):
@@ -436,7 +448,7 @@ def bench_decode(cfg, dtype):
             moe = checkpoint.load_pretrained(cfg.moe, dtype=dtype, device=dev)
             need(moe.config.is_moe and moe.config.vocab_size == dense.config.vocab_size, f"--moe={cfg.moe} is not "
                  f"an MoE with --parent's vocabulary: pass one that split.py made from --parent={cfg.parent}")
-            models = both_ways({"dense": dense, f"MoE {cfg.moe}": moe}, cfg.compile)
+            models = both_ways({"dense": dense, f"MoE {cfg.moe}": moe}, cfg)
             results["rows"] += time_models(f"{cfg.parent} and {cfg.moe}", models, cfg, dev)
             del moe
         else:
@@ -455,7 +467,7 @@ def bench_decode(cfg, dtype):
                                        cfg, dev)
     results["load_average"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")]
     print(f"\nbound = the dense model's weight bytes per decode step / this model's (MB/token; the embedding table "
-          f"and unchosen experts are not read).\ntokens: whether the compiled decode chose the eager decode's "
+          f"and unchosen experts are not read).\ntokens: whether this decode chose the eager decode's "
           f"tokens. Load average {results['load_average'][1]:.1f} at the end.")
     if cfg.json:
         atomic_write(cfg.json, json.dumps(results, indent=2))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from gate import GATE_TYPES, GateOutput, TopKGate
 from moe_kernels import permute, unpermute, grouped_swiglu
+from moe_kernels import decode as fast_decode
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,10 +349,10 @@ def next_token(logits, temperature, top_k):
     return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
 
-def block_decode(block, x, cos, sin, pos, visible, fused=False):
+def block_decode(block, x, cos, sin, pos, visible, fast=False, fused=False):
     """Block.decode as a function of the block: torch.compile of it is one graph that every layer of the same
     shapes reuses (the weights are its inputs), compiled once instead of once per layer."""
-    return block.decode(x, cos, sin, pos, visible, fused)
+    return block.decode(x, cos, sin, pos, visible, fused, fast)
 
 
 _COMPILED = {}
@@ -398,9 +399,14 @@ class Block(nn.Module):
             return x + y, gate
         return x + self.mlp(h), None
 
-    def decode(self, x, cos, sin, pos, visible, fused=False):
+    def decode(self, x, cos, sin, pos, visible, fused=False, fast=False):
         """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, static shapes, the MoE on its few-rows
-        path (Attention.decode and MoEFeedForward.decode say how)."""
+        path (Attention.decode and MoEFeedForward.decode say how). fast: fp32 CPU tensors, the same two halves
+        as two C++ ops (moe_kernels/decode.py), each with its RMSNorm, the same numbers up to rounding."""
+        if fast:
+            x = fast_decode.attention(self.self_attn, self.input_layernorm, x, cos, sin, pos)  # x + attention
+            ffn = fast_decode.moe if isinstance(self.mlp, MoEFeedForward) else fast_decode.swiglu
+            return ffn(self.mlp, x, self.post_attention_layernorm)                       # x + feed-forward
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, visible)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp.decode(h, fused) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
@@ -499,14 +505,22 @@ class Transformer(nn.Module):
 
     def decode_step(self, idx, pos, compiled=False):
         """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
-        compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails)."""
-        layer_fn = compiled_block_decode() if compiled else block_decode
+        compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails). fp32 on the
+        CPU, the C++ decoding ops run each half of a layer instead (moe_kernels/decode.py; LLAMA_MOE_KERNELS=
+        reference: the torch code here), eagerly even when compiled: two opaque ops per layer leave the compiler
+        nothing to fuse, and its per-call guards made SmolLM2-135M's decode ~5-10% slower (bench.py --what=decode)."""
         cos, sin = (t[pos:pos + 1] for t in self.rope_table)             # (1, hd), precomputed
         visible = (self.cache_positions <= pos).view(1, 1, 1, -1)        # (1, 1, 1, L)
         at = self.cache_positions[pos:pos + 1]                           # (1,) int64, no host-to-device copy
         x = self.model.embed_tokens(idx)                                 # (B, 1, d)
+        fast = fast_decode.available(x)
+        if fast:
+            fast_decode.place_weights(self)  # once: the weights on 2 MB pages, read faster
+        layer_fn = compiled_block_decode() if compiled and not fast else block_decode
         for block in self.model.layers:
-            x = layer_fn(block, x, cos, sin, at, visible)
+            x = layer_fn(block, x, cos, sin, at, visible, fast)
+        if fast:
+            return fast_decode.linear(x, self.lm_head.weight, self.model.norm)  # (B, vocab)
         return self.lm_head(self.model.norm(x))[:, -1]                   # (B, vocab)
 
     @torch.no_grad()
@@ -515,7 +529,8 @@ class Transformer(nn.Module):
         use_cache=False recomputes the whole sequence every step (the plain path the tests compare with).
         compile: decode through torch.compile'd layers (compiled_block_decode): one compilation per process
         and layer shape, ~20 s on a CPU, which pays for an MoE decoding hundreds of tokens (bench.py
-        --what=decode measures it); without a working compiler the eager path runs instead."""
+        --what=decode measures it); without a working compiler the eager path runs instead, and with the C++
+        decoding ops (fp32 on the CPU, see decode_step) the compiler is not used."""
         B, S = idx.shape
         total = S + max_new_tokens
         if total > self.config.max_position_embeddings:

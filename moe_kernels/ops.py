@@ -250,10 +250,13 @@ def _build_extension(name: str):
     from torch.utils import cpp_extension  # imported lazily: it is slow to import and rarely needed
 
     if name == "cpu":
-        # experts_cpu.cpp: the grouped expert SwiGLU of experts.py, built into the same library
-        sources, namespace = [HERE / "permute_cpu.cpp", HERE / "experts_cpu.cpp"], "llama_moe_cpu"
+        # experts_cpu.cpp: the grouped expert SwiGLU of experts.py; decode_cpu.cpp: decode.py's batch-1 decoding
+        # ops. All built into the same library.
+        sources = [HERE / "permute_cpu.cpp", HERE / "experts_cpu.cpp", HERE / "decode_cpu.cpp"]
+        namespace = "llama_moe_cpu"
         # -fopenmp: at::parallel_for is an OpenMP pragma in a header, so without it the loops run serially.
-        # -ffp-contract=off: no fused multiply-add, so the fp32 sums match reference.py bit for bit.
+        # -ffp-contract=off: no fused multiply-add, so the fp32 sums match reference.py bit for bit (decode_cpu.cpp
+        # asks for FMA explicitly with intrinsics: its ops promise fp32 rounding, not bit equality).
         cflags, cuda_flags, ldflags = ["-O3", "-fopenmp", "-ffp-contract=off"], [], ["-fopenmp"]
     else:
         sources, namespace = [HERE / "permute_cuda.cu"], "llama_moe_cuda"

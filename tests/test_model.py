@@ -77,18 +77,21 @@ def test_loss_matches_transformers(tmp_path):
     assert abs(got.item() - want.item()) < 1e-5
 
 
-def test_greedy_generation_with_cache_equals_without(tmp_path):
+def test_greedy_generation_with_cache_equals_without(tmp_path, monkeypatch):
     torch.manual_seed(1)
     model = Transformer(ModelConfig(**CONFIGS["gqa_llama3"], max_position_embeddings=64)).eval()
     prompt = torch.randint(0, 128, (2, 7))
     projected = []  # positions each generation step hands the output projection: the last one only
     hook = model.lm_head.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[1]))
-    a = model.generate(prompt, 20, temperature=0, use_cache=True)
-    b = model.generate(prompt, 20, temperature=0, use_cache=False)
+    with monkeypatch.context() as env:  # the torch decode path (the C++ one reads lm_head's weight directly)
+        env.setenv("LLAMA_MOE_KERNELS", "reference")
+        a = model.generate(prompt, 20, temperature=0, use_cache=True)
+        b = model.generate(prompt, 20, temperature=0, use_cache=False)
     hook.remove()
     assert projected == [1] * 40  # not the prompt's 7 positions at prefill
     assert a.shape == (2, 27)
     assert torch.equal(a, b)
+    assert torch.equal(model.generate(prompt, 20, temperature=0), a)  # the default decode path (C++ ops if built)
     # And it agrees with transformers' own greedy decoding.
     ref = hf_model(CONFIGS["gqa_llama3"])
     ref.save_pretrained(tmp_path)
@@ -313,8 +316,10 @@ def test_moe_decoding_path_gives_the_plain_paths_greedy_tokens(kw):
 
 @pytest.mark.slow  # ~1 min on 2 cores: inductor compiles the layer's kernels
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_decoding_gives_the_eager_tokens():
-    # generate(compile=True) decodes through torch.compile'd layers (the MoE's fused chosen-expert form).
+def test_compiled_decoding_gives_the_eager_tokens(monkeypatch):
+    # generate(compile=True) decodes through torch.compile'd layers (the MoE's fused chosen-expert form); with the
+    # C++ decoding ops (fp32 CPU) it runs them eagerly instead, so the torch code is asked for here.
+    monkeypatch.setenv("LLAMA_MOE_KERNELS", "reference")
     import model as model_lib
     torch.manual_seed(4)
     model = tiny_moe(shared_intermediate_size=24).eval()

@@ -1,0 +1,110 @@
+"""Batch-1 decoding on the CPU in a few C++ calls per layer (decode_cpu.cpp), for model.py's decode path.
+
+Decoding one token reads every weight once, 2 flops per weight: the speed is how fast memory delivers the
+weights, plus a fixed cost per torch op. model.py's plain-torch decode spends ~25 ops per layer, and batch-1
+matrix products read weights slower than one plain sequential loop does (decode_cpu.cpp says why). These
+helpers run each piece of a layer as one op instead; model.py calls them when `available(x)` (fp32 CPU
+tensors, no gradient recorded, the CPU extension built, LLAMA_MOE_KERNELS not asking for "reference"), else
+runs its torch code, which stays the reference: the tests check that both give the same tokens.
+
+What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's RMSNorm, or none):
+    linear(x, w, norm)           norm(x) @ w.T                                           (T, n)
+    experts(x, ids, w, gu, down) model.chosen_experts: sum_j w[t, j] * Expert_{ids[t, j]}(x[t])   (T, d)
+  and the halves of a block, residual included, shaped like x:
+    swiglu(ffn, x, norm)         x + ffn(norm(x))                                        (model.FeedForward)
+    moe(layer, x, norm)          x + layer.decode(norm(x)): routing, experts, shared block (model.MoEFeedForward)
+    attention(attn, norm, x, cos, sin, pos)
+                                 x + attn.decode(norm(x), ...), attending over positions 0..pos only
+The ops are registered in C++ with their schemas; the shape-only ("fake") versions below let torch.compile
+trace them as opaque calls.
+"""
+import weakref
+
+import torch
+from torch import Tensor
+
+from moe_kernels.ops import cpu_extension
+
+_ops = None  # torch.ops.llama_moe_cpu once the extension is loaded and the fakes registered
+
+
+def available(x: Tensor) -> bool:
+    """Whether the C++ decoding ops serve tensors like x (fp32 on the CPU; the weights are assumed alike).
+    False under LLAMA_MOE_KERNELS=reference (or =cuda), when the extension did not build, while gradients are
+    recorded (the ops have no backward) and under autocast (the torch code then computes in its dtype)."""
+    global _ops
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    ext = cpu_extension()  # None: forced away from the CPU extension, or it did not build (warned once)
+    if ext is None:
+        return False
+    if _ops is None:
+        _register_fakes()
+        _ops = ext
+    return True
+
+
+_placed = weakref.WeakKeyDictionary()  # model -> data_ptr of its lm_head weight when its weights were placed
+
+
+def place_weights(model, min_bytes=1 << 20):
+    """Copy each CPU weight of min_bytes or more into memory backed by 2 MB pages (decode_cpu.cpp huge_page_copy
+    says why: ~15% faster reads when decoding). Once per model, again if its weights were replaced since (to(),
+    load_state_dict into new tensors). The values, the Parameter objects and their sharing (tied embeddings) stay;
+    only where the numbers live changes. Peak memory: one extra copy of the largest weight."""
+    if _placed.get(model) == model.lm_head.weight.data_ptr():
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu" and p.nbytes >= min_bytes:
+                p.data = _ops.huge_page_copy(p.data)
+    _placed[model] = model.lm_head.weight.data_ptr()
+
+
+def _register_fakes():
+    """Output shapes only, for torch.compile (which traces with tensors that hold no data)."""
+    reg = torch.library.register_fake
+    reg("llama_moe_cpu::decode_linear")(lambda x, norm_weight, eps, w: x.new_empty(x.numel() // x.shape[-1], w.shape[0]))
+    reg("llama_moe_cpu::decode_experts")(lambda x, ids, weights, gate_up, down: x.new_empty(x.shape[0], down.shape[1]))
+    for block_half in ("decode_swiglu", "decode_moe", "decode_attention"):  # x + f(norm(x)): x's shape
+        reg(f"llama_moe_cpu::{block_half}")(lambda x, *args: x.new_empty(x.shape))
+
+
+def _norm_args(norm):
+    return (None, 0.0) if norm is None else (norm.weight, norm.eps)
+
+
+def linear(x: Tensor, w: Tensor, norm=None) -> Tensor:
+    """x (T, d) (or (B, 1, d): T = B) -> norm(x) @ w.T, (T, n); w (n, d). The lm_head with the final norm."""
+    return _ops.decode_linear(x, *_norm_args(norm), w)
+
+
+def experts(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """model.chosen_experts in one op: x (T, d), ids and weights (T, k), gate_up (E, 2 d_e, d), down (E, d, d_e)
+    -> (T, d), reading only the chosen experts' rows. (decode_moe runs the same code after its routing.)"""
+    return _ops.decode_experts(x, ids, weights, gate_up, down)
+
+
+def swiglu(ffn, x: Tensor, norm=None) -> Tensor:
+    """x + ffn(norm(x)) for a model.FeedForward, x (B, 1, d) or (T, d), shaped like x."""
+    return _ops.decode_swiglu(x, *_norm_args(norm), ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+
+
+def moe(layer, x: Tensor, norm=None) -> Tensor:
+    """x + layer.decode(norm(x)) for a model.MoEFeedForward in one op: the gate's eval-mode routing
+    (TopKGate.route), the chosen experts weighted by softmax or unit weights times score_scale, the shared block."""
+    gate, e, shared = layer.gate.gate_network, layer.experts, layer.shared
+    gate_w = (gate.weight, None) if layer.gate.gate_type == "linear" else (gate[0].weight, gate[2].weight)
+    shared_w = (None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+    return _ops.decode_moe(x, *_norm_args(norm), *gate_w, layer.gate.expert_bias, layer.top_k, layer.unit_weights,
+                           layer.score_scale, e.gate_up_proj, e.down_proj, *shared_w)
+
+
+def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
+    """x + attn.decode(norm(x), ...) for a model.Attention in one op: x (B, 1, d), cos and sin (1, hd) for position
+    pos ((1,) int64). Writes the new key and value into attn.kv_cache at pos, attends over positions 0..pos."""
+    cache_k, cache_v = attn.kv_cache                                                 # (B, Hkv, L, hd) each
+    return _ops.decode_attention(x, *_norm_args(norm), attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                                 attn.o_proj.weight, cos, sin, cache_k, cache_v, pos)
+
