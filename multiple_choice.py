@@ -185,9 +185,9 @@ def loglikelihoods(model, groups, row_tokens=ROW_TOKENS):
     Questions (question_row) are laid end to end into rows of at most max(row_tokens, the longest question)
     tokens, longest first, each into the first row with room (first-fit decreasing); one row per forward.
 
-    What this batching can change: a token sees exactly the tokens of its own choice's row, and both dense
+    What this layout can change: a token sees exactly the tokens of its own choice's full row, and both dense
     FFNs and our dropless routing (model.py) act on each token alone - so a score does not depend, in exact
-    arithmetic, on the other choices, questions or padding. In floating point a different batch shape may run
+    arithmetic, on the other choices or questions in the row. In floating point another row length may run
     the matmuls in another order: the last digits of a dense model's log-likelihood move (~1e-6 relative). In
     an MoE those last digits also reach the gate, and a token whose k-th and (k+1)-th expert scores are within
     rounding of each other can switch experts: its layer output then changes by a whole expert, and the
