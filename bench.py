@@ -18,9 +18,9 @@ prefill (the prompt, one forward) and decode (one Transformer.decode_step per to
   * a stack of --stack_layers layers of LLaMA-2-7B's shapes (d 4096, FFN 11008, vocab 32000), split alike.
 The MoEs' neurons are partitioned at random and routed by a random gate: speed depends on the shapes alone.
 Every model decodes eagerly and, with --compile, through torch.compile'd layers (model.compiled_block_decode).
-fp32 on the CPU, decode_step runs the C++ decoding ops (moe_kernels/decode.py), eagerly in the compiled rows too;
---torch_decode adds rows ("..., eager torch", "..., compiled torch") decoded by model.py's plain torch code instead,
-to see what the ops gain in the same run.
+fp32 on the CPU, decode_step runs the C++ decoding ops (moe_kernels/decode.py), which decode eagerly even when
+compiling is asked for, so there the compiled rows are left out; --torch_decode adds rows ("..., eager torch",
+"..., compiled torch") decoded by model.py's plain torch code instead, to see what the ops gain in the same run.
 Timings are interleaved (A, B, C, A, B, C, ...) and the median is reported, so a neighbour stealing the
 CPU for a while hurts every row alike: compare the ratios, not the absolute numbers, across runs.
 """
@@ -40,6 +40,7 @@ from gate import TopKGate
 from model import ModelConfig, Transformer
 from split import build_moe
 from moe_kernels import backend_name, expert_path, grouped_swiglu, permute, unpermute
+from moe_kernels import decode as fast_decode
 
 
 @dataclass
@@ -423,9 +424,13 @@ def time_models(family, models, cfg, device):
 
 def both_ways(named_models, cfg):
     """{name: model} -> {"name, eager": (model, "eager"), "name, compiled": (model, "compiled")} (compiled if asked),
-    and with --torch_decode the same again on model.py's torch code ("name, eager torch", ...)."""
-    hows = ("eager", "compiled") if cfg.compile else ("eager",)
-    hows += tuple(f"{how} torch" for how in hows) if cfg.torch_decode else ()
+    and with --torch_decode the same again on model.py's torch code ("name, eager torch", ...). Where decode_step
+    runs the C++ decoding ops (fp32 CPU) a compiled decode is the eager one, so that row is left out."""
+    with torch.no_grad():
+        cpp = fast_decode.available(next(iter(named_models.values())).lm_head.weight.new_zeros(1))
+    ways = ("eager", "compiled") if cfg.compile else ("eager",)
+    hows = ways[:1] if cpp else ways
+    hows += tuple(f"{how} torch" for how in ways) if cfg.torch_decode else ()
     return {f"{name}, {how}": (m, how) for name, m in named_models.items() for how in hows}
 
 

@@ -781,6 +781,13 @@ def test_bench_decode_times_a_real_moe_against_its_parent(tmp_path):
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"dense, eager", f"MoE {tmp_path / 'moe'}, eager"}
     assert rows[f"MoE {tmp_path / 'moe'}, eager"]["decode_tok_s"] > 0 and "fastest MoE" in proc.stdout
+    # fp32 on the CPU decode_step runs the C++ ops, where compiling changes nothing: no compiled rows then;
+    # --torch_decode adds model.py's torch code, eagerly and compiled.
+    proc = subprocess.run([a for a in base if a != "--compile=False"] + [f"--moe={tmp_path / 'moe'}", f"--json={out}",
+                          "--torch_decode=True"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {r["model"].split(", ")[-1] for r in json.loads(out.read_text())["rows"]} == {
+        "eager", "eager torch", "compiled torch"}
     proc = subprocess.run(base + [f"--moe={tmp_path / 'dense'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)  # a dense model is no MoE: refused in one line
     assert proc.returncode == 2 and "is not an MoE" in proc.stderr and proc.stderr.strip().count("\n") == 0
