@@ -314,6 +314,21 @@ def test_moe_decoding_path_gives_the_plain_paths_greedy_tokens(kw):
     torch.testing.assert_close(step, model(fast[:, :11]).logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_cached_forward_continues_a_prefill_in_chunks():
+    # forward(..., start_pos=p) after positions 0..p-1 are cached: each new query sees the cache and the new
+    # tokens before it (setup_cache's promise), so a prompt prefilled in two chunks gives the full forward's logits.
+    torch.manual_seed(4)
+    model = tiny_moe().eval()
+    idx = torch.randint(0, 128, (2, 12))
+    model.setup_cache(2, 16)
+    try:
+        first = model(idx[:, :5], start_pos=0).logits
+        rest = model(idx[:, 5:], start_pos=5).logits
+    finally:
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat((first, rest), 1), model(idx).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow  # ~1 min on 2 cores: inductor compiles the layer's kernels
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_decoding_gives_the_eager_tokens(monkeypatch):
