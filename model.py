@@ -349,10 +349,10 @@ def next_token(logits, temperature, top_k):
     return torch.multinomial(F.softmax(logits, dim=-1), 1)
 
 
-def block_decode(block, x, cos, sin, pos, visible, fast=False, fused=False):
+def block_decode(block, x, cos, sin, pos, visible, fused=False):
     """Block.decode as a function of the block: torch.compile of it is one graph that every layer of the same
     shapes reuses (the weights are its inputs), compiled once instead of once per layer."""
-    return block.decode(x, cos, sin, pos, visible, fused, fast)
+    return block.decode(x, cos, sin, pos, visible, fused)
 
 
 _COMPILED = {}
@@ -399,14 +399,9 @@ class Block(nn.Module):
             return x + y, gate
         return x + self.mlp(h), None
 
-    def decode(self, x, cos, sin, pos, visible, fused=False, fast=False):
+    def decode(self, x, cos, sin, pos, visible, fused=False):
         """One cached decoding step, (B, 1, d) -> (B, 1, d): the same sum, static shapes, the MoE on its few-rows
-        path (Attention.decode and MoEFeedForward.decode say how). fast: fp32 CPU tensors, the same two halves
-        as two C++ ops (moe_kernels/decode.py), each with its RMSNorm, the same numbers up to rounding."""
-        if fast:
-            x = fast_decode.attention(self.self_attn, self.input_layernorm, x, cos, sin, pos)  # x + attention
-            ffn = fast_decode.moe if isinstance(self.mlp, MoEFeedForward) else fast_decode.swiglu
-            return ffn(self.mlp, x, self.post_attention_layernorm)                       # x + feed-forward
+        path (Attention.decode and MoEFeedForward.decode say how)."""
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos, visible)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp.decode(h, fused) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h))
@@ -435,6 +430,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.rope_table = self.cache_positions = None  # (cos, sin) (L, hd) and arange(L) with a KV cache
+        self.decode_plan = None  # the C++ decoding step's arguments (moe_kernels/decode.py plan), per KV cache
         if not self.lm_head.weight.is_meta:
             self.init_weights()
 
@@ -506,21 +502,19 @@ class Transformer(nn.Module):
     def decode_step(self, idx, pos, compiled=False):
         """idx (B, 1), the tokens at position pos (the cache holds 0..pos-1) -> logits (B, vocab) for pos + 1.
         compiled: run the layers through compiled_block_decode (torch.compile; eager if that fails). fp32 on the
-        CPU, the C++ decoding ops run each half of a layer instead (moe_kernels/decode.py; LLAMA_MOE_KERNELS=
-        reference: the torch code here), eagerly even when compiled: two opaque ops per layer leave the compiler
-        nothing to fuse, and its per-call guards made SmolLM2-135M's decode ~5-10% slower (bench.py --what=decode)."""
+        CPU, one C++ call runs the whole step instead (moe_kernels/decode.py step; LLAMA_MOE_KERNELS=reference:
+        the torch code here), compiled or not: an opaque call leaves the compiler nothing to fuse."""
         cos, sin = (t[pos:pos + 1] for t in self.rope_table)             # (1, hd), precomputed
-        visible = (self.cache_positions <= pos).view(1, 1, 1, -1)        # (1, 1, 1, L)
         at = self.cache_positions[pos:pos + 1]                           # (1,) int64, no host-to-device copy
         x = self.model.embed_tokens(idx)                                 # (B, 1, d)
-        fast = fast_decode.available(x)
-        if fast:
-            fast_decode.place_weights(self)  # once: the weights on 2 MB pages, read faster
-        layer_fn = compiled_block_decode() if compiled and not fast else block_decode
+        if fast_decode.available(x):  # the whole step in one C++ call, its weights gathered once per generation
+            if self.decode_plan is None:
+                self.decode_plan = fast_decode.plan(self)
+            return fast_decode.step(self.decode_plan, x, cos, sin, at)  # (B, vocab)
+        visible = (self.cache_positions <= pos).view(1, 1, 1, -1)        # (1, 1, 1, L)
+        layer_fn = compiled_block_decode() if compiled else block_decode
         for block in self.model.layers:
-            x = layer_fn(block, x, cos, sin, at, visible, fast)
-        if fast:
-            return fast_decode.linear(x, self.lm_head.weight, self.model.norm)  # (B, vocab)
+            x = layer_fn(block, x, cos, sin, at, visible)
         return self.lm_head(self.model.norm(x))[:, -1]                   # (B, vocab)
 
     @torch.no_grad()
@@ -564,9 +558,10 @@ class Transformer(nn.Module):
                                for _ in range(2))
         self.cache_positions = torch.arange(length, device=w.device)                       # (L,) for decode_step
         self.rope_table = rope_cos_sin(self.inv_freq, self.cache_positions)                 # (L, hd) each
+        self.decode_plan = None  # it names the caches: gathered again at the next fast decode_step
 
     def clear_cache(self):
         for block in self.model.layers:
             block.self_attn.kv_cache = None
-        self.rope_table = self.cache_positions = None
+        self.rope_table = self.cache_positions = self.decode_plan = None
 

@@ -48,17 +48,21 @@ def available(x: Tensor) -> bool:
 _placed = weakref.WeakKeyDictionary()  # model -> data_ptr of its lm_head weight when its weights were placed
 
 
-def place_weights(model, min_bytes=1 << 20):
-    """Copy each CPU weight of min_bytes or more into memory backed by 2 MB pages (decode_cpu.cpp huge_page_copy
-    says why: ~15% faster reads when decoding). Once per model, again if its weights were replaced since (to(),
-    load_state_dict into new tensors). The values, the Parameter objects and their sharing (tied embeddings) stay;
-    only where the numbers live changes. Peak memory: one extra copy of the largest weight."""
+def place_weights(model):
+    """Copy the model's CPU weights into memory backed by 2 MB pages (decode_cpu.cpp huge_page_pack says why: ~15%
+    faster reads when decoding), one mapping per block holding its weights in the order a decoding step reads them,
+    one more for the rest (embedding, final norm, output layer). Once per model, again if its weights were replaced
+    since (to(), load_state_dict into new tensors). The values, the Parameter objects and their sharing (tied
+    embeddings) stay; only where the numbers live changes. Peak memory: one extra copy of the largest pack."""
     if _placed.get(model) == model.lm_head.weight.data_ptr():
         return
+    packs = [[p for p in block.parameters() if p.device.type == "cpu"] for block in model.model.layers]
+    in_blocks = {id(p) for pack in packs for p in pack}
+    packs.append([p for p in model.parameters() if p.device.type == "cpu" and id(p) not in in_blocks])
     with torch.no_grad():
-        for p in model.parameters():
-            if p.device.type == "cpu" and p.nbytes >= min_bytes:
-                p.data = _ops.huge_page_copy(p.data)
+        for pack in packs:
+            for p, placed in zip(pack, _ops.huge_page_pack([p.data for p in pack])):
+                p.data = placed
     _placed[model] = model.lm_head.weight.data_ptr()
 
 
@@ -69,6 +73,7 @@ def _register_fakes():
     reg("llama_moe_cpu::decode_experts")(lambda x, ids, weights, gate_up, down: x.new_empty(x.shape[0], down.shape[1]))
     for block_half in ("decode_swiglu", "decode_moe", "decode_attention"):  # x + f(norm(x)): x's shape
         reg(f"llama_moe_cpu::{block_half}")(lambda x, *args: x.new_empty(x.shape))
+    reg("llama_moe_cpu::decode_layers")(lambda x, *args: x.new_empty(x.numel() // x.shape[-1], args[-1].shape[0]))
 
 
 def _norm_args(norm):
@@ -108,3 +113,42 @@ def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> T
     return _ops.decode_attention(x, *_norm_args(norm), attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                                  attn.o_proj.weight, cos, sin, cache_k, cache_v, pos)
 
+
+
+def _layer_slots(block):
+    """A model.Block's weights in decode_cpu.cpp's 14 slots (decode_layers' Slot order), None where absent."""
+    a, mlp = block.self_attn, block.mlp
+    slots = [block.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+             block.post_attention_layernorm.weight]
+    if hasattr(mlp, "experts"):  # an MoEFeedForward: routed experts, and its shared block if any
+        gate = mlp.gate.gate_network
+        gate_w = [gate.weight, None] if mlp.gate.gate_type == "linear" else [gate[0].weight, gate[2].weight]
+        slots += gate_w + [mlp.gate.expert_bias, mlp.experts.gate_up_proj, mlp.experts.down_proj]
+        swiglu = mlp.shared
+    else:
+        slots += [None] * 5
+        swiglu = mlp
+    slots += [None] * 3 if swiglu is None else [swiglu.gate_proj.weight, swiglu.up_proj.weight, swiglu.down_proj.weight]
+    return slots
+
+
+def plan(model):
+    """Everything decode_layers needs from a model.Transformer with its KV cache set up, gathered once per
+    generation (reading ~450 module attributes every token would cost ~0.1 ms): its weights first placed on
+    2 MB pages (place_weights)."""
+    place_weights(model)
+    blocks = model.model.layers
+    scalars = [(m.top_k, int(m.unit_weights), m.score_scale) if hasattr(m, "experts") else (0, 0, 1.0)
+               for m in (b.mlp for b in blocks)]
+    top_k, unit, scale = (list(v) for v in zip(*scalars))
+    return dict(weights=[w for b in blocks for w in _layer_slots(b)], top_k=top_k, unit_weights=unit,
+                score_scale=scale, eps=model.model.norm.eps, caches=[c for b in blocks for c in b.self_attn.kv_cache],
+                final_norm=model.model.norm.weight, lm_head=model.lm_head.weight)
+
+
+def step(plan, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
+    """Every block, the final norm and the output layer in one C++ call: x (B, 1, d), the embedded tokens at
+    position pos ((1,) int64), cos and sin (1, hd) -> logits (B, vocab). Writes each block's KV cache at pos."""
+    p = plan
+    return _ops.decode_layers(x, p["weights"], p["top_k"], p["unit_weights"], p["score_scale"], p["eps"], cos, sin,
+                              p["caches"], pos, p["final_norm"], p["lm_head"])

@@ -8,7 +8,7 @@
 // So every op here does a whole piece of a layer in one call, and its matrix-vector products use matvec
 // below, which reads each weight row from start to end with 4 vector accumulators (a standalone test over
 // SmolLM2's weight shapes, one thread of this 2-core box: 20-22 GB/s, against 13-15 GB/s for 4 rows at a time
-// and 17-20 for 8: one sequential stream beats several). The weights also move to 2 MB pages (huge_page_copy).
+// and 17-20 for 8: one sequential stream beats several). The weights also move to 2 MB pages (huge_page_pack).
 //
 // Ops (all tensors fp32 CPU; weights any layout, made contiguous; T = rows of x, usually 1):
 //   decode_linear    (x (T, d), norm_w (d,)?, eps, w (n, d))                         -> (T, n)  = norm(x) w^T
@@ -18,7 +18,7 @@
 //                    -> x + MoE(norm(x)): routing + decode_experts + the shared SwiGLU
 //   decode_attention (x (B, d), norm_w?, eps, wq, wk, wv, wo, cos (hd,), sin (hd,), cache_k, cache_v
 //                     (B, Hkv, L, hd), pos (1,) int64) -> x + attention(norm(x)), writing the new key/value at pos
-//   huge_page_copy   (t) -> a contiguous copy of t in memory backed by 2 MB pages (Linux), see its comment
+//   huge_page_pack   (ts) -> contiguous copies of ts in one mapping backed by 2 MB pages (Linux), see its comment
 // norm_w given: x is first RMS-normalised and scaled by it (the block's RMSNorm), else used as it is. The three
 // block halves (swiglu, moe, attention) add their input back (the residual connection) and keep x's shape.
 //
@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -288,14 +289,6 @@ void check_swiglu(const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& 
               "w_up (h, d) and w_down (d, h); got ", wg.sizes(), ", ", wu.sizes(), ", ", wd.sizes());
 }
 
-at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                         const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& down_in) {
-  const char* op = "decode_swiglu";
-  auto wg = weight(gate_in, 2, op, "w_gate"), wu = weight(up_in, 2, op, "w_up"), wd = weight(down_in, 2, op, "w_down");
-  check_swiglu(wg, wu, wd, op);
-  return plus_residual(x_in, swiglu(normed_rows(x_in, norm_w, eps, wg.size(1), op), wg, wu, wd));
-}
-
 // y (T, d) = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t]) for x (T, d) contiguous, ids and weights (T, k)
 // contiguous, ids in range: only the chosen experts' rows are read. Two passes, one parallel region each: the
 // activations a (T*k, d_e) of every (token, expert) pair, then the down products, each thread on a block of
@@ -349,28 +342,19 @@ at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   return experts(x, idp, wts.data_ptr<float>(), ids.size(1), gu, wd);
 }
 
-// The whole MoE feed-forward of a decoding step (model.MoEFeedForward.decode) on norm(x): the gate's eval-mode
-// routing (logits = W_gate x, or W_2 tanh(W_1 x) for the "mlp" gate; the k largest of logits + expert_bias,
-// larger first, ties to the lower id; weights = softmax of the chosen unbiased logits, or 1 with unit_weights;
-// times score_scale), the chosen experts, plus the shared block when given; plus x. One op instead of ~20 small ones.
-at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                      const at::Tensor& gate_w_in, const std::optional<at::Tensor>& gate_w2_in,
-                      const at::Tensor& bias_in, int64_t k, bool unit_weights, double score_scale,
-                      const at::Tensor& gate_up_in, const at::Tensor& down_in,
-                      const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& shared_up,
-                      const std::optional<at::Tensor>& shared_down) {
-  const char* op = "decode_moe";
-  auto gu = weight(gate_up_in, 3, op, "gate_up"), wd = weight(down_in, 3, op, "down");
-  check_experts(gu, wd, op);
-  const int64_t E = gu.size(0), d = gu.size(2);
+// The routed experts of model.MoEFeedForward.decode on rows x (T, d), already normed: the gate's eval-mode routing
+// (logits = W_gate x, or W_2 tanh(W_1 x) for the "mlp" gate; the k largest of logits + expert_bias, larger first,
+// ties to the lower id; weights = softmax of the chosen unbiased logits, or 1 with unit_weights; times score_scale),
+// then the chosen experts -> (T, d).
+at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& gate_w_in, const std::optional<at::Tensor>& gate_w2_in,
+                          const at::Tensor& bias_in, int64_t k, bool unit_weights, double score_scale,
+                          const at::Tensor& gu, const at::Tensor& wd, const char* op) {
+  const int64_t E = gu.size(0), d = gu.size(2), T = x.size(0);
   auto gw = weight(gate_w_in, 2, op, "gate_weight");
   TORCH_CHECK(gw.size(0) == E && gw.size(1) == d, op, ": gate_weight must be (E, d) = (", E, ", ", d, ")");
   TORCH_CHECK(1 <= k && k <= E, op, ": k = ", k, " must be in 1..", E);
   auto bias = weight(bias_in, 1, op, "expert_bias");
   TORCH_CHECK(bias.size(0) == E, op, ": expert_bias must have E = ", E, " entries");
-  auto x = normed_rows(x_in, norm_w, eps, d, op);
-  const int64_t T = x.size(0);
-
   auto logits = at::empty({T, E}, x.options());
   matvec(gw.data_ptr<float>(), E, d, x.data_ptr<float>(), T, logits.data_ptr<float>());
   if (gate_w2_in) {  // the "mlp" gate: Linear(d, E) -> tanh -> Linear(E, E)
@@ -398,16 +382,52 @@ at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& n
       wts[t * k + j] = (unit_weights ? 1.f : wts[t * k + j] / sum) * static_cast<float>(score_scale);
     }
   }
-  auto y = experts(x, ids.data(), wts.data(), k, gu, wd);
-  if (shared_gate) {  // the shared block: always on, unscaled
-    TORCH_CHECK(shared_up && shared_down, op, ": the shared block needs all three weights");
-    auto sg = weight(*shared_gate, 2, op, "shared_gate"), su = weight(*shared_up, 2, op, "shared_up");
-    auto sd = weight(*shared_down, 2, op, "shared_down");
-    check_swiglu(sg, su, sd, op);
-    TORCH_CHECK(sg.size(1) == d, op, ": the shared block's input width must be d = ", d);
-    y.add_(swiglu(x, sg, su, sd));
+  return experts(x, ids.data(), wts.data(), k, gu, wd);
+}
+
+// A block's feed-forward half, x + FFN(norm(x)): the routed experts when gate_w is given (an MoE layer), plus a
+// SwiGLU block when w_gate is given (the dense FFN, or the MoE's always-on shared block, unscaled). One op
+// instead of ~20 small ones.
+at::Tensor ffn_half(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                    const std::optional<at::Tensor>& gate_w, const std::optional<at::Tensor>& gate_w2,
+                    const std::optional<at::Tensor>& bias, int64_t k, bool unit_weights, double score_scale,
+                    const std::optional<at::Tensor>& gate_up_in, const std::optional<at::Tensor>& down_in,
+                    const std::optional<at::Tensor>& w_gate, const std::optional<at::Tensor>& w_up,
+                    const std::optional<at::Tensor>& w_down, const char* op) {
+  TORCH_CHECK(gate_w || w_gate, op, ": a feed-forward needs routed experts, a SwiGLU block or both");
+  const int64_t d = x_in.size(-1);
+  auto x = normed_rows(x_in, norm_w, eps, d, op);
+  std::optional<at::Tensor> y;
+  if (gate_w) {
+    TORCH_CHECK(bias && gate_up_in && down_in, op, ": routed experts need expert_bias, gate_up and down");
+    auto gu = weight(*gate_up_in, 3, op, "gate_up"), wd = weight(*down_in, 3, op, "down");
+    check_experts(gu, wd, op);
+    TORCH_CHECK(gu.size(2) == d, op, ": x has ", d, " features, the experts expect ", gu.size(2));
+    y = routed_experts(x, *gate_w, gate_w2, *bias, k, unit_weights, score_scale, gu, wd, op);
   }
-  return plus_residual(x_in, y);
+  if (w_gate) {
+    TORCH_CHECK(w_up && w_down, op, ": a SwiGLU block needs all three weights");
+    auto wg = weight(*w_gate, 2, op, "w_gate"), wu = weight(*w_up, 2, op, "w_up"), wdn = weight(*w_down, 2, op, "w_down");
+    check_swiglu(wg, wu, wdn, op);
+    TORCH_CHECK(wg.size(1) == d, op, ": x has ", d, " features, the SwiGLU block expects ", wg.size(1));
+    auto s = swiglu(x, wg, wu, wdn);
+    y = y ? y->add_(s) : s;
+  }
+  return plus_residual(x_in, *y);
+}
+
+at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                         const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
+  return ffn_half(x_in, norm_w, eps, {}, {}, {}, 0, false, 1.0, {}, {}, w_gate, w_up, w_down, "decode_swiglu");
+}
+
+at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                      const at::Tensor& gate_w, const std::optional<at::Tensor>& gate_w2, const at::Tensor& bias,
+                      int64_t k, bool unit_weights, double score_scale, const at::Tensor& gate_up,
+                      const at::Tensor& down, const std::optional<at::Tensor>& shared_gate,
+                      const std::optional<at::Tensor>& shared_up, const std::optional<at::Tensor>& shared_down) {
+  return ffn_half(x_in, norm_w, eps, gate_w, gate_w2, bias, k, unit_weights, score_scale, gate_up, down, shared_gate,
+                  shared_up, shared_down, "decode_moe");
 }
 
 // Attention for one new position per row: q, k, v projections, RoPE (rotate-half layout, as model.apply_rope),
@@ -480,28 +500,80 @@ at::Tensor decode_attention(const at::Tensor& x_in, const std::optional<at::Tens
   return plus_residual(x_in, o);
 }
 
-// A contiguous copy of t whose memory is 2 MB aligned and advised as transparent huge pages (Linux; elsewhere a
-// plain copy). Why: the weights are read once per token, front to back. With 4 KB pages the CPU's hardware
-// prefetcher stops at every page boundary (it works on physical addresses) and every page costs a TLB miss;
-// with 2 MB pages it streams on. Measured on this 2-core box, one thread, SmolLM2-135M's weight shapes:
-// ~18.5 GB/s on 4 KB pages, ~21 GB/s on 2 MB pages. The memory goes back (munmap) when the tensor is freed.
-at::Tensor huge_page_copy(const at::Tensor& t) {
-  auto src = t.contiguous();
+// A whole decoding step after the embedding, in one call: every block (decode_attention, then ffn_half), the final
+// norm and the output layer -> logits (B, vocab). Per-call costs (the Python around an op, the dispatcher) were
+// ~20 us an op, ~1.5 ms per token for SmolLM2-135M's 60 ops: ~6% of its decoding step.
+// weights: kLayerSlots entries per block, in the order below (absent ones None); top_k, unit_weights, score_scale:
+// one entry per block (read for MoE blocks only); caches: (cache_k, cache_v) per block, written at pos.
+constexpr int64_t kLayerSlots = 14;
+enum Slot { kAttnNorm, kWq, kWk, kWv, kWo, kFfnNorm,            // the attention half, the FFN's RMSNorm
+            kGate, kGate2, kBias, kGateUp, kDown,              // routed experts (an MoE block), else None
+            kSwiGate, kSwiUp, kSwiDown };                      // the dense FFN, or the MoE's shared block, or None
+
+at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& weights,
+                         at::IntArrayRef top_k, at::IntArrayRef unit_weights, at::ArrayRef<double> score_scale,
+                         double eps, const at::Tensor& cos, const at::Tensor& sin, at::TensorList caches,
+                         const at::Tensor& pos, const std::optional<at::Tensor>& final_norm, const at::Tensor& lm_head) {
+  const int64_t L = static_cast<int64_t>(weights.size()) / kLayerSlots;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kLayerSlots && static_cast<int64_t>(top_k.size()) == L &&
+              static_cast<int64_t>(unit_weights.size()) == L && static_cast<int64_t>(score_scale.size()) == L &&
+              static_cast<int64_t>(caches.size()) == 2 * L, "decode_layers: need ", kLayerSlots, " weights, one "
+              "top_k, unit_weights and score_scale and two caches per block; got ", weights.size(), " weights, ",
+              top_k.size(), ", ", unit_weights.size(), ", ", score_scale.size(), " and ", caches.size(), " caches");
+  auto w = [&](int64_t l, Slot s) -> std::optional<at::Tensor> { return weights.get(l * kLayerSlots + s); };
+  auto need = [&](int64_t l, Slot s) -> at::Tensor {
+    auto t = w(l, s);
+    TORCH_CHECK(t, "decode_layers: block ", l, " lacks weight slot ", static_cast<int>(s));
+    return *t;
+  };
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor ck = caches[2 * l], cv = caches[2 * l + 1];
+    x = decode_attention(x, w(l, kAttnNorm), eps, need(l, kWq), need(l, kWk), need(l, kWv), need(l, kWo), cos, sin,
+                         ck, cv, pos);
+    x = ffn_half(x, w(l, kFfnNorm), eps, w(l, kGate), w(l, kGate2), w(l, kBias), top_k[l], unit_weights[l] != 0,
+                 score_scale[l], w(l, kGateUp), w(l, kDown), w(l, kSwiGate), w(l, kSwiUp), w(l, kSwiDown),
+                 "decode_layers");
+  }
+  return decode_linear(x, final_norm, eps, lm_head);
+}
+
+// Contiguous copies of tensors ts, back to back (each start 64-byte aligned) in one mapping that is 2 MB aligned and
+// advised as transparent huge pages (Linux; elsewhere plain copies). Why: the weights are read once per token,
+// front to back. With 4 KB pages the CPU's hardware prefetcher stops at every page boundary (it works on physical
+// addresses) and every page costs a TLB miss; with 2 MB pages it streams on. Measured on this 2-core box, one
+// thread, SmolLM2-135M's weight shapes: ~18.5 GB/s on 4 KB pages, ~21 GB/s on 2 MB pages. Packing one block's
+// weights together, in the order a decoding step reads them, wastes at most one partly used 2 MB page per pack
+// (one per tensor wasted ~1.5 MB for each of SmolLM2's 442 KB k and v weights). The mapping goes back (munmap)
+// when the last of its tensors is freed.
+std::vector<at::Tensor> huge_page_pack(at::TensorList ts) {
+  std::vector<at::Tensor> src, out;
+  std::vector<size_t> offset;
+  size_t bytes = 0;
+  for (const auto& t : ts) {
+    src.push_back(t.contiguous());
+    offset.push_back(bytes);
+    bytes += (src.back().nbytes() + 63) / 64 * 64;
+  }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t{2} << 20;
-  const size_t bytes = src.nbytes(), size = std::max<size_t>(1, (bytes + kHuge - 1) / kHuge) * kHuge;
+  const size_t size = std::max<size_t>(1, (bytes + kHuge - 1) / kHuge) * kHuge;
   // Map one huge page more than needed, then unmap the ends so that what is left starts on a 2 MB boundary.
   char* raw = static_cast<char*>(mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  TORCH_CHECK(raw != MAP_FAILED, "huge_page_copy: mmap of ", size + kHuge, " bytes failed");
+  TORCH_CHECK(raw != MAP_FAILED, "huge_page_pack: mmap of ", size + kHuge, " bytes failed");
   char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) & ~(uintptr_t{kHuge} - 1));
   if (p > raw) munmap(raw, p - raw);
   if (raw + kHuge > p) munmap(p + size, raw + kHuge - p);
-  madvise(p, size, MADV_HUGEPAGE);  // advice only: without huge pages available the copy still works
-  std::memcpy(p, src.data_ptr(), bytes);
-  return at::from_blob(p, src.sizes(), [size](void* q) { munmap(q, size); }, src.options());
+  madvise(p, size, MADV_HUGEPAGE);  // advice only: without huge pages available the copies still work
+  std::shared_ptr<void> mapping(p, [size](void* q) { munmap(q, size); });  // each tensor below holds a share
+  for (size_t i = 0; i < src.size(); ++i) {
+    std::memcpy(p + offset[i], src[i].data_ptr(), src[i].nbytes());
+    out.push_back(at::from_blob(p + offset[i], src[i].sizes(), [mapping](void*) {}, src[i].options()));
+  }
 #else
-  return src.clone();
+  for (const auto& t : src) out.push_back(t.clone());
 #endif
+  return out;
 }
 
 }  // namespace
@@ -515,7 +587,9 @@ TORCH_LIBRARY_FRAGMENT(llama_moe_cpu, m) {
   m.def("decode_moe(Tensor x, Tensor? norm_weight, float eps, Tensor gate_weight, Tensor? gate_weight2, "
         "Tensor expert_bias, int k, bool unit_weights, float score_scale, Tensor gate_up, Tensor down, "
         "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down) -> Tensor");
-  m.def("huge_page_copy(Tensor t) -> Tensor");
+  m.def("huge_page_pack(Tensor[] ts) -> Tensor[]");
+  m.def("decode_layers(Tensor x, Tensor?[] weights, int[] top_k, int[] unit_weights, float[] score_scale, float eps, "
+        "Tensor cos, Tensor sin, Tensor(a!)[] caches, Tensor pos, Tensor? final_norm, Tensor lm_head) -> Tensor");
   m.def("decode_attention(Tensor x, Tensor? norm_weight, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
         "Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor pos) -> Tensor");
 }
@@ -525,6 +599,7 @@ TORCH_LIBRARY_IMPL(llama_moe_cpu, CPU, m) {
   m.impl("decode_swiglu", &decode_swiglu);
   m.impl("decode_experts", &decode_experts);
   m.impl("decode_moe", &decode_moe);
-  m.impl("huge_page_copy", &huge_page_copy);
+  m.impl("huge_page_pack", &huge_page_pack);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_layers", &decode_layers);
 }

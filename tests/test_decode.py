@@ -186,14 +186,19 @@ def test_only_fp32_without_autocast_takes_the_fast_path():
 def test_place_weights_keeps_values_parameters_and_ties():
     model = tiny(tie_word_embeddings=True)
     before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
-    decode.place_weights(model, min_bytes=0)
+    decode.place_weights(model)
     for name, p in model.named_parameters():
         assert p is before[name][0] and torch.equal(p, before[name][1])
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    if sys.platform == "linux":  # 2 MB aligned, so that whole huge pages can back it
+    if sys.platform == "linux":  # each block's weights in one 2 MB-aligned run, in the order decoding reads them
+        for block in model.model.layers:
+            ps = list(block.parameters())
+            assert ps[0].data_ptr() % (2 << 20) == 0
+            for p, q in zip(ps, ps[1:]):
+                assert q.data_ptr() == p.data_ptr() + -(-p.nbytes // 64) * 64
         assert model.lm_head.weight.data_ptr() % (2 << 20) == 0
     ptr = model.lm_head.weight.data_ptr()
-    decode.place_weights(model, min_bytes=0)  # once per model: not copied again
+    decode.place_weights(model)  # once per model: not copied again
     assert model.lm_head.weight.data_ptr() == ptr
 
 
