@@ -208,7 +208,188 @@ void matvec(const float* W, int64_t n, int64_t d, const float* X, int64_t T, flo
 }
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks and the optional RMSNorm
+// Scratch memory: every buffer a step needs (normed rows, activations, scores, ...) is one of these, kept per
+// thread and grown, never shrunk, so that after the first step decoding allocates nothing but its outputs. (With
+// an allocation and a few dispatched tensor ops per buffer, a block cost ~15 us more: ~3% of an MoE's step.)
+// Each buffer has one user at a time; worker threads get their slices from the pointer taken before the fork.
+// ---------------------------------------------------------------------------------------------
+
+enum Buf { kNormed, kBlockOut, kShared, kAct, kLogits, kOrder, kIds, kWeights, kQ, kK, kV, kHeads, kScores, kNumBufs };
+
+template <class T>
+T* scratch(Buf b, int64_t n) {
+  thread_local std::vector<T> bufs[kNumBufs];
+  auto& v = bufs[b];
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pieces of a block, on raw rows: x (T, d) contiguous, weights contiguous and already checked
+// ---------------------------------------------------------------------------------------------
+
+// out (T, d) = x / rms(x) * w per row, as model.RMSNorm computes it; a copy of x when w is null.
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t T, int64_t d, float* out) {
+  if (!w) return (void)std::copy(x, x + T * d, out);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * d;
+    const float r = 1.f / std::sqrt(dot(xt, xt, d) / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) out[t * d + i] = w[i] * (xt[i] * r);
+  }
+}
+
+// y (T, d) = W_down (silu(W_gate x) * W_up x): the gate and up rows of one neuron are read together.
+void swiglu_rows(const float* x, int64_t T, int64_t d, int64_t h, const float* wg, const float* wu, const float* wd,
+                 float* y) {
+  float* act = scratch<float>(kAct, T * h);  // silu(gate) * up, (T, h)
+  at::parallel_for(0, h, grain_rows(2 * d), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t t = 0; t < T; ++t) act[t * h + i] = silu(dot(wg + i * d, x + t * d, d)) * dot(wu + i * d, x + t * d, d);
+  });
+  matvec(wd, d, h, act, T, y);
+}
+
+// y (T, d) = sum_j wts[t, j] * Expert_{ids[t, j]}(x[t]), ids (T, k) in range; gate_up (E, 2 d_e, d), down (E, d, d_e):
+// only the chosen experts' rows are read. Two passes, one parallel region each: the activations (T*k, d_e) of every
+// (token, expert) pair, then the down products, each thread on a block of output rows for every pair (an expert's
+// rows are read in order).
+void expert_rows(const float* x, int64_t T, int64_t d, const int64_t* ids, const float* wts, int64_t k,
+                 const float* gate_up, const float* down, int64_t d_e, float* y) {
+  const int64_t P = T * k;
+  float* act = scratch<float>(kAct, P * d_e);  // pair p = t * k + j
+  at::parallel_for(0, P * d_e, grain_rows(2 * d), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t p = q / d_e, i = q % d_e;
+      const float* g_row = gate_up + (ids[p] * 2 * d_e + i) * d;  // row i of the expert's W_gate; W_up's is d_e rows on
+      act[q] = silu(dot(g_row, x + (p / k) * d, d)) * dot(g_row + d_e * d, x + (p / k) * d, d);
+    }
+  });
+  std::fill(y, y + T * d, 0.f);
+  at::parallel_for(0, d, grain_rows(k * d_e), [&](int64_t r0, int64_t r1) {
+    for (int64_t p = 0; p < P; ++p) {  // pairs in order: y[t] gets its k experts added j = 0, 1, ...
+      const float* w_down = down + ids[p] * d * d_e;
+      for (int64_t r = r0; r < r1; ++r) y[(p / k) * d + r] += wts[p] * dot(w_down + r * d_e, act + p * d_e, d_e);
+    }
+  });
+}
+
+// One block's feed-forward half: routed experts (gate != null: an MoE block), plus a SwiGLU block (sw_gate != null:
+// the dense FFN, or the MoE's always-on shared block, unscaled).
+struct Ffn {
+  const float* norm = nullptr;                                                                 // (d,) or null
+  const float *gate = nullptr, *gate2 = nullptr, *bias = nullptr, *gate_up = nullptr, *down = nullptr;
+  int64_t E = 0, d_e = 0, k = 0;
+  bool unit_weights = false;
+  float score_scale = 1.f;
+  const float *sw_gate = nullptr, *sw_up = nullptr, *sw_down = nullptr;
+  int64_t h = 0;
+};
+
+// model.MoEFeedForward.decode's routing (TopKGate.route in eval mode) of rows x (T, d): logits = W_gate x, or
+// W_2 tanh(W_1 x) for the "mlp" gate; the k largest of logits + expert_bias, larger first, ties to the lower id;
+// weights = softmax of the chosen unbiased logits, or 1 with unit_weights; times score_scale.
+void route_rows(const Ffn& f, const float* x, int64_t T, int64_t d, int64_t* ids, float* wts) {
+  const int64_t E = f.E, k = f.k;
+  float* logits = scratch<float>(kLogits, 2 * T * E);
+  matvec(f.gate, E, d, x, T, logits);
+  if (f.gate2) {  // the "mlp" gate: Linear(d, E) -> tanh -> Linear(E, E)
+    float* hidden = logits + T * E;
+    for (int64_t i = 0; i < T * E; ++i) hidden[i] = std::tanh(logits[i]);
+    matvec(f.gate2, E, E, hidden, T, logits);
+  }
+  int64_t* order = scratch<int64_t>(kOrder, E);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = logits + t * E;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order, order + k, order + E, [&](int64_t a, int64_t b) {
+      const float va = l[a] + f.bias[a], vb = l[b] + f.bias[b];
+      return va > vb || (va == vb && a < b);
+    });
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < k; ++j) m = std::max(m, l[order[j]]);
+    for (int64_t j = 0; j < k; ++j) sum += (wts[t * k + j] = std::exp(l[order[j]] - m));
+    for (int64_t j = 0; j < k; ++j) {
+      ids[t * k + j] = order[j];
+      wts[t * k + j] = (f.unit_weights ? 1.f : wts[t * k + j] / sum) * f.score_scale;
+    }
+  }
+}
+
+// x (T, d) += FFN(norm(x)), the residual added as model.Block.decode adds it (one add per element).
+void ffn_half(const Ffn& f, float eps, float* x, int64_t T, int64_t d) {
+  float* xn = scratch<float>(kNormed, T * d);
+  float* y = scratch<float>(kBlockOut, T * d);
+  rms_norm_rows(x, f.norm, eps, T, d, xn);
+  if (f.gate) {
+    int64_t* ids = scratch<int64_t>(kIds, T * f.k);
+    float* wts = scratch<float>(kWeights, T * f.k);
+    route_rows(f, xn, T, d, ids, wts);
+    expert_rows(xn, T, d, ids, wts, f.k, f.gate_up, f.down, f.d_e, y);
+  }
+  if (f.sw_gate) {
+    float* s = f.gate ? scratch<float>(kShared, T * d) : y;
+    swiglu_rows(xn, T, d, f.h, f.sw_gate, f.sw_up, f.sw_down, s);
+    if (f.gate)
+      for (int64_t i = 0; i < T * d; ++i) y[i] += s[i];
+  }
+  for (int64_t i = 0; i < T * d; ++i) x[i] = x[i] + y[i];
+}
+
+// One block's attention half: B rows, one new position each, at pos of a (B, Hkv, L, hd) cache.
+struct Attn {
+  const float *norm = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+  int64_t H = 0, Hkv = 0, hd = 0, L = 0;
+  float *cache_k = nullptr, *cache_v = nullptr;
+};
+
+// x (B, d) += attention(norm(x)): q, k, v projections, RoPE (rotate-half layout, as model.apply_rope), the new key
+// and value written into the cache at pos, each query head attending over cached positions 0..pos only (the rest
+// do not exist yet), the output projection.
+void attention_half(const Attn& a, float eps, const float* cos, const float* sin, int64_t pos, float* x, int64_t B,
+                    int64_t d) {
+  const int64_t H = a.H, Hkv = a.Hkv, hd = a.hd, L = a.L;
+  float* xn = scratch<float>(kNormed, B * d);
+  rms_norm_rows(x, a.norm, eps, B, d, xn);
+  float *q = scratch<float>(kQ, B * H * hd), *k = scratch<float>(kK, B * Hkv * hd), *v = scratch<float>(kV, B * Hkv * hd);
+  matvec(a.wq, H * hd, d, xn, B, q);
+  matvec(a.wk, Hkv * hd, d, xn, B, k);
+  matvec(a.wv, Hkv * hd, d, xn, B, v);
+
+  // RoPE on every head of q and k: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves hd/2 apart,
+  // computed as apply_rope does (x * cos + rotate_half(x) * sin).
+  const int64_t half = hd / 2;
+  auto rope = [&](float* head) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = head[i], x2 = head[i + half];
+      head[i] = x1 * cos[i] + (-x2) * sin[i];
+      head[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+  };
+  for (int64_t r = 0; r < B * H; ++r) rope(q + r * hd);
+  for (int64_t r = 0; r < B * Hkv; ++r) {  // row r = (b, g): the cache's (b, g, pos, :)
+    rope(k + r * hd);
+    std::copy(k + r * hd, k + (r + 1) * hd, a.cache_k + (r * L + pos) * hd);
+    std::copy(v + r * hd, v + (r + 1) * hd, a.cache_v + (r * L + pos) * hd);
+  }
+
+  // Query heads h = g * G .. g * G + G - 1 of row b attend with key/value head g (grouped-query attention,
+  // G = H / Hkv): one task per (b, g), so each cached key and value row is read once for its G heads.
+  const int64_t G = H / Hkv, n = pos + 1;
+  float* heads = scratch<float>(kHeads, B * H * hd);  // the heads' outputs side by side, (B, H * hd)
+  float* scores = scratch<float>(kScores, B * Hkv * G * n);  // per task: G heads' scores over positions 0..pos
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)  // r = b * Hkv + g: query heads r * G.., cache rows (b, g)
+      attend(q + r * G * hd, G, a.cache_k + r * L * hd, a.cache_v + r * L * hd, n, hd, scale, scores + r * G * n,
+             heads + r * G * hd);
+  });
+  float* o = scratch<float>(kBlockOut, B * d);
+  matvec(a.wo, d, H * hd, heads, B, o);
+  for (int64_t i = 0; i < B * d; ++i) x[i] = x[i] + o[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks, once per op call: every tensor a float32 CPU one, weights contiguous, shapes that fit
 // ---------------------------------------------------------------------------------------------
 
 void check_f32(const at::Tensor& t, const char* op, const char* name) {
@@ -216,42 +397,89 @@ void check_f32(const at::Tensor& t, const char* op, const char* name) {
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
-// A contiguous fp32 (T, d) copy of x, RMS-normalised as model.RMSNorm does (x / rms(x) * norm_w) if
-// norm_w is given; x (T, d) or (T, 1, d).
-at::Tensor normed_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                       int64_t d, const char* op) {
-  check_f32(x_in, op, "x");
-  TORCH_CHECK(x_in.size(-1) == d, op, ": x has ", x_in.size(-1), " features, the weights expect ", d);
-  auto x = x_in.reshape({-1, d}).contiguous();
-  if (!norm_w) return x;
-  check_f32(*norm_w, op, "norm_weight");
-  TORCH_CHECK(norm_w->numel() == d, op, ": norm_weight must have ", d, " entries");
-  auto w = norm_w->contiguous();
-  auto out = at::empty_like(x);
-  const float* wp = w.data_ptr<float>();
-  for (int64_t t = 0; t < x.size(0); ++t) {
-    const float* xp = x.data_ptr<float>() + t * d;
-    float* op_ = out.data_ptr<float>() + t * d;
-    const float r = 1.f / std::sqrt(dot(xp, xp, d) / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t i = 0; i < d; ++i) op_[i] = wp[i] * (xp[i] * r);
-  }
-  return out;
-}
-
-// x_in + y, shaped like x_in: the residual connection around a block's half (y (T, d) contiguous). One add, as
-// model.Block.decode's own, so the rounding is the same.
-at::Tensor plus_residual(const at::Tensor& x_in, at::Tensor y) {
-  auto x = x_in.reshape({-1, y.size(1)}).contiguous();
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t i = 0; i < y.numel(); ++i) yp[i] = xp[i] + yp[i];
-  return y.view(x_in.sizes());
-}
-
-at::Tensor weight(const at::Tensor& w, int64_t dim, const char* op, const char* name) {
+// w's data, checked: float32 CPU, contiguous (a model's weights are), of the given shape (-1: any size there).
+const float* weight(const at::Tensor& w, std::initializer_list<int64_t> shape, const char* op, const char* name) {
   check_f32(w, op, name);
-  TORCH_CHECK(w.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", w.sizes());
-  return w.contiguous();
+  bool fits = w.dim() == static_cast<int64_t>(shape.size());
+  for (int64_t i = 0; fits && i < w.dim(); ++i) fits = shape.begin()[i] < 0 || shape.begin()[i] == w.size(i);
+  TORCH_CHECK(fits, op, ": ", name, " must have shape ", at::IntArrayRef(shape), " (-1: any), got ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), op, ": ", name, " must be contiguous");
+  return w.data_ptr<float>();
+}
+
+const float* norm_weight(const std::optional<at::Tensor>& w, int64_t d, const char* op) {
+  return w ? weight(*w, {d}, op, "norm_weight") : nullptr;
+}
+
+// A contiguous fp32 (T, d) copy of x (T, d) or (T, 1, d): the residual stream the halves add into.
+at::Tensor rows_copy(const at::Tensor& x, int64_t d, const char* op) {
+  check_f32(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d, op, ": x has ", x.size(-1), " features, the weights expect ", d);
+  return x.reshape({-1, d}).clone(at::MemoryFormat::Contiguous);
+}
+
+Ffn ffn_weights(int64_t d, const std::optional<at::Tensor>& norm_w, const std::optional<at::Tensor>& gate_w,
+                const std::optional<at::Tensor>& gate_w2, const std::optional<at::Tensor>& bias, int64_t k,
+                bool unit_weights, double score_scale, const std::optional<at::Tensor>& gate_up,
+                const std::optional<at::Tensor>& down, const std::optional<at::Tensor>& w_gate,
+                const std::optional<at::Tensor>& w_up, const std::optional<at::Tensor>& w_down, const char* op) {
+  TORCH_CHECK(gate_w || w_gate, op, ": a feed-forward needs routed experts, a SwiGLU block or both");
+  Ffn f;
+  f.norm = norm_weight(norm_w, d, op);
+  if (gate_w) {
+    TORCH_CHECK(bias && gate_up && down, op, ": routed experts need expert_bias, gate_up and down");
+    TORCH_CHECK(gate_up->dim() == 3 && gate_up->size(1) % 2 == 0, op, ": gate_up must be (E, 2 d_e, d), got ",
+                gate_up->sizes());
+    f.E = gate_up->size(0), f.d_e = gate_up->size(1) / 2, f.k = k;
+    TORCH_CHECK(1 <= k && k <= f.E, op, ": k = ", k, " must be in 1..", f.E);
+    f.gate_up = weight(*gate_up, {f.E, 2 * f.d_e, d}, op, "gate_up");
+    f.down = weight(*down, {f.E, d, f.d_e}, op, "down");
+    f.gate = weight(*gate_w, {f.E, d}, op, "gate_weight");
+    f.gate2 = gate_w2 ? weight(*gate_w2, {f.E, f.E}, op, "gate_weight2") : nullptr;
+    f.bias = weight(*bias, {f.E}, op, "expert_bias");
+    f.unit_weights = unit_weights, f.score_scale = static_cast<float>(score_scale);
+  }
+  if (w_gate) {
+    TORCH_CHECK(w_up && w_down, op, ": a SwiGLU block needs all three weights");
+    f.h = w_gate->dim() == 2 ? w_gate->size(0) : -1;
+    f.sw_gate = weight(*w_gate, {f.h, d}, op, "w_gate");
+    f.sw_up = weight(*w_up, {f.h, d}, op, "w_up");
+    f.sw_down = weight(*w_down, {d, f.h}, op, "w_down");
+  }
+  return f;
+}
+
+// The attention weights and caches checked against each other, x's width d and its B rows; pos read and checked.
+Attn attn_weights(int64_t d, int64_t B, const std::optional<at::Tensor>& norm_w, const at::Tensor& wq,
+                  const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& cache_k,
+                  const at::Tensor& cache_v, const char* op) {
+  check_f32(cache_k, op, "cache_k"), check_f32(cache_v, op, "cache_v");
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() &&
+              cache_v.is_contiguous(), op, ": the caches must be contiguous (B, Hkv, L, hd), got ", cache_k.sizes());
+  Attn a;
+  a.Hkv = cache_k.size(1), a.L = cache_k.size(2), a.hd = cache_k.size(3);
+  TORCH_CHECK(cache_k.size(0) == B, op, ": x has ", B, " rows but the cache ", cache_k.size(0));
+  TORCH_CHECK(a.hd % 2 == 0 && wq.dim() == 2 && wq.size(0) % a.hd == 0 && (wq.size(0) / a.hd) % a.Hkv == 0, op,
+              ": wq ", wq.sizes(), " does not fit a cache of ", cache_k.sizes());
+  a.H = wq.size(0) / a.hd;
+  a.norm = norm_weight(norm_w, d, op);
+  a.wq = weight(wq, {a.H * a.hd, d}, op, "wq");
+  a.wk = weight(wk, {a.Hkv * a.hd, d}, op, "wk");
+  a.wv = weight(wv, {a.Hkv * a.hd, d}, op, "wv");
+  a.wo = weight(wo, {d, a.H * a.hd}, op, "wo");
+  a.cache_k = cache_k.data_ptr<float>(), a.cache_v = cache_v.data_ptr<float>();
+  return a;
+}
+
+int64_t position(const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin, const Attn& a, const char* op) {
+  TORCH_CHECK(pos.numel() == 1 && pos.device().is_cpu() && pos.scalar_type() == at::kLong, op,
+              ": pos must be a one-element int64 CPU tensor");
+  const int64_t p = *pos.data_ptr<int64_t>();
+  TORCH_CHECK(0 <= p && p < a.L, op, ": pos ", p, " is outside the cache's ", a.L, " positions");
+  check_f32(cos, op, "cos"), check_f32(sin, op, "sin");
+  TORCH_CHECK(cos.numel() == a.hd && sin.numel() == a.hd && cos.is_contiguous() && sin.is_contiguous(), op,
+              ": cos and sin must be contiguous and hold hd = ", a.hd, " values");
+  return p;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,75 +488,50 @@ at::Tensor weight(const at::Tensor& w, int64_t dim, const char* op, const char* 
 
 at::Tensor decode_linear(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
                          const at::Tensor& w_in) {
-  auto w = weight(w_in, 2, "decode_linear", "w");
-  auto x = normed_rows(x_in, norm_w, eps, w.size(1), "decode_linear");
-  auto y = at::empty({x.size(0), w.size(0)}, x.options());
-  matvec(w.data_ptr<float>(), w.size(0), w.size(1), x.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  const char* op = "decode_linear";
+  const float* w = weight(w_in, {-1, -1}, op, "w");
+  const int64_t n = w_in.size(0), d = w_in.size(1);
+  auto x = rows_copy(x_in, d, op);
+  const int64_t T = x.size(0);
+  float* xn = scratch<float>(kNormed, T * d);
+  rms_norm_rows(x.data_ptr<float>(), norm_weight(norm_w, d, op), static_cast<float>(eps), T, d, xn);
+  auto y = at::empty({T, n}, x.options());
+  matvec(w, n, d, xn, T, y.data_ptr<float>());
   return y;
 }
 
-// y (T, d) = W_down (silu(W_gate x) * W_up x) for x (T, d) contiguous: the gate and up rows of one neuron are
-// read together, and the hidden activations (T, h) never leave this function.
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd) {
-  const int64_t h = wg.size(0), d = wg.size(1), T = x.size(0);
-  auto act = at::empty({T, h}, x.options());  // silu(gate) * up, (T, h)
-  const float *xp = x.data_ptr<float>(), *gp = wg.data_ptr<float>(), *up = wu.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  at::parallel_for(0, h, grain_rows(2 * d), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t t = 0; t < T; ++t)
-        ap[t * h + i] = silu(dot(gp + i * d, xp + t * d, d)) * dot(up + i * d, xp + t * d, d);
-  });
-  auto y = at::empty({T, d}, x.options());
-  matvec(wd.data_ptr<float>(), d, h, ap, T, y.data_ptr<float>());
-  return y;
+at::Tensor ffn_op(const at::Tensor& x_in, double eps, const Ffn& f, const char* op) {
+  auto x = rows_copy(x_in, x_in.size(-1), op);
+  ffn_half(f, static_cast<float>(eps), x.data_ptr<float>(), x.size(0), x.size(1));
+  return x.view(x_in.sizes());
 }
 
-void check_swiglu(const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd, const char* op) {
-  TORCH_CHECK(wu.sizes() == wg.sizes() && wd.size(0) == wg.size(1) && wd.size(1) == wg.size(0), op, ": need w_gate, "
-              "w_up (h, d) and w_down (d, h); got ", wg.sizes(), ", ", wu.sizes(), ", ", wd.sizes());
+at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                         const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
+  const char* op = "decode_swiglu";
+  return ffn_op(x_in, eps, ffn_weights(x_in.size(-1), norm_w, {}, {}, {}, 0, false, 1.0, {}, {}, w_gate, w_up, w_down, op), op);
 }
 
-// y (T, d) = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t]) for x (T, d) contiguous, ids and weights (T, k)
-// contiguous, ids in range: only the chosen experts' rows are read. Two passes, one parallel region each: the
-// activations a (T*k, d_e) of every (token, expert) pair, then the down products, each thread on a block of
-// output rows for every pair (an expert's rows are read in order).
-at::Tensor experts(const at::Tensor& x, const int64_t* idp, const float* wp, int64_t k, const at::Tensor& gu,
-                   const at::Tensor& wd) {
-  const int64_t T = x.size(0), d = x.size(1), d_e = wd.size(2), P = T * k;
-  auto act = at::empty({P, d_e}, x.options());  // pair p = t * k + j
-  const float *xp = x.data_ptr<float>(), *gup = gu.data_ptr<float>(), *wdp = wd.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  at::parallel_for(0, P * d_e, grain_rows(2 * d), [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t p = q / d_e, i = q % d_e;
-      const float* g_row = gup + (idp[p] * 2 * d_e + i) * d;  // row i of expert's W_gate; W_up's is d_e rows on
-      ap[q] = silu(dot(g_row, xp + (p / k) * d, d)) * dot(g_row + d_e * d, xp + (p / k) * d, d);
-    }
-  });
-  auto y = at::zeros({T, d}, x.options());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, d, grain_rows(k * d_e), [&](int64_t r0, int64_t r1) {
-    for (int64_t p = 0; p < P; ++p) {  // pairs in order: y[t] gets its k experts added j = 0, 1, ...
-      const float* w_down = wdp + idp[p] * d * d_e;
-      for (int64_t r = r0; r < r1; ++r) yp[(p / k) * d + r] += wp[p] * dot(w_down + r * d_e, ap + p * d_e, d_e);
-    }
-  });
-  return y;
-}
-
-void check_experts(const at::Tensor& gu, const at::Tensor& wd, const char* op) {
-  TORCH_CHECK(gu.size(1) % 2 == 0 && wd.size(0) == gu.size(0) && wd.size(1) == gu.size(2) && wd.size(2) == gu.size(1) / 2,
-              op, ": need gate_up (E, 2 d_e, d) and down (E, d, d_e); got ", gu.sizes(), " and ", wd.sizes());
+at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
+                      const at::Tensor& gate_w, const std::optional<at::Tensor>& gate_w2, const at::Tensor& bias,
+                      int64_t k, bool unit_weights, double score_scale, const at::Tensor& gate_up,
+                      const at::Tensor& down, const std::optional<at::Tensor>& shared_gate,
+                      const std::optional<at::Tensor>& shared_up, const std::optional<at::Tensor>& shared_down) {
+  const char* op = "decode_moe";
+  return ffn_op(x_in, eps, ffn_weights(x_in.size(-1), norm_w, gate_w, gate_w2, bias, k, unit_weights, score_scale,
+                                       gate_up, down, shared_gate, shared_up, shared_down, op), op);
 }
 
 at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                           const at::Tensor& gate_up_in, const at::Tensor& down_in) {
   const char* op = "decode_experts";
-  auto gu = weight(gate_up_in, 3, op, "gate_up"), wd = weight(down_in, 3, op, "down");
-  check_experts(gu, wd, op);
-  auto x = normed_rows(x_in, std::nullopt, 0.0, gu.size(2), op);
-  const int64_t T = x.size(0), E = gu.size(0);
+  TORCH_CHECK(gate_up_in.dim() == 3 && gate_up_in.size(1) % 2 == 0, op, ": gate_up must be (E, 2 d_e, d), got ",
+              gate_up_in.sizes());
+  const int64_t E = gate_up_in.size(0), d_e = gate_up_in.size(1) / 2, d = gate_up_in.size(2);
+  const float* gu = weight(gate_up_in, {E, 2 * d_e, d}, op, "gate_up");
+  const float* wd = weight(down_in, {E, d, d_e}, op, "down");
+  auto x = rows_copy(x_in, d, op);
+  const int64_t T = x.size(0);
   TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == T && ids_in.device().is_cpu() &&
               (ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt), op,
               ": ids must be a (T, k) int64/int32 CPU tensor with one row per row of x, got ", ids_in.sizes());
@@ -339,170 +542,29 @@ at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, cons
   const int64_t* idp = ids.data_ptr<int64_t>();
   for (int64_t p = 0; p < ids.numel(); ++p)  // an id out of range would read outside the weights
     TORCH_CHECK(0 <= idp[p] && idp[p] < E, op, ": expert id ", idp[p], " is not in [0, ", E, ")");
-  return experts(x, idp, wts.data_ptr<float>(), ids.size(1), gu, wd);
+  auto y = at::empty({T, d}, x.options());
+  expert_rows(x.data_ptr<float>(), T, d, idp, wts.data_ptr<float>(), ids.size(1), gu, wd, d_e, y.data_ptr<float>());
+  return y;
 }
 
-// The routed experts of model.MoEFeedForward.decode on rows x (T, d), already normed: the gate's eval-mode routing
-// (logits = W_gate x, or W_2 tanh(W_1 x) for the "mlp" gate; the k largest of logits + expert_bias, larger first,
-// ties to the lower id; weights = softmax of the chosen unbiased logits, or 1 with unit_weights; times score_scale),
-// then the chosen experts -> (T, d).
-at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& gate_w_in, const std::optional<at::Tensor>& gate_w2_in,
-                          const at::Tensor& bias_in, int64_t k, bool unit_weights, double score_scale,
-                          const at::Tensor& gu, const at::Tensor& wd, const char* op) {
-  const int64_t E = gu.size(0), d = gu.size(2), T = x.size(0);
-  auto gw = weight(gate_w_in, 2, op, "gate_weight");
-  TORCH_CHECK(gw.size(0) == E && gw.size(1) == d, op, ": gate_weight must be (E, d) = (", E, ", ", d, ")");
-  TORCH_CHECK(1 <= k && k <= E, op, ": k = ", k, " must be in 1..", E);
-  auto bias = weight(bias_in, 1, op, "expert_bias");
-  TORCH_CHECK(bias.size(0) == E, op, ": expert_bias must have E = ", E, " entries");
-  auto logits = at::empty({T, E}, x.options());
-  matvec(gw.data_ptr<float>(), E, d, x.data_ptr<float>(), T, logits.data_ptr<float>());
-  if (gate_w2_in) {  // the "mlp" gate: Linear(d, E) -> tanh -> Linear(E, E)
-    auto gw2 = weight(*gate_w2_in, 2, op, "gate_weight2");
-    TORCH_CHECK(gw2.size(0) == E && gw2.size(1) == E, op, ": gate_weight2 must be (E, E)");
-    auto hidden = logits.tanh();
-    matvec(gw2.data_ptr<float>(), E, E, hidden.data_ptr<float>(), T, logits.data_ptr<float>());
-  }
-  std::vector<int64_t> ids(T * k);
-  std::vector<float> wts(T * k);
-  std::vector<int64_t> order(E);
-  const float *lp = logits.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* l = lp + t * E;
-    for (int64_t e = 0; e < E; ++e) order[e] = e;
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-      const float va = l[a] + bp[a], vb = l[b] + bp[b];
-      return va > vb || (va == vb && a < b);
-    });
-    float m = -INFINITY, sum = 0.f;
-    for (int64_t j = 0; j < k; ++j) m = std::max(m, l[order[j]]);
-    for (int64_t j = 0; j < k; ++j) sum += (wts[t * k + j] = std::exp(l[order[j]] - m));
-    for (int64_t j = 0; j < k; ++j) {
-      ids[t * k + j] = order[j];
-      wts[t * k + j] = (unit_weights ? 1.f : wts[t * k + j] / sum) * static_cast<float>(score_scale);
-    }
-  }
-  return experts(x, ids.data(), wts.data(), k, gu, wd);
-}
-
-// A block's feed-forward half, x + FFN(norm(x)): the routed experts when gate_w is given (an MoE layer), plus a
-// SwiGLU block when w_gate is given (the dense FFN, or the MoE's always-on shared block, unscaled). One op
-// instead of ~20 small ones.
-at::Tensor ffn_half(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                    const std::optional<at::Tensor>& gate_w, const std::optional<at::Tensor>& gate_w2,
-                    const std::optional<at::Tensor>& bias, int64_t k, bool unit_weights, double score_scale,
-                    const std::optional<at::Tensor>& gate_up_in, const std::optional<at::Tensor>& down_in,
-                    const std::optional<at::Tensor>& w_gate, const std::optional<at::Tensor>& w_up,
-                    const std::optional<at::Tensor>& w_down, const char* op) {
-  TORCH_CHECK(gate_w || w_gate, op, ": a feed-forward needs routed experts, a SwiGLU block or both");
-  const int64_t d = x_in.size(-1);
-  auto x = normed_rows(x_in, norm_w, eps, d, op);
-  std::optional<at::Tensor> y;
-  if (gate_w) {
-    TORCH_CHECK(bias && gate_up_in && down_in, op, ": routed experts need expert_bias, gate_up and down");
-    auto gu = weight(*gate_up_in, 3, op, "gate_up"), wd = weight(*down_in, 3, op, "down");
-    check_experts(gu, wd, op);
-    TORCH_CHECK(gu.size(2) == d, op, ": x has ", d, " features, the experts expect ", gu.size(2));
-    y = routed_experts(x, *gate_w, gate_w2, *bias, k, unit_weights, score_scale, gu, wd, op);
-  }
-  if (w_gate) {
-    TORCH_CHECK(w_up && w_down, op, ": a SwiGLU block needs all three weights");
-    auto wg = weight(*w_gate, 2, op, "w_gate"), wu = weight(*w_up, 2, op, "w_up"), wdn = weight(*w_down, 2, op, "w_down");
-    check_swiglu(wg, wu, wdn, op);
-    TORCH_CHECK(wg.size(1) == d, op, ": x has ", d, " features, the SwiGLU block expects ", wg.size(1));
-    auto s = swiglu(x, wg, wu, wdn);
-    y = y ? y->add_(s) : s;
-  }
-  return plus_residual(x_in, *y);
-}
-
-at::Tensor decode_swiglu(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                         const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down) {
-  return ffn_half(x_in, norm_w, eps, {}, {}, {}, 0, false, 1.0, {}, {}, w_gate, w_up, w_down, "decode_swiglu");
-}
-
-at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                      const at::Tensor& gate_w, const std::optional<at::Tensor>& gate_w2, const at::Tensor& bias,
-                      int64_t k, bool unit_weights, double score_scale, const at::Tensor& gate_up,
-                      const at::Tensor& down, const std::optional<at::Tensor>& shared_gate,
-                      const std::optional<at::Tensor>& shared_up, const std::optional<at::Tensor>& shared_down) {
-  return ffn_half(x_in, norm_w, eps, gate_w, gate_w2, bias, k, unit_weights, score_scale, gate_up, down, shared_gate,
-                  shared_up, shared_down, "decode_moe");
-}
-
-// Attention for one new position per row: q, k, v projections, RoPE (rotate-half layout, as model.apply_rope),
-// the new key and value written into the cache at pos, attention of each query head over cached positions
-// 0..pos only (the rest do not exist yet), the output projection, and the residual x added.
 at::Tensor decode_attention(const at::Tensor& x_in, const std::optional<at::Tensor>& norm_w, double eps,
-                            const at::Tensor& wq_in, const at::Tensor& wk_in, const at::Tensor& wv_in,
-                            const at::Tensor& wo_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
-                            at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& pos_t) {
+                            const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& wo,
+                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v,
+                            const at::Tensor& pos) {
   const char* op = "decode_attention";
-  auto wq = weight(wq_in, 2, op, "wq"), wk = weight(wk_in, 2, op, "wk"), wv = weight(wv_in, 2, op, "wv");
-  auto wo = weight(wo_in, 2, op, "wo");
-  check_f32(cache_k, op, "cache_k"), check_f32(cache_v, op, "cache_v");
-  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() &&
-              cache_v.is_contiguous(), op, ": the caches must be contiguous (B, Hkv, L, hd), got ", cache_k.sizes());
-  const int64_t d = wq.size(1), B = cache_k.size(0), Hkv = cache_k.size(1), L = cache_k.size(2), hd = cache_k.size(3);
-  const int64_t H = wq.size(0) / hd;
-  TORCH_CHECK(hd % 2 == 0 && wq.size(0) == H * hd && H % Hkv == 0 && wk.size(0) == Hkv * hd && wv.sizes() == wk.sizes()
-              && wk.size(1) == d && wo.size(0) == d && wo.size(1) == H * hd, op, ": weight shapes ", wq.sizes(), ", ",
-              wk.sizes(), ", ", wv.sizes(), ", ", wo.sizes(), " do not fit a cache of ", cache_k.sizes());
-  check_f32(cos_in, op, "cos"), check_f32(sin_in, op, "sin");
-  TORCH_CHECK(cos_in.numel() == hd && sin_in.numel() == hd, op, ": cos and sin must hold hd = ", hd, " values");
-  TORCH_CHECK(pos_t.numel() == 1 && pos_t.device().is_cpu() && pos_t.scalar_type() == at::kLong, op,
-              ": pos must be a one-element int64 CPU tensor");
-  const int64_t pos = pos_t.item<int64_t>();
-  TORCH_CHECK(0 <= pos && pos < L, op, ": pos ", pos, " is outside the cache's ", L, " positions");
-  auto x = normed_rows(x_in, norm_w, eps, d, op);
-  TORCH_CHECK(x.size(0) == B, op, ": x has ", x.size(0), " rows but the cache ", B);
-  auto cos = cos_in.contiguous(), sin = sin_in.contiguous();
-
-  auto q = at::empty({B, H * hd}, x.options()), k = at::empty({B, Hkv * hd}, x.options());
-  auto v = at::empty({B, Hkv * hd}, x.options());
-  matvec(wq.data_ptr<float>(), H * hd, d, x.data_ptr<float>(), B, q.data_ptr<float>());
-  matvec(wk.data_ptr<float>(), Hkv * hd, d, x.data_ptr<float>(), B, k.data_ptr<float>());
-  matvec(wv.data_ptr<float>(), Hkv * hd, d, x.data_ptr<float>(), B, v.data_ptr<float>());
-
-  // RoPE on every head of q and k: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves hd/2 apart,
-  // computed as apply_rope does (x * cos + rotate_half(x) * sin).
-  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  const int64_t half = hd / 2;
-  auto rope = [&](float* head) {
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = head[i], x2 = head[i + half];
-      head[i] = x1 * cp[i] + (-x2) * sp[i];
-      head[i + half] = x2 * cp[i + half] + x1 * sp[i + half];
-    }
-  };
-  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  for (int64_t r = 0; r < B * H; ++r) rope(qp + r * hd);
-  float *ck = cache_k.data_ptr<float>(), *cv = cache_v.data_ptr<float>();
-  for (int64_t r = 0; r < B * Hkv; ++r) {  // row r = (b, g): the cache's (b, g, pos, :)
-    rope(kp + r * hd);
-    std::copy(kp + r * hd, kp + (r + 1) * hd, ck + (r * L + pos) * hd);
-    std::copy(vp + r * hd, vp + (r + 1) * hd, cv + (r * L + pos) * hd);
-  }
-
-  // Query heads h = g * G .. g * G + G - 1 of row b attend with key/value head g (grouped-query attention,
-  // G = H / Hkv): one task per (b, g), so each cached key and value row is read once for its G heads.
-  auto y = at::empty({B, H * hd}, x.options());  // the heads' outputs side by side, (B, H * hd)
-  float* yp = y.data_ptr<float>();
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  const int64_t G = H / Hkv, n = pos + 1;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> s(G * n);  // scores, then weights, of positions 0..pos for each of the G heads
-    for (int64_t r = r0; r < r1; ++r)  // r = b * Hkv + g: query heads r * G.., cache rows (b, g)
-      attend(qp + r * G * hd, G, ck + r * L * hd, cv + r * L * hd, n, hd, scale, s.data(), yp + r * G * hd);
-  });
-  auto o = at::empty({B, d}, x.options());
-  matvec(wo.data_ptr<float>(), d, H * hd, yp, B, o.data_ptr<float>());
-  return plus_residual(x_in, o);
+  TORCH_CHECK(wq.dim() == 2, op, ": wq must be (H * hd, d), got ", wq.sizes());
+  const int64_t d = wq.size(1);
+  auto x = rows_copy(x_in, d, op);
+  const Attn a = attn_weights(d, x.size(0), norm_w, wq, wk, wv, wo, cache_k, cache_v, op);
+  const int64_t p = position(pos, cos, sin, a, op);
+  attention_half(a, static_cast<float>(eps), cos.data_ptr<float>(), sin.data_ptr<float>(), p, x.data_ptr<float>(),
+                 x.size(0), d);
+  return x.view(x_in.sizes());
 }
 
-// A whole decoding step after the embedding, in one call: every block (decode_attention, then ffn_half), the final
-// norm and the output layer -> logits (B, vocab). Per-call costs (the Python around an op, the dispatcher) were
-// ~20 us an op, ~1.5 ms per token for SmolLM2-135M's 60 ops: ~6% of its decoding step.
+// A whole decoding step after the embedding, in one call: every block (attention_half, then ffn_half on the same
+// residual rows), the final norm and the output layer -> logits (B, vocab). As separate ops each half cost ~20 us
+// of Python and dispatching around it: ~1.2 ms per token for SmolLM2-135M's 60 halves, ~4% of its step.
 // weights: kLayerSlots entries per block, in the order below (absent ones None); top_k, unit_weights, score_scale:
 // one entry per block (read for MoE blocks only); caches: (cache_k, cache_v) per block, written at pos.
 constexpr int64_t kLayerSlots = 14;
@@ -514,28 +576,38 @@ at::Tensor decode_layers(const at::Tensor& x_in, const c10::List<std::optional<a
                          at::IntArrayRef top_k, at::IntArrayRef unit_weights, at::ArrayRef<double> score_scale,
                          double eps, const at::Tensor& cos, const at::Tensor& sin, at::TensorList caches,
                          const at::Tensor& pos, const std::optional<at::Tensor>& final_norm, const at::Tensor& lm_head) {
+  const char* op = "decode_layers";
   const int64_t L = static_cast<int64_t>(weights.size()) / kLayerSlots;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kLayerSlots && static_cast<int64_t>(top_k.size()) == L &&
               static_cast<int64_t>(unit_weights.size()) == L && static_cast<int64_t>(score_scale.size()) == L &&
-              static_cast<int64_t>(caches.size()) == 2 * L, "decode_layers: need ", kLayerSlots, " weights, one "
-              "top_k, unit_weights and score_scale and two caches per block; got ", weights.size(), " weights, ",
+              static_cast<int64_t>(caches.size()) == 2 * L, op, ": need ", kLayerSlots, " weights, one top_k, "
+              "unit_weights and score_scale and two caches per block; got ", weights.size(), " weights, ",
               top_k.size(), ", ", unit_weights.size(), ", ", score_scale.size(), " and ", caches.size(), " caches");
+  const float* head = weight(lm_head, {-1, -1}, op, "lm_head");
+  const int64_t d = lm_head.size(1), vocab = lm_head.size(0);
+  auto x = rows_copy(x_in, d, op);  // (B, d): the residual stream
+  const int64_t B = x.size(0);
+  float* xp = x.data_ptr<float>();
   auto w = [&](int64_t l, Slot s) -> std::optional<at::Tensor> { return weights.get(l * kLayerSlots + s); };
   auto need = [&](int64_t l, Slot s) -> at::Tensor {
     auto t = w(l, s);
-    TORCH_CHECK(t, "decode_layers: block ", l, " lacks weight slot ", static_cast<int>(s));
+    TORCH_CHECK(t, op, ": block ", l, " lacks weight slot ", static_cast<int>(s));
     return *t;
   };
-  at::Tensor x = x_in;
   for (int64_t l = 0; l < L; ++l) {
-    at::Tensor ck = caches[2 * l], cv = caches[2 * l + 1];
-    x = decode_attention(x, w(l, kAttnNorm), eps, need(l, kWq), need(l, kWk), need(l, kWv), need(l, kWo), cos, sin,
-                         ck, cv, pos);
-    x = ffn_half(x, w(l, kFfnNorm), eps, w(l, kGate), w(l, kGate2), w(l, kBias), top_k[l], unit_weights[l] != 0,
-                 score_scale[l], w(l, kGateUp), w(l, kDown), w(l, kSwiGate), w(l, kSwiUp), w(l, kSwiDown),
-                 "decode_layers");
+    const Attn a = attn_weights(d, B, w(l, kAttnNorm), need(l, kWq), need(l, kWk), need(l, kWv), need(l, kWo),
+                                caches[2 * l], caches[2 * l + 1], op);
+    const int64_t p = position(pos, cos, sin, a, op);
+    attention_half(a, static_cast<float>(eps), cos.data_ptr<float>(), sin.data_ptr<float>(), p, xp, B, d);
+    const Ffn f = ffn_weights(d, w(l, kFfnNorm), w(l, kGate), w(l, kGate2), w(l, kBias), top_k[l], unit_weights[l] != 0,
+                              score_scale[l], w(l, kGateUp), w(l, kDown), w(l, kSwiGate), w(l, kSwiUp), w(l, kSwiDown), op);
+    ffn_half(f, static_cast<float>(eps), xp, B, d);
   }
-  return decode_linear(x, final_norm, eps, lm_head);
+  float* xn = scratch<float>(kNormed, B * d);
+  rms_norm_rows(xp, final_norm ? weight(*final_norm, {d}, op, "final_norm") : nullptr, static_cast<float>(eps), B, d, xn);
+  auto logits = at::empty({B, vocab}, x.options());
+  matvec(head, vocab, d, xn, B, logits.data_ptr<float>());
+  return logits;
 }
 
 // Contiguous copies of tensors ts, back to back (each start 64-byte aligned) in one mapping that is 2 MB aligned and
