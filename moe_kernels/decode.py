@@ -1,11 +1,13 @@
-"""Batch-1 decoding on the CPU in a few C++ calls per layer (decode_cpu.cpp), for model.py's decode path.
+"""Batch-1 decoding on the CPU in one C++ call per token (decode_cpu.cpp), for model.py's decode path.
 
 Decoding one token reads every weight once, 2 flops per weight: the speed is how fast memory delivers the
 weights, plus a fixed cost per torch op. model.py's plain-torch decode spends ~25 ops per layer, and batch-1
-matrix products read weights slower than one plain sequential loop does (decode_cpu.cpp says why). These
-helpers run each piece of a layer as one op instead; model.py calls them when `available(x)` (fp32 CPU
-tensors, no gradient recorded, the CPU extension built, LLAMA_MOE_KERNELS not asking for "reference"), else
-runs its torch code, which stays the reference: the tests check that both give the same tokens.
+matrix products read weights slower than plain loops do (decode_cpu.cpp says why). `step` runs the whole
+decoding step after the embedding as one op instead, with the arguments `plan` gathered once per generation;
+model.decode_step calls it when `available(x)` (fp32 CPU tensors, no gradient recorded, the CPU extension built,
+LLAMA_MOE_KERNELS not asking for "reference"), else runs its torch code, which stays the reference: the tests
+check that both give the same tokens. The same C++ pieces are ops of their own too, so that the tests can hold
+each against the torch module it replaces.
 
 What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's RMSNorm, or none):
     linear(x, w, norm)           norm(x) @ w.T                                           (T, n)
@@ -15,6 +17,7 @@ What each op computes, in plain torch (x (T, d) or (B, 1, d); norm = the block's
     moe(layer, x, norm)          x + layer.decode(norm(x)): routing, experts, shared block (model.MoEFeedForward)
     attention(attn, norm, x, cos, sin, pos)
                                  x + attn.decode(norm(x), ...), attending over positions 0..pos only
+    step(plan, x, cos, sin, pos) model.lm_head(model.model.norm(every block's decode in turn, from x)), (B, vocab)
 The ops are registered in C++ with their schemas; the shape-only ("fake") versions below let torch.compile
 trace them as opaque calls.
 """

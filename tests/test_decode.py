@@ -95,6 +95,21 @@ def test_experts_refuse_an_id_out_of_range():
         decode.experts(x, torch.tensor([[0, 3]]), torch.ones(1, 2), gate_up, down)
 
 
+def test_ops_refuse_weights_that_do_not_fit():
+    # The C++ ops read weights as plain contiguous arrays of the checked shape: anything else is an error, never a
+    # wrong read (a model's weights are contiguous; place_weights makes them so).
+    x, w = torch.randn(1, 8), torch.randn(8, 5)
+    with pytest.raises(RuntimeError, match="w must be contiguous"):
+        decode.linear(x, w.t())
+    ffn = FeedForward(8, 12)
+    with pytest.raises(RuntimeError, match=r"w_down must have shape \[8, 12\]"):
+        decode._ops.decode_swiglu(x, None, 0.0, ffn.gate_proj.weight, ffn.up_proj.weight, ffn.gate_proj.weight)
+    with pytest.raises(RuntimeError, match=r"w_gate must have shape \[12, 9\].*got \[12, 8\]"):
+        decode.swiglu(ffn, torch.randn(1, 9))  # x's width against the weights
+    with pytest.raises(RuntimeError, match="x has 9 features, the weights expect 8"):
+        decode.linear(torch.randn(1, 9), w.t().contiguous())
+
+
 @pytest.mark.parametrize("B, hidden, heads, kv_heads, head_dim, pos", [(1, 64, 8, 2, 8, 0), (1, 42, 6, 3, 10, 5),
                                                                         (2, 36, 4, 4, 6, 8), (1, 48, 4, 1, 34, 3)])
 def test_attention(B, hidden, heads, kv_heads, head_dim, pos):
