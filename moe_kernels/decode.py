@@ -117,7 +117,6 @@ def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> T
                                  attn.o_proj.weight, cos, sin, cache_k, cache_v, pos)
 
 
-
 def _layer_slots(block):
     """A model.Block's weights in decode_cpu.cpp's 14 slots (decode_layers' Slot order), None where absent."""
     a, mlp = block.self_attn, block.mlp
