@@ -6,7 +6,7 @@
 #   -> carved from activations (192 shared neurons + 14 routed experts, 2 active: the same 25% of the FFN;
 #      router fitted to the data, W_down refitted; carve.py) -> eval -> continual pretraining of the carved
 #      MoE (torchrun, 2 ranks) -> eval -> one side-by-side table -> decode speed, MoE vs parent.
-# Run from anywhere: `bash demo.sh` (869 s measured in a fresh clone and venv on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
+# Run from anywhere: `bash demo.sh` (793 s measured in a fresh clone and venv on 2 CPU cores). `bash demo.sh --tiny` runs the small from-scratch
 # path instead (a 4-layer LLaMA trained here, then split; ~10 min), which needs no model at all.
 set -euo pipefail
 cd "$(dirname "$0")"
