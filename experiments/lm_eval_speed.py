@@ -66,6 +66,28 @@ def lm_eval_task(name, items, folder):
     return task
 
 
+def weight_multiply_adds(model, tok, tasks, start):
+    """Multiply-adds with the weights (attention's own products left out) that each side spends on the tasks:
+    ours, one row per question (multiple_choice.question_row) with the output layer at the scored tokens only;
+    lm-eval, one forward of context + choice minus its last token per choice, the output layer at every
+    position, and one forward per context whose choices are all one token (its logits cache). At equal
+    speed of the matrix products, their ratio is the speedup one can get without computing less per token."""
+    body = sum(p.numel() for p in model.model.layers.parameters()) + model.model.norm.weight.numel()
+    head = model.lm_head.weight.numel()
+    ours = theirs = 0
+    for items in tasks.values():
+        for i in range(len(items)):
+            group = [mc.encode_request(tok, items[i]["context"], items[i]["target_delimiter"] + c, start)
+                     for c in items[i]["choices"]]
+            row_ids = mc.question_row(group, model.config.max_position_embeddings)[0]
+            ours += len(row_ids) * body + sum(len(cont) for _, cont in group) * head
+            if all(len(cont) == 1 and ctx == group[0][0] for ctx, cont in group):
+                theirs += len(group[0][0]) * (body + head)
+            else:
+                theirs += sum(len(ctx) + len(cont) - 1 for ctx, cont in group) * (body + head)
+    return ours, theirs
+
+
 def main(argv):
     cfg = load_config(SpeedConfig(), argv, doc=__doc__)
     try:
@@ -114,15 +136,21 @@ def main(argv):
             agree += int(np.argmax(lls)) == d["pred"]
             total += 1
     mine = statistics.median(t_ours)
+    macs_ours, macs_theirs = weight_multiply_adds(model, tok, tasks, start)
     figures = {"questions": n_questions, "threads": cfg.threads, "ours_s": t_ours, "lm_eval_s": t_theirs,
                "ours_q_per_s": n_questions / mine, "lm_eval_q_per_s": n_questions / t_theirs,
-               "speedup": t_theirs / mine, "same_prediction": f"{agree}/{total}", "max_abs_loglik_diff": worst}
+               "speedup": t_theirs / mine, "same_prediction": f"{agree}/{total}", "max_abs_loglik_diff": worst,
+               "weight_multiply_adds_ours": macs_ours, "weight_multiply_adds_lm_eval": macs_theirs}
     print(f"{n_questions} questions ({', '.join(f'{n} {len(v)}' for n, v in tasks.items())}), {cfg.threads} thread(s)")
     print(f"  ours (multiple_choice.score_task): {figures['ours_q_per_s']:.2f} questions/s (median of {t_ours})")
     print(f"  lm-eval 0.4.13 hf, batch 1:        {figures['lm_eval_q_per_s']:.2f} questions/s "
           f"({t_theirs:.1f} s)")
     print(f"  ours / lm-eval: {figures['speedup']:.2f}x (goal >= 3x); acc predictions identical on {agree}/{total}; "
           f"largest log-likelihood difference {worst:.1e}")
+    print(f"  multiply-adds with the weights: ours {macs_ours / 1e12:.2f} T, lm-eval {macs_theirs / 1e12:.2f} T: "
+          f"{macs_theirs / macs_ours:.2f}x, the speedup at equal matrix-product speed")
+    mm = {"ours": macs_ours / mine, "lm-eval": macs_theirs / t_theirs}
+    print(f"  weight multiply-adds per second: ours {mm['ours'] / 1e9:.1f} G, lm-eval {mm['lm-eval'] / 1e9:.1f} G")
     if cfg.out:
         atomic_write(cfg.out, json.dumps(figures, indent=1))
 
