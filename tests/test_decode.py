@@ -151,6 +151,36 @@ def test_ops_trace_into_one_graph():
     torch.testing.assert_close(k_written, attn.kv_cache[0][:, :, 0])
 
 
+def test_the_whole_step_traces_as_one_call():
+    # torch.compile of a decoding step (gpt-fast's way) sees decode_layers as one opaque call: its fake gives the
+    # logits' shape, and the compiled step writes the caches and returns what the eager one does.
+    torch.manual_seed(6)
+    model = tiny(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=50)
+    prompt = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        model(prompt, start_pos=0)
+        want = model.decode_step(prompt[:, -1:], 6)
+        k_written = model.model.layers[0].self_attn.kv_cache[0][:, :, 6].clone()
+        model.model.layers[0].self_attn.kv_cache[0][:, :, 6] = 0
+        got = torch.compile(model.decode_step, backend="aot_eager", fullgraph=True)(prompt[:, -1:], 6)
+        k_again = model.model.layers[0].self_attn.kv_cache[0][:, :, 6].clone()
+        model.clear_cache()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.shape == (1, 101) and torch.equal(k_again, k_written)
+    # The fake's shapes and the schema's declared writes (the caches) against what the C++ does.
+    model.setup_cache(1, 16)
+    with torch.no_grad():
+        model.decode_step(prompt[:, -1:], 0)
+        p, x = model.decode_plan, model.model.embed_tokens(prompt[:, -1:])
+        cos, sin = (t[1:2] for t in model.rope_table)
+        args = (x, p["weights"], p["top_k"], p["unit_weights"], p["score_scale"], p["eps"], cos, sin, p["caches"],
+                model.cache_positions[1:2], p["final_norm"], p["lm_head"])
+        torch.library.opcheck(torch.ops.llama_moe_cpu.decode_layers.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    model.clear_cache()
+
+
 def tiny(**kw):
     return Transformer(ModelConfig(vocab_size=101, hidden_size=72, intermediate_size=200, num_hidden_layers=3,
                                    num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5,
