@@ -94,19 +94,33 @@ def experts(x: Tensor, ids: Tensor, weights: Tensor, gate_up: Tensor, down: Tens
     return _ops.decode_experts(x, ids, weights, gate_up, down)
 
 
+def _swiglu_weights(ffn):
+    """A model.FeedForward's (w_gate, w_up, w_down), or three None for no block."""
+    return [None] * 3 if ffn is None else [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight]
+
+
+def _ffn_slots(mlp):
+    """A block's feed-forward in decode_cpu.cpp's order: routed experts (gate weight, the "mlp" gate's second
+    weight, expert_bias, gate_up, down), then a SwiGLU block (the dense FFN, or the MoE's shared block); None where
+    absent."""
+    if not hasattr(mlp, "experts"):  # a dense model.FeedForward
+        return [None] * 5 + _swiglu_weights(mlp)
+    gate = mlp.gate.gate_network
+    gate_w = [gate.weight, None] if mlp.gate.gate_type == "linear" else [gate[0].weight, gate[2].weight]
+    return gate_w + [mlp.gate.expert_bias, mlp.experts.gate_up_proj, mlp.experts.down_proj] + _swiglu_weights(mlp.shared)
+
+
 def swiglu(ffn, x: Tensor, norm=None) -> Tensor:
     """x + ffn(norm(x)) for a model.FeedForward, x (B, 1, d) or (T, d), shaped like x."""
-    return _ops.decode_swiglu(x, *_norm_args(norm), ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+    return _ops.decode_swiglu(x, *_norm_args(norm), *_swiglu_weights(ffn))
 
 
 def moe(layer, x: Tensor, norm=None) -> Tensor:
     """x + layer.decode(norm(x)) for a model.MoEFeedForward in one op: the gate's eval-mode routing
     (TopKGate.route), the chosen experts weighted by softmax or unit weights times score_scale, the shared block."""
-    gate, e, shared = layer.gate.gate_network, layer.experts, layer.shared
-    gate_w = (gate.weight, None) if layer.gate.gate_type == "linear" else (gate[0].weight, gate[2].weight)
-    shared_w = (None,) * 3 if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-    return _ops.decode_moe(x, *_norm_args(norm), *gate_w, layer.gate.expert_bias, layer.top_k, layer.unit_weights,
-                           layer.score_scale, e.gate_up_proj, e.down_proj, *shared_w)
+    gate, gate2, bias, gate_up, down, *shared = _ffn_slots(layer)
+    return _ops.decode_moe(x, *_norm_args(norm), gate, gate2, bias, layer.top_k, layer.unit_weights,
+                           layer.score_scale, gate_up, down, *shared)
 
 
 def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> Tensor:
@@ -119,19 +133,9 @@ def attention(attn, norm, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor) -> T
 
 def _layer_slots(block):
     """A model.Block's weights in decode_cpu.cpp's 14 slots (decode_layers' Slot order), None where absent."""
-    a, mlp = block.self_attn, block.mlp
-    slots = [block.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-             block.post_attention_layernorm.weight]
-    if hasattr(mlp, "experts"):  # an MoEFeedForward: routed experts, and its shared block if any
-        gate = mlp.gate.gate_network
-        gate_w = [gate.weight, None] if mlp.gate.gate_type == "linear" else [gate[0].weight, gate[2].weight]
-        slots += gate_w + [mlp.gate.expert_bias, mlp.experts.gate_up_proj, mlp.experts.down_proj]
-        swiglu = mlp.shared
-    else:
-        slots += [None] * 5
-        swiglu = mlp
-    slots += [None] * 3 if swiglu is None else [swiglu.gate_proj.weight, swiglu.up_proj.weight, swiglu.down_proj.weight]
-    return slots
+    a = block.self_attn
+    return [block.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+            block.post_attention_layernorm.weight] + _ffn_slots(block.mlp)
 
 
 def plan(model):
