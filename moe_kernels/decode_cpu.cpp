@@ -425,6 +425,13 @@ const float* weight(const at::Tensor& w, std::initializer_list<int64_t> shape, c
   return w.data_ptr<float>();
 }
 
+// d_e of an experts' gate_up weight (E, 2 d_e, d), checked to have that form.
+int64_t expert_width(const at::Tensor& gate_up, const char* op) {
+  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(1) % 2 == 0, op, ": gate_up must be (E, 2 d_e, d), got ",
+              gate_up.sizes());
+  return gate_up.size(1) / 2;
+}
+
 const float* norm_weight(const std::optional<at::Tensor>& w, int64_t d, const char* op) {
   return w ? weight(*w, {d}, op, "norm_weight") : nullptr;
 }
@@ -446,9 +453,7 @@ Ffn ffn_weights(int64_t d, const std::optional<at::Tensor>& norm_w, const std::o
   f.norm = norm_weight(norm_w, d, op);
   if (gate_w) {
     TORCH_CHECK(bias && gate_up && down, op, ": routed experts need expert_bias, gate_up and down");
-    TORCH_CHECK(gate_up->dim() == 3 && gate_up->size(1) % 2 == 0, op, ": gate_up must be (E, 2 d_e, d), got ",
-                gate_up->sizes());
-    f.E = gate_up->size(0), f.d_e = gate_up->size(1) / 2, f.k = k;
+    f.d_e = expert_width(*gate_up, op), f.E = gate_up->size(0), f.k = k;
     TORCH_CHECK(1 <= k && k <= f.E, op, ": k = ", k, " must be in 1..", f.E);
     f.gate_up = weight(*gate_up, {f.E, 2 * f.d_e, d}, op, "gate_up");
     f.down = weight(*down, {f.E, d, f.d_e}, op, "down");
@@ -543,9 +548,7 @@ at::Tensor decode_moe(const at::Tensor& x_in, const std::optional<at::Tensor>& n
 at::Tensor decode_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in,
                           const at::Tensor& gate_up_in, const at::Tensor& down_in) {
   const char* op = "decode_experts";
-  TORCH_CHECK(gate_up_in.dim() == 3 && gate_up_in.size(1) % 2 == 0, op, ": gate_up must be (E, 2 d_e, d), got ",
-              gate_up_in.sizes());
-  const int64_t E = gate_up_in.size(0), d_e = gate_up_in.size(1) / 2, d = gate_up_in.size(2);
+  const int64_t d_e = expert_width(gate_up_in, op), E = gate_up_in.size(0), d = gate_up_in.size(2);
   const float* gu = weight(gate_up_in, {E, 2 * d_e, d}, op, "gate_up");
   const float* wd = weight(down_in, {E, d, d_e}, op, "down");
   auto x = rows_copy(x_in, d, op);
